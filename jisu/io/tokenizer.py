@@ -1,0 +1,249 @@
+"""Tokenizers: HF `tokenizers` from tokenizer.json, or built from a GGUF vocab (BPE "gpt2" and
+SentencePiece "llama" styles); chat templates rendered in a sandboxed Jinja environment."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Any, Sequence
+
+from ..errors import ModelFormatError, TemplateError, UnsupportedError
+
+# Pre-tokenizer split patterns, by the GGUF `tokenizer.ggml.pre` name (the regexes are those the
+# models' own tokenizer.json files declare).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+           "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+class Tokenizer:
+    """Text <-> token ids, the special ids generation needs, and the chat template."""
+
+    def __init__(self, tok, *, bos_id: int | None, eos_ids: Sequence[int], add_bos: bool,
+                 chat_template: str | None, source: str):
+        self._tok = tok
+        self.bos_id = bos_id
+        self.eos_ids = tuple(eos_ids)
+        self.add_bos = add_bos and bos_id is not None
+        self.chat_template = chat_template
+        self.source = source
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self._template = None
+
+    def token_text(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            if not ids or ids[0] != self.bos_id:
+                ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    # --- chat -----------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TemplateError(f"{self.source}: the model has no chat template; send raw text instead (--raw)")
+        _check_messages(messages)
+        import jinja2
+
+        if self._template is None:
+            self._template = compile_template(self.chat_template, self.source)
+        bos = self.token_text(self.bos_id) if self.bos_id is not None else ""
+        eos = self.token_text(self.eos_ids[0]) if self.eos_ids else ""
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=bos or "", eos_token=eos or "")
+        except jinja2.exceptions.SecurityError as e:
+            raise TemplateError(f"{self.source}: chat template refused by the sandbox ({e})") from None
+        except Exception as e:  # TemplateError, UndefinedError, TypeError from user data ...
+            raise TemplateError(f"{self.source}: chat template failed ({type(e).__name__}: {e})") from None
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # As transformers' apply_chat_template: the template places BOS itself, so none is added.
+        return self.encode(self.render_chat(messages), add_bos=False)
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise TemplateError("chat: messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise TemplateError(f"chat: malformed message {m!r}: needs string 'role' and 'content'")
+
+
+def compile_template(source_text: str, origin: str):
+    """Compile a chat template in an immutable sandbox: no attribute escapes, no mutation of
+    globals; what HF templates commonly use (raise_exception, strftime_now, tojson) is provided."""
+    from jinja2.exceptions import TemplateError as JinjaTemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise TemplateError(f"{origin}: chat template raised: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source_text)
+    except JinjaTemplateError as e:
+        raise TemplateError(f"{origin}: chat template does not parse ({e})") from None
+
+
+# --- construction ---------------------------------------------------------------------------
+
+def load_hf_tokenizer(folder: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .hf import read_json
+
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(path):
+        raise ModelFormatError(f"{folder}: no tokenizer.json")
+    try:
+        tok = HFTokenizer.from_file(path)
+    except Exception as e:
+        raise ModelFormatError(f"{path}: cannot load tokenizer ({e})") from None
+    tcfg_path = os.path.join(folder, "tokenizer_config.json")
+    tcfg = read_json(tcfg_path) if os.path.exists(tcfg_path) else {}
+    template = tcfg.get("chat_template")
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+
+    def token_id(value: Any) -> int | None:
+        if isinstance(value, dict):
+            value = value.get("content")
+        return tok.token_to_id(value) if isinstance(value, str) else None
+
+    cfg_path = os.path.join(folder, "config.json")
+    cfg = read_json(cfg_path) if os.path.exists(cfg_path) else {}
+    gen_path = os.path.join(folder, "generation_config.json")
+    gen = read_json(gen_path) if os.path.exists(gen_path) else {}
+    bos = token_id(tcfg.get("bos_token"))
+    if bos is None:
+        bos = cfg.get("bos_token_id")
+    eos: list[int] = []
+    for source in (gen.get("eos_token_id"), cfg.get("eos_token_id"), token_id(tcfg.get("eos_token"))):
+        for e in source if isinstance(source, list) else [source]:
+            if isinstance(e, int) and e not in eos:
+                eos.append(e)
+    add_bos = bool(tcfg.get("add_bos_token", False))
+    return Tokenizer(tok, bos_id=bos, eos_ids=eos, add_bos=add_bos, chat_template=template, source=folder)
+
+
+def gguf_tokenizer(meta: dict[str, Any], source: str) -> Tokenizer:
+    """Build a `tokenizers` tokenizer from GGUF metadata (tokenizer.ggml.*)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelFormatError(f"{source}: GGUF has no tokenizer vocabulary")
+    tokens = [str(t) for t in tokens]
+    types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise ModelFormatError(f"{source}: token_type has {len(types)} entries for {len(tokens)} tokens")
+    vocab = {t: i for i, t in enumerate(tokens)}
+
+    def special_id(key: str) -> int | None:
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is None:
+            return None
+        if not 0 <= int(v) < len(tokens):
+            raise ModelFormatError(f"{source}: tokenizer.ggml.{key}={v} is outside the vocabulary of {len(tokens)}")
+        return int(v)
+
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in (meta.get("tokenizer.ggml.merges") or [])]
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre in _SPLITS:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif pre == "smollm":
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre in ("qwen2", "deepseek-r1-qwen"):
+            tok.normalizer = normalizers.NFC()
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+        unk = special_id("unknown_token_id")
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), byte_fallback=True,
+                                     fuse_unk=True, unk_token=tokens[unk] if unk is not None else None))
+        prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+        steps = ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")]
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    else:
+        raise UnsupportedError(f"{source}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
+    if special:
+        tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+    bos = special_id("bos_token_id")
+    eos = [e for e in (special_id("eos_token_id"), special_id("eot_token_id"), special_id("eom_token_id"))
+           if e is not None]
+    return Tokenizer(tok, bos_id=bos, eos_ids=list(dict.fromkeys(eos)),
+                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+                     chat_template=meta.get("tokenizer.chat_template"), source=source)
+
+
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """SentencePiece BPE merges: every split of a vocabulary piece into two pieces, ranked by the
+    score of the merged piece (SentencePiece merges the highest-scoring pair first)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if types[i] not in (TOKEN_NORMAL, TOKEN_USER_DEFINED) or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(scores[i]), vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for _, _, _, left, right in ranked]
+
+
+class StreamDecoder:
+    """Turns token ids into text deltas as they arrive, holding back a partial UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        # Seed with the prompt's tail so leading spaces of the first token decode correctly.
+        self.ids = list(prompt_ids[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prev = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(prev) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(prev):]

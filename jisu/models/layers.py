@@ -1,0 +1,134 @@
+"""Pieces every architecture shares: the per-sequence KV cache, rotary embeddings, attention."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..kernels import ops
+
+
+class KVCache:
+    """Static per-layer K/V tensors for a batch of sequences that advance together.
+    k[layer], v[layer]: [B, Hkv, max_len, D]; `length` positions are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, Hkv, T, D] at the current length; return the filled prefix including them."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} > {self.max_len} positions")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Roll back to `length` positions (rejected speculative tokens, regenerated turns)."""
+        self.length = min(self.length, length)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies [D/2], with Llama 3 / linear scaling as in the models' configs."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv = torch.where(is_mid, mid, scaled)
+    elif kind not in ("default", None):
+        raise NotImplementedError(f"rope scaling {kind!r}")
+    return inv
+
+
+class Rotary:
+    """cos/sin tables for positions, grown on demand. rotate-half ("neox") convention."""
+
+    def __init__(self, head_dim: int, inv_freq: torch.Tensor):
+        self.head_dim = head_dim
+        self.inv_freq = inv_freq.float()
+        self.cos = self.sin = torch.empty(0, head_dim)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        need = int(positions.max()) + 1
+        if need > self.cos.shape[0]:
+            size = max(need, 2 * self.cos.shape[0], 256)
+            freqs = torch.arange(size, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return self.cos[positions], self.sin[positions]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D], cos/sin: [T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_len: int, start: int, window: int | None) -> torch.Tensor | None:
+    """Boolean mask [q_len, start + q_len] (True = attend): causal, optionally a sliding window."""
+    if q_len == 1 and (window is None or start < window):
+        return None
+    k_len = start + q_len
+    qpos = torch.arange(start, k_len)[:, None]
+    kpos = torch.arange(k_len)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float, softcap: float | None = None) -> torch.Tensor:
+    """q: [B, H, T, D], k/v: [B, Hkv, S, D] -> [B, H, T, D]. Grouped KV heads are shared."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
+def self_attention(h: torch.Tensor, w: dict, p: str, cfg: ModelConfig, layer: int, cache: KVCache,
+                   rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, scale: float,
+                   softcap: float | None = None) -> torch.Tensor:
+    """One attention block over h: [B, T, hidden] with weights named `p`+"self_attn.*" -> [B, T, hidden]."""
+    b, t, _ = h.shape
+    q = ops.linear(h, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
+    k = ops.linear(h, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
+    v = ops.linear(h, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
+    q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)      # [B, H, T, D]
+    k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)   # [B, Hkv, T, D]
+    v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+    if cfg.qk_norm:
+        q = ops.rms_norm(q, w[p + "self_attn.q_norm.weight"], cfg.rms_norm_eps)
+        k = ops.rms_norm(k, w[p + "self_attn.k_norm.weight"], cfg.rms_norm_eps)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k, v = cache.append(layer, k, v)
+    out = attention(q, k, v, mask, scale, softcap)                      # [B, H, T, D]
+    out = out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    return ops.linear(out, w[p + "self_attn.o_proj.weight"])

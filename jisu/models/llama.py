@@ -1,0 +1,48 @@
+"""The Llama family: Llama 2/3, Mistral, SmolLM, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm).
+Pre-norm decoder, rotate-half RoPE, grouped KV heads, SwiGLU MLP."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..kernels import ops
+from .layers import KVCache, Rotary, attention_mask, rope_inv_freq, self_attention
+
+
+class LlamaModel:
+    """Holds the weights (HF names, fp32 tensors or packed kernel weights) and runs forward passes."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        self.w = weights
+        if cfg.tie_embeddings or "lm_head.weight" not in weights:
+            self.w["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        if "rope_freqs" in weights:  # GGUF Llama 3: per-frequency divisors stored as a tensor
+            inv_freq = inv_freq / weights.pop("rope_freqs").float()
+        self.rotary = Rotary(cfg.head_dim, inv_freq)
+        self.scale = cfg.head_dim ** -0.5
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch, max_len)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens: [B, T] appended after cache.length positions -> logits [B, T, V] (fp32)."""
+        cfg, w = self.cfg, self.w
+        start, seq = cache.length, tokens.shape[1]
+        positions = torch.arange(start, start + seq)
+        cos, sin = self.rotary.tables(positions)
+        x = w["model.embed_tokens.weight"][tokens].float()
+        mask = attention_mask(seq, start, cfg.sliding_window if cfg.layer_types else None)
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            h = ops.rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+            x = x + self_attention(h, w, p, cfg, i, cache, (cos, sin), mask, self.scale)
+            h = ops.rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            gate = ops.linear(h, w[p + "mlp.gate_proj.weight"])
+            up = ops.linear(h, w[p + "mlp.up_proj.weight"])
+            x = x + ops.linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
+        cache.advance(seq)
+        x = ops.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps)
+        return ops.linear(x, w["lm_head.weight"])
