@@ -203,6 +203,15 @@ def hf_name(gguf_name: str, family: str) -> str | None:
     return None
 
 
+# Layer counts of the 27B Gemmas, whose queries are scaled by (hidden / heads) ** -0.5 instead of
+# head_dim ** -0.5. GGUF does not store query_pre_attn_scalar; llama.cpp picks the scale this way.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_query_scalar(arch: str, n_layers: int, hidden: int, heads: int, head_dim: int) -> float:
+    return float(hidden // heads if n_layers == _GEMMA_27B_LAYERS.get(arch) else head_dim)
+
+
 def gguf_config(g: GGUFFile) -> ModelConfig:
     arch = g.arch
     if arch not in _GGUF_ARCHS or _GGUF_ARCHS[arch] is None:
@@ -218,9 +227,10 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
     hidden = int(meta("embedding_length", required=True))
     heads = int(meta("attention.head_count", required=True))
     head_dim = int(meta("attention.key_length", 0) or hidden // heads)
-    tokens = g.get("tokenizer.ggml.tokens")
-    vocab = int(meta("vocab_size", 0) or (len(tokens) if tokens else 0)
-                or g.tensors["token_embd.weight"].shape[0])
+    if "token_embd.weight" not in g.tensors:
+        raise ModelFormatError(f"{g.path}: no token_embd.weight tensor")
+    # the embedding's rows are the model's vocabulary (token lists may be shorter or padded)
+    vocab = int(meta("vocab_size", 0) or g.tensors["token_embd.weight"].shape[0])
     n_layers = int(meta("block_count", required=True))
     kw: dict[str, Any] = {}
     if arch in ("gemma2", "gemma3"):
@@ -232,7 +242,8 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
             types = tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(n_layers))
         kw.update(sliding_window=int(window) if window else None, layer_types=types if window else (),
                   attn_softcap=meta("attn_logit_softcapping"), final_softcap=meta("final_logit_softcapping"),
-                  query_pre_attn_scalar=float(head_dim), embed_scale=hidden ** 0.5, hidden_act="gelu_tanh",
+                  query_pre_attn_scalar=_gemma_query_scalar(arch, n_layers, hidden, heads, head_dim),
+                  embed_scale=hidden ** 0.5, hidden_act="gelu_tanh",
                   rope_local_theta=10000.0 if arch == "gemma3" else None, qk_norm=arch == "gemma3")
         factor = meta("rope.scaling.factor")
         if factor and meta("rope.scaling.type", "linear") == "linear":

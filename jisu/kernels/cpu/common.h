@@ -1,0 +1,144 @@
+// Shared declarations of jisu's CPU kernels: packed-weight descriptors, the per-ISA
+// kernel table, fp16 helpers and the thread-pool API. The packed byte layouts are
+// documented here once; every ISA (scalar, AVX2, AVX-512, NEON) reads the same bytes.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+namespace jisu {
+
+// Activations are quantized to int8 in blocks of QK values (like llama.cpp's Q8_0).
+constexpr int QK = 32;
+// Weight rows are interleaved in tiles of NR rows; N is padded up to a multiple of NR.
+constexpr int NR = 8;
+
+// ---------------------------------------------------------------------------------
+// Packed layouts (byte streams, one per weight, tile-major: tile t = rows 8t..8t+7).
+//
+// INT (bits 2/3/4/8, group g = multiple of 32; per-channel int8 is g = K with an f32
+// scale array instead of inline scales):
+//   tile = for each group: [8 x f16 scale][8 x f16 min, asym only][g/32 blocks]
+//   value = (q - off) * scale  (sym, off = 2^(bits-1))     or  q * scale + min (asym)
+//   A block holds 8 rows x 32 codes, arranged "vertically": code (row r, k = 4j+t) of
+//   block-quad j lives in lane r (bytes 4r..4r+3) of 32-byte vector j, so one int8
+//   activation broadcast of x[4j..4j+3] multiplies all 8 rows at once and the int32
+//   lanes end up holding per-row sums (no horizontal reductions).
+//     bits 8: 8 vectors of int8 (256 B)
+//     bits 4: 4 vectors; vector v holds quad v in low nibbles, quad v+4 in high (128 B)
+//     bits 2: 2 vectors; vector v holds quads v, v+2, v+4, v+6 at bits 0,2,4,6 (64 B)
+//     bits 3: the bits-2 layout of the low 2 bits (64 B) + one vector whose byte
+//             (4r+t) has bit j = bit 2 of code (r, 4j+t)  (32 B)
+//
+// CODEBOOK (4-bit index into a per-row 16-entry table, optional group scale):
+//   tile = [8 rows x (16 B table low bytes, 16 B table high bytes)] then per group:
+//          [8 x f32 scale (group scale * table scale)][g/32 blocks of 8 rows x 16 B]
+//   The per-row f32 table is stored as int16 (max |entry| -> 32767) with its scale
+//   folded into the f32 group scale. Within a row-block the 16 bytes hold index k in
+//   the low nibble of byte k (k<16) and index k+16 in the high nibble.
+//
+// F32: the plain row-major [N, K] fp32 matrix (no repacking).
+// ---------------------------------------------------------------------------------
+
+enum Kind : int { KIND_INT = 0, KIND_CODEBOOK = 1, KIND_F32 = 2 };
+
+struct PackedDesc {
+  int kind = KIND_INT;
+  int bits = 4;           // INT: 2, 3, 4, 8
+  int asym = 0;           // INT: 1 if mins are stored
+  int per_channel = 0;    // INT bits 8: scale is chan_scale[N] f32, no inline scales
+  int64_t group = 32;     // group size (multiple of 32)
+  int64_t N = 0, K = 0;
+  int64_t ntiles = 0;     // ceil(N / 8)
+  int64_t tile_bytes = 0; // bytes per tile in data
+  int64_t group_bytes = 0;
+  const uint8_t* data = nullptr;
+  const float* chan_scale = nullptr;  // per-channel int8 scales [ntiles*8]
+  const float* f32 = nullptr;         // F32 weights [N, K]
+};
+
+// Bytes of one 8-row x 32-code block for an INT format.
+static inline int64_t int_block_bytes(int bits) {
+  return bits == 8 ? 256 : bits == 4 ? 128 : bits == 3 ? 96 : 64;
+}
+
+// Quantized activations for M rows (filled by quantize_act of the active ISA).
+struct ActQ {
+  int64_t K = 0;
+  int8_t* q = nullptr;     // [M][K] int8, natural order
+  float* d = nullptr;      // [M][K/32] block scale
+  int32_t* s = nullptr;    // [M][K/32] sum of the block's int8 values
+  float* sd = nullptr;     // [M][K/32] d * s (float), used by asym mins
+  int16_t* q16 = nullptr;  // [M][K] int16, codebook order (see quantize_act)
+};
+
+// Work functions each ISA provides. Tiles [t0, t1) of W for activation rows [0, M).
+// out is [M][ldo] (first N columns written); bias may be null.
+struct KernelTable {
+  const char* name;
+  // Fills rows [m0, m1) of A from fp32 x [M][K]; need_q16: also fill q16.
+  void (*quantize_act)(const float* x, int64_t m0, int64_t m1, ActQ& A, bool need_q16);
+  void (*int_gemm)(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t t1,
+                   float* out, int64_t ldo, const float* bias, uint8_t* scratch);
+  void (*cb_gemm)(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t t1,
+                  float* out, int64_t ldo, const float* bias, uint8_t* scratch);
+  // fp32 weights: rows [n0, n1) of W [N,K], activations x [M][K].
+  void (*f32_gemm)(const float* W, int64_t N, int64_t K, const float* x, int64_t M,
+                   int64_t n0, int64_t n1, float* out, int64_t ldo, const float* bias);
+  // RMSNorm of rows [m0, m1): out = w * (x * 1/sqrt(mean(x^2) + eps)).
+  void (*rms_norm)(const float* x, const float* w, float* out, int64_t m0, int64_t m1,
+                   int64_t D, float eps);
+  // Rotate-half (neox) RoPE for tokens [t0, t1) of x [T][H][D], cos/sin [T][D/2].
+  void (*rope)(const float* x, float* out, const float* cos, const float* sin, int64_t t0,
+               int64_t t1, int64_t H, int64_t D);
+  // One-token attention for q heads [h0, h1): q [H][D], k/v [Hkv][tstride][D] (first T
+  // rows valid), out [H][D]; scores scratch of T floats.
+  void (*attn_decode)(const float* q, const float* k, const float* v, float* out, int64_t h0,
+                      int64_t h1, int64_t H, int64_t Hkv, int64_t D, int64_t T,
+                      int64_t tstride, float scale, float* scratch);
+};
+
+// Scratch bytes int_gemm / cb_gemm need per thread for M > 1 (unpacked tile).
+static inline int64_t gemm_scratch_bytes(const PackedDesc& W) {
+  return (W.K / 32) * 512 + (W.K / W.group + 1) * 2 * NR * 4 + 1024;
+}
+
+const KernelTable* scalar_table();
+const KernelTable* avx2_table();    // null when not compiled (non-x86)
+const KernelTable* avx512_table();  // null when not compiled
+const KernelTable* neon_table();    // null when not compiled (non-aarch64)
+
+// ---------------------------------------------------------------------------------
+// IEEE half <-> float, portable (used by the scalar path and at pack time).
+static inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do { man <<= 1; e++; } while (!(man & 0x400));
+      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Thread pool: the calling thread is worker 0. fn(tid, nthreads) runs on each thread.
+using TaskFn = void (*)(void* ctx, int tid, int nthreads);
+void pool_run(TaskFn fn, void* ctx, int nthreads);
+int pool_max_threads();
+void pool_set_threads(int n);
+void pool_set_spin_us(int us);
+int pool_get_spin_us();
+
+}  // namespace jisu

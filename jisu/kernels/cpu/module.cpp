@@ -1,0 +1,391 @@
+// pybind11 module jisu._kernels: CPU-feature dispatch, the thread-pool drivers that split
+// each op across threads, and the bindings. Python passes raw addresses and ints
+// (tensor.data_ptr()) so a call costs well under a microsecond of binding overhead.
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace jisu {
+namespace {
+
+const KernelTable* g_kt = nullptr;  // active ISA
+
+struct Features {
+  bool avx2 = false, fma = false, f16c = false, avx512f = false, avx512bw = false,
+       avx512vl = false, avx512vnni = false, avx512dq = false, neon = false;
+};
+
+Features detect() {
+  Features f;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  f.avx2 = __builtin_cpu_supports("avx2");
+  f.fma = __builtin_cpu_supports("fma");
+  f.f16c = __builtin_cpu_supports("f16c");
+  f.avx512f = __builtin_cpu_supports("avx512f");
+  f.avx512bw = __builtin_cpu_supports("avx512bw");
+  f.avx512vl = __builtin_cpu_supports("avx512vl");
+  f.avx512dq = __builtin_cpu_supports("avx512dq");
+  f.avx512vnni = __builtin_cpu_supports("avx512vnni");
+#endif
+#if defined(__aarch64__)
+  f.neon = true;
+#endif
+  return f;
+}
+
+const Features& features() {
+  static Features f = detect();
+  return f;
+}
+
+std::vector<std::pair<std::string, const KernelTable*>> usable_tables() {
+  std::vector<std::pair<std::string, const KernelTable*>> v;
+  const Features& f = features();
+  if (avx512_table() && f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni && f.fma && f.f16c)
+    v.push_back({"avx512", avx512_table()});
+  if (avx2_table() && f.avx2 && f.fma && f.f16c) v.push_back({"avx2", avx2_table()});
+  if (neon_table() && f.neon) v.push_back({"neon", neon_table()});
+  v.push_back({"scalar", scalar_table()});
+  return v;
+}
+
+void set_isa(const std::string& name) {
+  for (auto& p : usable_tables())
+    if (name == "best" || p.first == name) {
+      g_kt = p.second;
+      return;
+    }
+  throw std::invalid_argument("jisu._kernels: ISA '" + name + "' is not available on this CPU");
+}
+
+// ---------------------------------------------------------------- scratch memory
+struct AlignedBuf {
+  uint8_t* p = nullptr;
+  size_t n = 0;
+  uint8_t* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      n = (want + 4095) & ~(size_t)4095;
+      p = (uint8_t*)std::aligned_alloc(64, n);
+      if (!p) throw std::bad_alloc();
+    }
+    return p;
+  }
+};
+AlignedBuf g_act;                  // quantized activations
+std::vector<AlignedBuf> g_thread;  // per-thread scratch
+
+ActQ act_buffers(int64_t M, int64_t K, bool need_q16) {
+  const int64_t nb = K / QK;
+  auto up = [](int64_t b) { return (b + 63) & ~(int64_t)63; };
+  const int64_t bq = up(M * K), bf = up(M * nb * 4), bq16 = need_q16 ? up(M * K * 2) : 0;
+  uint8_t* p = g_act.get(bq + 3 * bf + bq16);
+  ActQ A;
+  A.K = K;
+  A.q = (int8_t*)p;
+  A.d = (float*)(p + bq);
+  A.s = (int32_t*)(p + bq + bf);
+  A.sd = (float*)(p + bq + 2 * bf);
+  A.q16 = need_q16 ? (int16_t*)(p + bq + 3 * bf) : nullptr;
+  return A;
+}
+
+uint8_t* thread_scratch(int tid, size_t bytes) {
+  return g_thread[tid].get(bytes);
+}
+
+void reserve_threads(int nth) {
+  if ((int)g_thread.size() < nth) g_thread.resize(nth);
+}
+
+// Spin barrier for one job (threads quantize their activation rows, then all compute).
+struct Barrier {
+  std::atomic<int> arrived{0};
+  void wait(int nth) {
+    arrived.fetch_add(1, std::memory_order_acq_rel);
+    while (arrived.load(std::memory_order_acquire) < nth) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
+};
+
+// Minimum weight bytes per thread before a GEMV is split (threading costs ~1 us).
+std::atomic<int64_t> g_min_bytes_per_thread{16384};
+
+int pick_threads(int64_t work_bytes, int64_t max_parts) {
+  int nth = pool_max_threads();
+  const int64_t per = g_min_bytes_per_thread.load(std::memory_order_relaxed);
+  if (per > 0) {
+    const int64_t by_bytes = work_bytes / per;
+    if (by_bytes < nth) nth = by_bytes < 1 ? 1 : (int)by_bytes;
+  }
+  if (max_parts < nth) nth = max_parts < 1 ? 1 : (int)max_parts;
+  return nth;
+}
+
+int64_t desc_bytes(const PackedDesc& W) {
+  if (W.kind == KIND_F32) return W.N * W.K * 4;
+  return W.ntiles * W.tile_bytes;
+}
+
+// ---------------------------------------------------------------- linear
+struct LinearJob {
+  const KernelTable* kt;
+  const PackedDesc* W;
+  const float* x;
+  float* out;
+  const float* bias;
+  int64_t M;
+  ActQ A;
+  bool q16;
+  bool quantize_in_job;
+  Barrier bar;
+};
+
+void linear_task(void* ctx, int tid, int nth) {
+  LinearJob& j = *(LinearJob*)ctx;
+  const PackedDesc& W = *j.W;
+  if (W.kind == KIND_F32) {
+    // Split rows in multiples of 4 (the micro-kernel width).
+    const int64_t n4 = (W.N + 3) / 4;
+    const int64_t n0 = n4 * tid / nth * 4, n1e = n4 * (tid + 1) / nth * 4;
+    const int64_t n1 = n1e < W.N ? n1e : W.N;
+    if (n0 < n1) j.kt->f32_gemm(W.f32, W.N, W.K, j.x, j.M, n0, n1, j.out, W.N, j.bias);
+    return;
+  }
+  if (j.quantize_in_job) {
+    const int64_t m0 = j.M * tid / nth, m1 = j.M * (tid + 1) / nth;
+    if (m0 < m1) j.kt->quantize_act(j.x, m0, m1, j.A, j.q16);
+    j.bar.wait(nth);
+  }
+  const int64_t t0 = W.ntiles * tid / nth, t1 = W.ntiles * (tid + 1) / nth;
+  if (t0 >= t1) return;
+  uint8_t* scr = j.M > 1 ? g_thread[tid].p : nullptr;
+  if (W.kind == KIND_INT)
+    j.kt->int_gemm(W, j.A, j.M, t0, t1, j.out, W.N, j.bias, scr);
+  else
+    j.kt->cb_gemm(W, j.A, j.M, t0, t1, j.out, W.N, j.bias, scr);
+}
+
+void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bias) {
+  const PackedDesc& W = *(const PackedDesc*)desc;
+  if (M <= 0) return;
+  LinearJob j;
+  j.kt = g_kt;
+  j.W = &W;
+  j.x = (const float*)x;
+  j.out = (float*)out;
+  j.bias = (const float*)bias;
+  j.M = M;
+  const int64_t bytes = desc_bytes(W);
+  int nth;
+  if (W.kind == KIND_F32) {
+    nth = pick_threads(bytes, (W.N + 3) / 4);
+  } else {
+    // Big batches are compute-bound: always use every thread there.
+    nth = pick_threads(M >= 4 ? INT64_MAX / 2 : bytes * M, W.ntiles);
+    j.q16 = W.kind == KIND_CODEBOOK;
+    j.A = act_buffers(M, W.K, j.q16);
+    j.quantize_in_job = M >= 8 && nth > 1;
+    if (!j.quantize_in_job) g_kt->quantize_act(j.x, 0, M, j.A, j.q16);
+    if (M > 1) {
+      reserve_threads(nth);
+      for (int t = 0; t < nth; t++) thread_scratch(t, gemm_scratch_bytes(W));
+    }
+  }
+  pool_run(linear_task, &j, nth);
+}
+
+// ---------------------------------------------------------------- fused ops
+struct RowJob {
+  const KernelTable* kt;
+  const float *x, *w, *c, *s, *k, *v;
+  float* out;
+  int64_t M, D, H, Hkv, T, tstride;
+  float eps, scale;
+};
+
+void rms_task(void* ctx, int tid, int nth) {
+  RowJob& j = *(RowJob*)ctx;
+  const int64_t m0 = j.M * tid / nth, m1 = j.M * (tid + 1) / nth;
+  if (m0 < m1) j.kt->rms_norm(j.x, j.w, j.out, m0, m1, j.D, j.eps);
+}
+
+void rms_norm(uintptr_t x, uintptr_t w, uintptr_t out, int64_t M, int64_t D, float eps) {
+  RowJob j{};
+  j.kt = g_kt;
+  j.x = (const float*)x;
+  j.w = (const float*)w;
+  j.out = (float*)out;
+  j.M = M;
+  j.D = D;
+  j.eps = eps;
+  pool_run(rms_task, &j, pick_threads(M * D * 8, M));
+}
+
+void rope_task(void* ctx, int tid, int nth) {
+  RowJob& j = *(RowJob*)ctx;
+  const int64_t t0 = j.T * tid / nth, t1 = j.T * (tid + 1) / nth;
+  if (t0 < t1) j.kt->rope(j.x, j.out, j.c, j.s, t0, t1, j.H, j.D);
+}
+
+void rope(uintptr_t x, uintptr_t out, uintptr_t c, uintptr_t s, int64_t T, int64_t H, int64_t D) {
+  RowJob j{};
+  j.kt = g_kt;
+  j.x = (const float*)x;
+  j.out = (float*)out;
+  j.c = (const float*)c;
+  j.s = (const float*)s;
+  j.T = T;
+  j.H = H;
+  j.D = D;
+  pool_run(rope_task, &j, pick_threads(T * H * D * 8, T));
+}
+
+void attn_task(void* ctx, int tid, int nth) {
+  RowJob& j = *(RowJob*)ctx;
+  const int64_t h0 = j.H * tid / nth, h1 = j.H * (tid + 1) / nth;
+  if (h0 < h1)
+    j.kt->attn_decode(j.x, j.k, j.v, j.out, h0, h1, j.H, j.Hkv, j.D, j.T, j.tstride, j.scale,
+                      (float*)g_thread[tid].p);
+}
+
+void attn_decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t H, int64_t Hkv,
+                 int64_t D, int64_t T, int64_t tstride, float scale) {
+  if (T <= 0 || H % Hkv != 0 || tstride < T) throw std::invalid_argument("attn_decode: bad shapes");
+  RowJob j{};
+  j.kt = g_kt;
+  j.x = (const float*)q;
+  j.k = (const float*)k;
+  j.v = (const float*)v;
+  j.out = (float*)out;
+  j.H = H;
+  j.Hkv = Hkv;
+  j.D = D;
+  j.T = T;
+  j.tstride = tstride;
+  j.scale = scale;
+  const int nth = pick_threads(2 * Hkv * T * D * 4, H);
+  reserve_threads(nth);
+  for (int t = 0; t < nth; t++) thread_scratch(t, (T + 16) * 4);
+  pool_run(attn_task, &j, nth);
+}
+
+// ---------------------------------------------------------------- descriptors
+struct Desc {
+  PackedDesc d;
+  uintptr_t addr() const { return (uintptr_t)&d; }
+};
+
+std::unique_ptr<Desc> make_int(uintptr_t data, int64_t N, int64_t K, int bits, bool asym,
+                               bool per_channel, int64_t group, uintptr_t chan_scale) {
+  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8)) throw std::invalid_argument("bits must be 2, 3, 4 or 8");
+  if (group % QK || K % group || N <= 0) throw std::invalid_argument("bad group/K/N");
+  if (per_channel && (bits != 8 || asym || group != K)) throw std::invalid_argument("per-channel is int8 sym with group == K");
+  auto D = std::make_unique<Desc>();
+  PackedDesc& d = D->d;
+  d.kind = KIND_INT;
+  d.bits = bits;
+  d.asym = asym;
+  d.per_channel = per_channel;
+  d.group = group;
+  d.N = N;
+  d.K = K;
+  d.ntiles = (N + NR - 1) / NR;
+  d.group_bytes = (per_channel ? 0 : 16 * (1 + asym)) + group / QK * int_block_bytes(bits);
+  d.tile_bytes = d.group_bytes * (K / group);
+  d.data = (const uint8_t*)data;
+  d.chan_scale = (const float*)chan_scale;
+  return D;
+}
+
+std::unique_ptr<Desc> make_codebook(uintptr_t data, int64_t N, int64_t K, int64_t group) {
+  if (group % QK || K % group || N <= 0) throw std::invalid_argument("bad group/K/N");
+  auto D = std::make_unique<Desc>();
+  PackedDesc& d = D->d;
+  d.kind = KIND_CODEBOOK;
+  d.bits = 4;
+  d.group = group;
+  d.N = N;
+  d.K = K;
+  d.ntiles = (N + NR - 1) / NR;
+  d.group_bytes = 32 + group / QK * 128;
+  d.tile_bytes = 256 + d.group_bytes * (K / group);
+  d.data = (const uint8_t*)data;
+  return D;
+}
+
+std::unique_ptr<Desc> make_f32(uintptr_t w, int64_t N, int64_t K) {
+  auto D = std::make_unique<Desc>();
+  D->d.kind = KIND_F32;
+  D->d.N = N;
+  D->d.K = K;
+  D->d.group = K;
+  D->d.f32 = (const float*)w;
+  return D;
+}
+
+}  // namespace
+}  // namespace jisu
+
+PYBIND11_MODULE(_kernels, m) {
+  using namespace jisu;
+  m.doc() = "jisu native CPU kernels (quantized GEMV/GEMM, fused ops). Use jisu.kernels.ops.";
+  set_isa("best");
+
+  m.def("cpu_features", []() {
+    const Features& f = features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["f16c"] = f.f16c;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512vl"] = f.avx512vl;
+    d["avx512dq"] = f.avx512dq;
+    d["avx512vnni"] = f.avx512vnni;
+    d["neon"] = f.neon;
+    return d;
+  });
+  m.def("available_isas", []() {
+    py::list l;
+    for (auto& p : usable_tables()) l.append(p.first);
+    return l;
+  }, "ISAs usable on this CPU, best first.");
+  m.def("set_isa", &set_isa, "Force an ISA ('avx512', 'avx2', 'neon', 'scalar' or 'best').");
+  m.def("get_isa", []() { return std::string(g_kt->name); });
+  m.def("set_num_threads", [](int n) { pool_set_threads(n); }, "Threads used (<= 0: default).");
+  m.def("get_num_threads", []() { return pool_max_threads(); });
+  m.def("set_spin_us", [](int us) { pool_set_spin_us(us); }, "How long idle workers spin before sleeping.");
+  m.def("get_spin_us", []() { return pool_get_spin_us(); });
+  m.def("set_min_bytes_per_thread", [](int64_t b) { g_min_bytes_per_thread.store(b); },
+        "Smallest work (weight bytes) per thread before an op is split across threads.");
+  m.def("get_min_bytes_per_thread", []() { return g_min_bytes_per_thread.load(); });
+
+  py::class_<Desc>(m, "Desc")
+      .def_property_readonly("addr", &Desc::addr)
+      .def_property_readonly("tile_bytes", [](const Desc& d) { return d.d.tile_bytes; })
+      .def_property_readonly("ntiles", [](const Desc& d) { return d.d.ntiles; })
+      .def_property_readonly("group_bytes", [](const Desc& d) { return d.d.group_bytes; });
+  m.def("make_int", &make_int, py::arg("data"), py::arg("N"), py::arg("K"), py::arg("bits"),
+        py::arg("asym"), py::arg("per_channel"), py::arg("group"), py::arg("chan_scale"));
+  m.def("make_codebook", &make_codebook, py::arg("data"), py::arg("N"), py::arg("K"), py::arg("group"));
+  m.def("make_f32", &make_f32, py::arg("w"), py::arg("N"), py::arg("K"));
+
+  m.def("linear", &linear, "linear(desc_addr, x_ptr, out_ptr, M, bias_ptr_or_0)");
+  m.def("rms_norm", &rms_norm, "rms_norm(x, w, out, M, D, eps)");
+  m.def("rope", &rope, "rope(x, out, cos, sin, T, H, D): neox rotate-half, x [T,H,D], cos/sin [T,D/2]");
+  m.def("attn_decode", &attn_decode, "attn_decode(q, k, v, out, H, Hkv, D, T, tstride, scale)");
+}
