@@ -13,6 +13,7 @@ from gguf.quants import quant_shape_to_byte_shape
 
 import jisu.io.gguf_quants as gq
 from jisu.errors import ModelFormatError, UnsupportedError
+from jisu.io.gguf import GGUFFile
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 # Types gguf-py can quantize, so tests can also feed realistic (not just random) blocks.
@@ -98,6 +99,12 @@ def test_matches_reference_through_gguf_file(qtype, tmp_path):
         assert tuple(reversed([int(d) for d in t.shape])) == shape
         assert isinstance(t.data, np.memmap) and not t.data.flags.writeable
         _check(gq.dequantize(t.data, qtype, shape), _reference(arr, qtype, shape), shape)
+    # and through jisu's own loader, which validates the file before handing out tensors
+    loaded = GGUFFile(str(tmp_path / "t.gguf"))
+    for name, (arr, _) in tensors.items():
+        shape = _shapes(qtype)[int(name.split(".")[1])]
+        assert loaded.tensors[name].qtype == qtype and loaded.tensors[name].shape == shape
+        _check(loaded.dequantize(name), _reference(arr, qtype, shape), shape)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
@@ -184,3 +191,19 @@ def test_speed(qtype, shape):
     elapsed = time.perf_counter() - start
     assert tuple(out.shape) == shape
     print(f"\ndequantize {qtype.name} {shape}: {elapsed * 1000:.1f} ms ({torch.get_num_threads()} threads)")
+
+
+@pytest.mark.parametrize("qtype", [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda t: t.name)
+def test_quantized_model_loads_and_runs(qtype, tmp_path):
+    """A whole (tiny) model stored in a quantized type loads to the reference-dequantized weights."""
+    import jisu
+    from tests.tiny import write_gguf_llama
+
+    path = write_gguf_llama(str(tmp_path / "q.gguf"), tensor_type=qtype)
+    reader = gguf.GGUFReader(path)
+    raw = {t.name: t for t in reader.tensors}
+    llm = jisu.load(path)
+    want = gguf.quants.dequantize(np.asarray(raw["blk.0.ffn_up.weight"].data), qtype)
+    np.testing.assert_array_equal(llm.model.w["model.layers.0.mlp.up_proj.weight"].numpy(), want.reshape(64, 32))
+    out = llm.generate("the", temperature=0, max_tokens=4, ignore_eos=True)
+    assert len(out.token_ids) == 4
