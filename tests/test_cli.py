@@ -1,0 +1,68 @@
+"""The `jisu` command on a tiny model: run (text and --json), chat over stdin, models."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.tiny import write_gguf_llama
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_gguf_llama(str(tmp_path_factory.mktemp("cli") / "tiny.gguf"))
+
+
+def jisu(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jisu.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_run_json(model):
+    r = jisu("run", model, "-p", "hello", "-n", "6", "--temp", "0", "--ignore-eos", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length"
+    assert out["prompt_token_ids"][:1] == [1]  # the chat template's <|im_start|>
+    assert set(out["timings"]) >= {"prefill_s", "decode_s", "prefill_tok_s", "decode_tok_s"}
+    raw = json.loads(jisu("run", model, "-p", "hello", "-n", "6", "--temp", "0", "--ignore-eos", "--json",
+                          "--raw").stdout)
+    assert raw["prompt_token_ids"] != out["prompt_token_ids"]
+
+
+def test_run_seed_reproducible(model):
+    args = ("run", model, "-p", "hi", "-n", "8", "--temp", "1.0", "--seed", "5", "--ignore-eos", "--json")
+    a, b = json.loads(jisu(*args).stdout), json.loads(jisu(*args).stdout)
+    assert a["token_ids"] == b["token_ids"]
+
+
+def test_run_text_output(model):
+    r = jisu("run", model, "-p", "hello", "-n", "4", "--temp", "0", "--ignore-eos")
+    assert r.returncode == 0 and "generated 4 tok" in r.stderr
+
+
+def test_chat_keeps_conversation(model):
+    r = jisu("chat", model, "-n", "3", "--temp", "0", "--ignore-eos", stdin="hello\nagain\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("-n", "0"), "max_tokens"), (("--temp", "nan"), "temperature"), (("--top-p", "2"), "top_p"),
+    (("--threads", "0"), "threads"),
+])
+def test_bad_options_one_line(model, args, needle):
+    r = jisu("run", model, "-p", "x", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr
+
+
+def test_context_overflow_names_both_numbers(model):
+    r = jisu("run", model, "-p", "x", "-n", "100000")
+    assert r.returncode == 2 and "100000" in r.stderr and "256" in r.stderr
+
+
+def test_models_lists_default():
+    r = jisu("models")
+    assert r.returncode == 0 and "smollm2" in r.stdout and "SmolLM2-135M-Instruct" in r.stdout
