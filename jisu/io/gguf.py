@@ -245,9 +245,11 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
                   query_pre_attn_scalar=_gemma_query_scalar(arch, n_layers, hidden, heads, head_dim),
                   embed_scale=hidden ** 0.5, hidden_act="gelu_tanh",
                   rope_local_theta=10000.0 if arch == "gemma3" else None, qk_norm=arch == "gemma3")
-        factor = meta("rope.scaling.factor")
-        if factor and meta("rope.scaling.type", "linear") == "linear":
-            kw["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    # Linear RoPE scaling (convert_hf_to_gguf.py writes it for any architecture; Gemma 3 applies it
+    # to its global layers only). Llama 3 scaling comes as the rope_freqs tensor instead.
+    factor = meta("rope.scaling.factor")
+    if factor and meta("rope.scaling.type", "linear") == "linear":
+        kw["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
     eos = g.get("tokenizer.ggml.eos_token_id")
     eot = g.get("tokenizer.ggml.eot_token_id")
     eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))

@@ -21,6 +21,15 @@ GGUF_CASES = [name for name, c in CASES.items() if c.gguf_arch]
 _built: dict[str, tuple] = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: threads only add overhead (and stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -29,7 +38,7 @@ def reference(name: str, tmp_path_factory) -> tuple[Case, object, str, torch.Ten
     """(case, HF model, its saved folder, prompt [1, SEQ], HF logits [SEQ, V]), built once per case."""
     if name not in _built:
         case = CASES[name]
-        model = build_hf_model(case, seed=len(name))
+        model = build_hf_model(case, seed=0)
         folder = str(tmp_path_factory.mktemp(name))
         save_hf(model, folder)
         tokens = torch.randint(0, VOCAB_SIZE, (1, SEQ), generator=torch.Generator().manual_seed(1))
@@ -116,3 +125,48 @@ def test_gguf_gemma_27b_attention_scale(tmp_path):
         cfg = gguf_config(GGUFFile(path))
         expected = 96 / 4 if layers in (46, 62) else 16
         assert cfg.query_pre_attn_scalar == expected, (arch, layers)
+
+
+def _legacy_config(cfg: dict) -> dict:
+    """config.json as transformers 4.x wrote it: rope_theta / rope_scaling (/ rope_local_base_freq)
+    instead of rope_parameters, and no layer_types."""
+    cfg = dict(cfg)
+    rope = cfg.pop("rope_parameters")
+    if "full_attention" in rope:
+        cfg["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
+    cfg["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    cfg["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    types = cfg.pop("layer_types", None)
+    if cfg["model_type"] == "gemma3_text":
+        pattern = types.index("full_attention") + 1
+        assert types == ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                         for i in range(len(types))]
+        cfg["sliding_window_pattern"] = pattern
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "llama_linear_rope", "mistral", "gemma2", "gemma3",
+                                  "gemma3_pattern"])
+def test_legacy_hf_config(name, tmp_path_factory):
+    """A transformers-4 config.json gives the same ModelConfig as the transformers-5 one."""
+    import dataclasses
+    import json
+    import os
+
+    from jisu.io.hf import hf_config
+
+    folder = reference(name, tmp_path_factory)[2]
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    legacy = str(tmp_path_factory.mktemp(f"{name}-legacy"))
+    with open(os.path.join(legacy, "config.json"), "w") as f:
+        json.dump(_legacy_config(cfg), f)
+
+    def fields(c):
+        d = dataclasses.asdict(c)
+        d["rope_scaling"] = {k: v for k, v in (d["rope_scaling"] or {}).items() if k != "rope_theta"} or None
+        return d
+
+    assert fields(hf_config(legacy)) == fields(hf_config(folder))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,6 @@ class Case:
     model_cls: str
     config: dict[str, Any]
     gguf_arch: str | None = None    # None: no GGUF variant
-    notes: list[str] = field(default_factory=list)
 
     def hf_config(self):
         import transformers
@@ -72,6 +71,8 @@ CASES = {c.name: c for c in [
     # head_dim 16, theta 1e4, original context 64: one frequency kept, two smoothed, five divided by 8
     Case("llama3_rope", "LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=3, rope_parameters=LLAMA3_ROPE),
          gguf_arch="llama"),
+    Case("llama_linear_rope", "LlamaConfig", "LlamaForCausalLM",
+         dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}), gguf_arch="llama"),
     Case("mistral", "MistralConfig", "MistralForCausalLM", dict(head_dim=16, sliding_window=5)),
     Case("qwen2", "Qwen2Config", "Qwen2ForCausalLM", dict(rope_parameters={"rope_type": "default",
                                                                           "rope_theta": 1e6}),
@@ -201,6 +202,9 @@ def write_gguf(model, case: Case, path: str) -> None:
         w.add_rope_freq_base(rope["rope_theta"])
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(head_dim)
+        if rope.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
 
     tokens, merges = tokenizer_vocab()
     w.add_tokenizer_model("gpt2")
