@@ -29,6 +29,9 @@ def check_context(num_prompt: int, max_tokens: int, max_context: int) -> None:
                         f"of {max_context} tokens")
 
 
+_LAST = torch.tensor([-1])
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: Sequence[int],
                     max_context: int) -> Iterator[TokenEvent]:
@@ -47,7 +50,7 @@ def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams, eo
         prompt_seen[torch.tensor(list(prompt_ids))] = True
 
     t0 = time.perf_counter()
-    logits = model.forward(torch.tensor([list(prompt_ids)]), cache)[0, -1]
+    logits = model.forward(torch.tensor([list(prompt_ids)]), cache, logits_index=_LAST)[0, -1]
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(params.max_tokens):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels import ops
-from .layers import KVCache, Rotary, attention_mask, rope_inv_freq, self_attention
+from .layers import KVCache, Rotary, rope_inv_freq, self_attention
 
 
 class GemmaModel:
@@ -27,21 +27,21 @@ class GemmaModel:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens: [B, T] appended after cache.length positions -> logits [B, T, V] (fp32)."""
+    def forward(self, tokens: torch.Tensor, cache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [B, T] appended after the cached positions (cache: KVCache or engine PagedBatch)
+        -> logits [B, T, V] fp32, or only at positions `logits_index` [R] -> [B, R, V]."""
         cfg, w = self.cfg, self.w
-        start, seq = cache.length, tokens.shape[1]
-        positions = torch.arange(start, start + seq)
+        seq = tokens.shape[1]
+        positions = cache.positions(seq)
         tables = {"full": self.rotary_full.tables(positions), "sliding": self.rotary_local.tables(positions)}
-        masks = {"full": attention_mask(seq, start, None),
-                 "sliding": attention_mask(seq, start, cfg.sliding_window)}
+        windows = {"full": None, "sliding": cfg.sliding_window}
         x = w["model.embed_tokens.weight"][tokens].float() * torch.tensor(cfg.embed_scale, dtype=torch.float32)
         eps = cfg.rms_norm_eps
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             kind = "sliding" if cfg.is_sliding(i) else "full"
             h = ops.rms_norm(x, w[p + "input_layernorm.weight"], eps)
-            h = self_attention(h, w, p, cfg, i, cache, tables[kind], masks[kind], self.scale, cfg.attn_softcap)
+            h = self_attention(h, w, p, cfg, i, cache, tables[kind], self.scale, cfg.attn_softcap, windows[kind])
             x = x + ops.rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
             h = ops.rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps)
             gate = ops.linear(h, w[p + "mlp.gate_proj.weight"])
@@ -49,6 +49,8 @@ class GemmaModel:
             h = ops.linear(F.gelu(gate, approximate="tanh") * up, w[p + "mlp.down_proj.weight"])
             x = x + ops.rms_norm(h, w[p + "post_feedforward_layernorm.weight"], eps)
         cache.advance(seq)
+        if logits_index is not None:
+            x = x[:, logits_index]
         logits = ops.linear(ops.rms_norm(x, w["model.norm.weight"], eps), w["lm_head.weight"])
         if cfg.final_softcap:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap

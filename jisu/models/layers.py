@@ -21,14 +21,21 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, Hkv, T, D] at the current length; return the filled prefix including them."""
+    def positions(self, num_new: int) -> torch.Tensor:
+        """Absolute positions [T] of the next `num_new` tokens."""
+        return torch.arange(self.length, self.length + num_new)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               softcap: float | None, window: int | None) -> torch.Tensor:
+        """Store k/v [B, Hkv, T, D] after the filled positions and attend q [B, H, T, D] over
+        everything cached -> [B, H, T, D]."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} > {self.max_len} positions")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        mask = attention_mask(k.shape[2], start, window)
+        return attention(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask, scale, softcap)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -113,10 +120,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
 
 
-def self_attention(h: torch.Tensor, w: dict, p: str, cfg: ModelConfig, layer: int, cache: KVCache,
-                   rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, scale: float,
-                   softcap: float | None = None) -> torch.Tensor:
-    """One attention block over h: [B, T, hidden] with weights named `p`+"self_attn.*" -> [B, T, hidden]."""
+def self_attention(h: torch.Tensor, w: dict, p: str, cfg: ModelConfig, layer: int, cache,
+                   rope: tuple[torch.Tensor, torch.Tensor], scale: float, softcap: float | None = None,
+                   window: int | None = None) -> torch.Tensor:
+    """One attention block over h: [B, T, hidden] with weights named `p`+"self_attn.*" -> [B, T, hidden].
+    `cache` stores the new K/V and runs the attention (KVCache, or a paged batch)."""
     b, t, _ = h.shape
     q = ops.linear(h, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
     k = ops.linear(h, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
@@ -128,7 +136,6 @@ def self_attention(h: torch.Tensor, w: dict, p: str, cfg: ModelConfig, layer: in
         q = ops.rms_norm(q, w[p + "self_attn.q_norm.weight"], cfg.rms_norm_eps)
         k = ops.rms_norm(k, w[p + "self_attn.k_norm.weight"], cfg.rms_norm_eps)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    k, v = cache.append(layer, k, v)
-    out = attention(q, k, v, mask, scale, softcap)                      # [B, H, T, D]
+    out = cache.attend(layer, q, k, v, scale, softcap, window)          # [B, H, T, D]
     out = out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
     return ops.linear(out, w[p + "self_attn.o_proj.weight"])

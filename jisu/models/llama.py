@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels import ops
-from .layers import KVCache, Rotary, attention_mask, rope_inv_freq, self_attention
+from .layers import KVCache, Rotary, rope_inv_freq, self_attention
 
 
 class LlamaModel:
@@ -27,22 +27,24 @@ class LlamaModel:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens: [B, T] appended after cache.length positions -> logits [B, T, V] (fp32)."""
+    def forward(self, tokens: torch.Tensor, cache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [B, T] appended after the cached positions (cache: KVCache or engine PagedBatch)
+        -> logits [B, T, V] fp32, or only at positions `logits_index` [R] -> [B, R, V]."""
         cfg, w = self.cfg, self.w
-        start, seq = cache.length, tokens.shape[1]
-        positions = torch.arange(start, start + seq)
-        cos, sin = self.rotary.tables(positions)
+        seq = tokens.shape[1]
+        cos, sin = self.rotary.tables(cache.positions(seq))
         x = w["model.embed_tokens.weight"][tokens].float()
-        mask = attention_mask(seq, start, cfg.sliding_window if cfg.layer_types else None)
+        window = cfg.sliding_window if cfg.layer_types else None
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             h = ops.rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-            x = x + self_attention(h, w, p, cfg, i, cache, (cos, sin), mask, self.scale)
+            x = x + self_attention(h, w, p, cfg, i, cache, (cos, sin), self.scale, window=window)
             h = ops.rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
             gate = ops.linear(h, w[p + "mlp.gate_proj.weight"])
             up = ops.linear(h, w[p + "mlp.up_proj.weight"])
             x = x + ops.linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
         cache.advance(seq)
+        if logits_index is not None:
+            x = x[:, logits_index]
         x = ops.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps)
         return ops.linear(x, w["lm_head.weight"])

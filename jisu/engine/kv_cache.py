@@ -1,0 +1,244 @@
+"""Paged KV cache: fixed-size blocks from one pool, a block table per sequence, reference counts
+so sequences can share prompt-prefix blocks (prefix caching, keyed by a hash chain over the
+block's tokens, as in vLLM), and rollback of a sequence's tail (rejected speculative tokens)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..config import ModelConfig
+
+
+class OutOfBlocks(Exception):
+    """The pool cannot satisfy an allocation; the scheduler preempts or waits."""
+
+
+@dataclass
+class SeqBlocks:
+    """One sequence's view of the cache."""
+    block_table: list[int] = field(default_factory=list)  # logical block i -> physical block id
+    num_tokens: int = 0            # positions whose K/V are written (or reserved for this step)
+    num_hashed: int = 0            # leading full blocks already registered in the prefix index
+    hashes: list[int] = field(default_factory=list)       # hash chain of those blocks
+
+
+class BlockPool:
+    """Physical blocks with reference counts. Freed blocks that hold a registered prefix stay
+    findable (LRU) until their memory is needed again."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("need at least one block of at least one token")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.refs = [0] * num_blocks
+        self.free_ids: list[int] = list(range(num_blocks - 1, -1, -1))   # never-cached free blocks
+        self.evictable: OrderedDict[int, None] = OrderedDict()           # free but holding a prefix
+        self.by_hash: dict[int, int] = {}        # prefix hash -> block id
+        self.hash_of: dict[int, int] = {}        # block id -> prefix hash
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_ids) + len(self.evictable)
+
+    def allocate(self) -> int:
+        if self.free_ids:
+            block = self.free_ids.pop()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)   # least recently used prefix
+            del self.by_hash[self.hash_of.pop(block)]
+        else:
+            raise OutOfBlocks
+        self.refs[block] = 1
+        return block
+
+    def acquire(self, block: int) -> None:
+        if self.refs[block] == 0:
+            self.evictable.pop(block, None)
+        self.refs[block] += 1
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        assert self.refs[block] >= 0, "block released twice"
+        if self.refs[block] == 0:
+            if block in self.hash_of:
+                self.evictable[block] = None
+            else:
+                self.free_ids.append(block)
+
+    def register(self, block: int, prefix_hash: int) -> None:
+        if prefix_hash not in self.by_hash and block not in self.hash_of:
+            self.by_hash[prefix_hash] = block
+            self.hash_of[block] = prefix_hash
+
+    def unregister(self, block: int) -> None:
+        h = self.hash_of.pop(block, None)
+        if h is not None:
+            del self.by_hash[h]
+            if self.refs[block] == 0:
+                self.evictable.pop(block, None)
+                self.free_ids.append(block)
+
+
+def chain_hash(parent: int, tokens: Sequence[int]) -> int:
+    return hash((parent, tuple(tokens)))
+
+
+class PagedKVCache:
+    """K/V storage [num_blocks, Hkv, block_size, D] per layer plus the block bookkeeping."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32,
+                 device="cpu"):
+        self.cfg = cfg
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, block_size)
+        shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+    @classmethod
+    def for_memory(cls, cfg: ModelConfig, max_bytes: int, block_size: int = 16, **kw) -> "PagedKVCache":
+        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * 4
+        return cls(cfg, max(1, max_bytes // per_block), block_size, **kw)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def blocks_needed(self, seq: SeqBlocks, num_new: int) -> int:
+        total = -(-(seq.num_tokens + num_new) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def match_prefix(self, seq: SeqBlocks, tokens: Sequence[int]) -> int:
+        """Attach cached blocks for the longest full-block prefix of `tokens` (at most all but
+        the last token, so the model still computes logits for it). Returns tokens reused."""
+        assert not seq.block_table, "prefix matching starts an empty sequence"
+        bs, parent = self.block_size, 0
+        for i in range((len(tokens) - 1) // bs):
+            h = chain_hash(parent, tokens[i * bs:(i + 1) * bs])
+            block = self.pool.by_hash.get(h)
+            if block is None:
+                break
+            self.pool.acquire(block)
+            seq.block_table.append(block)
+            seq.hashes.append(h)
+            parent = h
+        seq.num_hashed = len(seq.block_table)
+        seq.num_tokens = seq.num_hashed * bs
+        return seq.num_tokens
+
+    def reserve(self, seq: SeqBlocks, num_new: int) -> None:
+        """Make room for `num_new` more positions (all or nothing)."""
+        need = self.blocks_needed(seq, num_new)
+        if need > self.pool.num_free:
+            raise OutOfBlocks
+        for _ in range(need):
+            seq.block_table.append(self.pool.allocate())
+        seq.num_tokens += num_new
+
+    def commit_prefix(self, seq: SeqBlocks, tokens: Sequence[int]) -> None:
+        """Register the sequence's full blocks (whose K/V are now written) for reuse.
+        tokens: the sequence's tokens whose K/V are in the cache."""
+        bs = self.block_size
+        parent = seq.hashes[-1] if seq.hashes else 0
+        while (seq.num_hashed + 1) * bs <= min(len(tokens), seq.num_tokens):
+            i = seq.num_hashed
+            parent = chain_hash(parent, tokens[i * bs:(i + 1) * bs])
+            self.pool.register(seq.block_table[i], parent)
+            seq.hashes.append(parent)
+            seq.num_hashed += 1
+
+    def truncate(self, seq: SeqBlocks, num_tokens: int) -> None:
+        """Roll back to `num_tokens` positions, releasing blocks no longer used."""
+        if num_tokens >= seq.num_tokens:
+            return
+        keep = -(-num_tokens // self.block_size)
+        for block in seq.block_table[keep:]:
+            self.pool.release(block)
+        del seq.block_table[keep:]
+        full = num_tokens // self.block_size
+        if seq.num_hashed > full:
+            # a rewritten block must not stay findable under its old contents' hash
+            for block in seq.block_table[full:seq.num_hashed]:
+                if self.pool.refs[block] == 1:
+                    self.pool.unregister(block)
+            seq.num_hashed = full
+            del seq.hashes[full:]
+        if num_tokens % self.block_size and self.pool.refs[seq.block_table[-1]] > 1:
+            self._copy_on_write(seq, len(seq.block_table) - 1)
+        seq.num_tokens = num_tokens
+
+    def _copy_on_write(self, seq: SeqBlocks, index: int) -> None:
+        """Give the sequence a private copy of a shared block it is about to overwrite."""
+        old, new = seq.block_table[index], self.pool.allocate()
+        for k, v in zip(self.k, self.v):
+            k[new].copy_(k[old])
+            v[new].copy_(v[old])
+        self.pool.release(old)
+        seq.block_table[index] = new
+
+    def free(self, seq: SeqBlocks) -> None:
+        for block in seq.block_table:
+            self.pool.release(block)
+        seq.block_table.clear()
+        seq.hashes.clear()
+        seq.num_tokens = seq.num_hashed = 0
+
+    # --- data movement (reference path; the native forward reads the same layout) ---------
+    def slots(self, seq: SeqBlocks, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block ids, offsets) of positions [start, end) of a sequence."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return table[pos // self.block_size], pos % self.block_size
+
+    def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        # k, v: [T, Hkv, D] for the positions (blocks[i], offsets[i])
+        self.k[layer][blocks, :, offsets] = k
+        self.v[layer][blocks, :, offsets] = v
+
+    def gather(self, layer: int, seq: SeqBlocks, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions of a sequence: k, v [Hkv, length, D]."""
+        n = -(-length // self.block_size)
+        table = torch.tensor(seq.block_table[:n], dtype=torch.long)
+        hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        k = self.k[layer][table].transpose(0, 1).reshape(hkv, n * self.block_size, d)[:, :length]
+        v = self.v[layer][table].transpose(0, 1).reshape(hkv, n * self.block_size, d)[:, :length]
+        return k, v
+
+
+class PagedBatch:
+    """One model step over several sequences: each appends `q_lens[i]` new tokens after its
+    `starts[i]` cached positions (a prefill chunk, one decode token, or several speculative
+    tokens). Passed to model.forward as its cache; tokens arrive flattened as [1, sum(q_lens)].
+    Blocks for the new positions must be reserved beforehand (PagedKVCache.reserve)."""
+
+    def __init__(self, kv: PagedKVCache, seqs: list[SeqBlocks], starts: list[int], q_lens: list[int]):
+        self.kv, self.seqs, self.starts, self.q_lens = kv, seqs, starts, q_lens
+        self._slots = [kv.slots(s, a, a + n) for s, a, n in zip(seqs, starts, q_lens)]
+        self._tables = [torch.tensor(s.block_table, dtype=torch.long) for s in seqs]
+
+    def positions(self, num_new: int) -> torch.Tensor:
+        assert num_new == sum(self.q_lens)
+        return torch.cat([torch.arange(a, a + n) for a, n in zip(self.starts, self.q_lens)])
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               softcap: float | None, window: int | None) -> torch.Tensor:
+        # q: [1, H, T, D], k/v: [1, Hkv, T, D] with T = sum(q_lens), sequences back to back
+        from ..models.layers import attention, attention_mask
+
+        outs, off = [], 0
+        for seq, start, n, (blocks, offsets) in zip(self.seqs, self.starts, self.q_lens, self._slots):
+            self.kv.write(layer, blocks, offsets, k[0, :, off:off + n].transpose(0, 1),
+                          v[0, :, off:off + n].transpose(0, 1))
+            kc, vc = self.kv.gather(layer, seq, start + n)
+            mask = attention_mask(n, start, window)
+            outs.append(attention(q[:, :, off:off + n], kc[None], vc[None], mask, scale, softcap))
+            off += n
+        return torch.cat(outs, dim=2)
+
+    def advance(self, num_new: int) -> None:
+        """Bookkeeping is the engine's: it reserved the positions before the step."""
