@@ -12,12 +12,16 @@ from setuptools import Extension, setup
 
 try:
     import pybind11
+    from pybind11.setup_helpers import ParallelCompile
 except ImportError:  # pragma: no cover - pyproject's build-system requires it
     sys.exit("building jisu needs pybind11: pip install pybind11 (or build with isolation)")
 
+# Compile the sources in parallel (JISU_BUILD_JOBS overrides the CPU count).
+ParallelCompile("JISU_BUILD_JOBS", default=0).install()
+
 SRC_DIR = os.path.join("jisu", "kernels", "cpu")
 sources = sorted(glob(os.path.join(SRC_DIR, "*.cpp")))
-headers = sorted(glob(os.path.join(SRC_DIR, "*.h")))
+headers = sorted(glob(os.path.join(SRC_DIR, "*.h")) + glob(os.path.join(SRC_DIR, "*.inc")))
 
 compile_args = [
     "-O3",

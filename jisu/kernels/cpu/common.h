@@ -133,9 +133,12 @@ static inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
-// Thread pool: the calling thread is worker 0. fn(tid, nthreads) runs on each thread.
-using TaskFn = void (*)(void* ctx, int tid, int nthreads);
-void pool_run(TaskFn fn, void* ctx, int nthreads);
+// Thread pool. A job is split into nchunks chunks that the caller (tid 0) and any awake
+// workers claim dynamically, so a descheduled worker never stalls the caller for long
+// (the machine may be oversubscribed). fn(ctx, chunk, nchunks, tid) runs once per chunk;
+// tid < nthreads identifies the thread (for per-thread scratch).
+using TaskFn = void (*)(void* ctx, int64_t chunk, int64_t nchunks, int tid);
+void pool_run(TaskFn fn, void* ctx, int64_t nchunks, int nthreads);
 int pool_max_threads();
 void pool_set_threads(int n);
 void pool_set_spin_us(int us);

@@ -1,7 +1,8 @@
 // Portable scalar kernels: the reference every SIMD path is tested against, and the
 // fallback on CPUs without a SIMD path. They read the same packed layouts (common.h).
-// For the int8-activation formats the per-block float steps are written in exactly the
-// order the SIMD kernels use, so scalar and SIMD results are bitwise equal there.
+// For the int8-activation formats the per-block float steps (one multiply, one fused
+// multiply-add) are the ones the SIMD kernels do, so scalar and SIMD results are bitwise
+// equal there.
 #include <algorithm>
 #include <cmath>
 
@@ -84,12 +85,13 @@ void int_gemm(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t
             int32_t isum = 0;
             for (int k = 0; k < QK; k++) isum += int_code(blk, W.bits, r, k) * xq[b * QK + k];
             isum -= off * A.s[m * nb + b];
+            // std::fma: the SIMD kernels use FMA here; results stay bitwise equal.
             if (W.per_channel) {
-              acc = acc + dx[b] * (float)isum;
+              acc = std::fma(dx[b], (float)isum, acc);
             } else {
               const float ds = d * dx[b];
-              acc = acc + ds * (float)isum;
-              if (W.asym) acc = acc + mn * A.sd[m * nb + b];
+              acc = std::fma(ds, (float)isum, acc);
+              if (W.asym) acc = std::fma(mn, A.sd[m * nb + b], acc);
             }
           }
         }
@@ -130,7 +132,7 @@ void cb_gemm(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t 
               isum += table[row[k] >> 4] * xq[b * QK + 16 + k];
             }
             const float ds = sc * dx[b];
-            acc = acc + ds * (float)isum;
+            acc = std::fma(ds, (float)isum, acc);
           }
         }
         if (bias) acc = acc + bias[n];

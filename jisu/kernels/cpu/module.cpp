@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "driver.h"
 
 namespace py = pybind11;
 
@@ -108,21 +109,10 @@ void reserve_threads(int nth) {
   if ((int)g_thread.size() < nth) g_thread.resize(nth);
 }
 
-// Spin barrier for one job (threads quantize their activation rows, then all compute).
-struct Barrier {
-  std::atomic<int> arrived{0};
-  void wait(int nth) {
-    arrived.fetch_add(1, std::memory_order_acq_rel);
-    while (arrived.load(std::memory_order_acquire) < nth) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-    }
-  }
-};
-
-// Minimum weight bytes per thread before a GEMV is split (threading costs ~1 us).
+// Minimum work (weight bytes) per thread before an op is split (threading costs ~1 us),
+// and the work per chunk that threads claim dynamically.
 std::atomic<int64_t> g_min_bytes_per_thread{16384};
+constexpr int64_t kChunkBytes = 32768;
 
 int pick_threads(int64_t work_bytes, int64_t max_parts) {
   int nth = pool_max_threads();
@@ -133,6 +123,20 @@ int pick_threads(int64_t work_bytes, int64_t max_parts) {
   }
   if (max_parts < nth) nth = max_parts < 1 ? 1 : (int)max_parts;
   return nth;
+}
+
+// Chunks for nth threads over `parts` units of `work_bytes` total.
+int64_t pick_chunks(int nth, int64_t work_bytes, int64_t parts) {
+  if (nth <= 1) return 1;
+  int64_t c = work_bytes / kChunkBytes;
+  if (c < 2 * nth) c = 2 * nth;
+  if (c > 16 * nth) c = 16 * nth;
+  return c < parts ? c : parts;
+}
+
+inline void chunk_range(int64_t c, int64_t nc, int64_t n, int64_t& a, int64_t& b) {
+  a = n * c / nc;
+  b = n * (c + 1) / nc;
 }
 
 int64_t desc_bytes(const PackedDesc& W) {
@@ -150,27 +154,27 @@ struct LinearJob {
   int64_t M;
   ActQ A;
   bool q16;
-  bool quantize_in_job;
-  Barrier bar;
 };
 
-void linear_task(void* ctx, int tid, int nth) {
+void quant_task(void* ctx, int64_t c, int64_t nc, int) {
+  LinearJob& j = *(LinearJob*)ctx;
+  int64_t m0, m1;
+  chunk_range(c, nc, j.M, m0, m1);
+  if (m0 < m1) j.kt->quantize_act(j.x, m0, m1, j.A, j.q16);
+}
+
+void linear_task(void* ctx, int64_t c, int64_t nc, int tid) {
   LinearJob& j = *(LinearJob*)ctx;
   const PackedDesc& W = *j.W;
   if (W.kind == KIND_F32) {
-    // Split rows in multiples of 4 (the micro-kernel width).
-    const int64_t n4 = (W.N + 3) / 4;
-    const int64_t n0 = n4 * tid / nth * 4, n1e = n4 * (tid + 1) / nth * 4;
-    const int64_t n1 = n1e < W.N ? n1e : W.N;
+    int64_t a, b;  // in units of 4 rows (the micro-kernel width)
+    chunk_range(c, nc, (W.N + 3) / 4, a, b);
+    const int64_t n0 = a * 4, n1 = b * 4 < W.N ? b * 4 : W.N;
     if (n0 < n1) j.kt->f32_gemm(W.f32, W.N, W.K, j.x, j.M, n0, n1, j.out, W.N, j.bias);
     return;
   }
-  if (j.quantize_in_job) {
-    const int64_t m0 = j.M * tid / nth, m1 = j.M * (tid + 1) / nth;
-    if (m0 < m1) j.kt->quantize_act(j.x, m0, m1, j.A, j.q16);
-    j.bar.wait(nth);
-  }
-  const int64_t t0 = W.ntiles * tid / nth, t1 = W.ntiles * (tid + 1) / nth;
+  int64_t t0, t1;
+  chunk_range(c, nc, W.ntiles, t0, t1);
   if (t0 >= t1) return;
   uint8_t* scr = j.M > 1 ? g_thread[tid].p : nullptr;
   if (W.kind == KIND_INT)
@@ -178,6 +182,10 @@ void linear_task(void* ctx, int tid, int nth) {
   else
     j.kt->cb_gemm(W, j.A, j.M, t0, t1, j.out, W.N, j.bias, scr);
 }
+
+}  // namespace
+
+const KernelTable* active_kernels() { return g_kt; }
 
 void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bias) {
   const PackedDesc& W = *(const PackedDesc*)desc;
@@ -189,23 +197,43 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
   j.out = (float*)out;
   j.bias = (const float*)bias;
   j.M = M;
-  const int64_t bytes = desc_bytes(W);
+  // Work estimate: weight bytes for small M (memory-bound), ~M times that when compute-bound.
+  const int64_t bytes = desc_bytes(W) * (M < 4 ? M : 4 * M);
   int nth;
+  int64_t nc;
   if (W.kind == KIND_F32) {
-    nth = pick_threads(bytes, (W.N + 3) / 4);
+    const int64_t parts = (W.N + 3) / 4;
+    nth = pick_threads(bytes, parts);
+    nc = pick_chunks(nth, bytes, parts);
   } else {
-    // Big batches are compute-bound: always use every thread there.
-    nth = pick_threads(M >= 4 ? INT64_MAX / 2 : bytes * M, W.ntiles);
+    nth = pick_threads(bytes, W.ntiles);
+    nc = pick_chunks(nth, bytes, W.ntiles);
     j.q16 = W.kind == KIND_CODEBOOK;
     j.A = act_buffers(M, W.K, j.q16);
-    j.quantize_in_job = M >= 8 && nth > 1;
-    if (!j.quantize_in_job) g_kt->quantize_act(j.x, 0, M, j.A, j.q16);
+    if (M * W.K >= 65536 && nth > 1)
+      pool_run(quant_task, &j, M < 4 * nth ? M : 4 * nth, nth);
+    else
+      g_kt->quantize_act(j.x, 0, M, j.A, j.q16);
     if (M > 1) {
       reserve_threads(nth);
       for (int t = 0; t < nth; t++) thread_scratch(t, gemm_scratch_bytes(W));
     }
   }
-  pool_run(linear_task, &j, nth);
+  pool_run(linear_task, &j, nc, nth);
+}
+
+namespace {
+
+// Dense fp32 weight [N, K] given by address (no descriptor object needed).
+void linear_f32(uintptr_t w, int64_t N, int64_t K, uintptr_t x, uintptr_t out, int64_t M,
+                uintptr_t bias) {
+  PackedDesc d;
+  d.kind = KIND_F32;
+  d.N = N;
+  d.K = K;
+  d.group = K;
+  d.f32 = (const float*)w;
+  linear((uintptr_t)&d, x, out, M, bias);
 }
 
 // ---------------------------------------------------------------- fused ops
@@ -217,9 +245,10 @@ struct RowJob {
   float eps, scale;
 };
 
-void rms_task(void* ctx, int tid, int nth) {
+void rms_task(void* ctx, int64_t c, int64_t nc, int) {
   RowJob& j = *(RowJob*)ctx;
-  const int64_t m0 = j.M * tid / nth, m1 = j.M * (tid + 1) / nth;
+  int64_t m0, m1;
+  chunk_range(c, nc, j.M, m0, m1);
   if (m0 < m1) j.kt->rms_norm(j.x, j.w, j.out, m0, m1, j.D, j.eps);
 }
 
@@ -232,12 +261,14 @@ void rms_norm(uintptr_t x, uintptr_t w, uintptr_t out, int64_t M, int64_t D, flo
   j.M = M;
   j.D = D;
   j.eps = eps;
-  pool_run(rms_task, &j, pick_threads(M * D * 8, M));
+  const int nth = pick_threads(M * D * 8, M);
+  pool_run(rms_task, &j, nth == 1 ? 1 : (M < 4 * nth ? M : 4 * nth), nth);
 }
 
-void rope_task(void* ctx, int tid, int nth) {
+void rope_task(void* ctx, int64_t c, int64_t nc, int) {
   RowJob& j = *(RowJob*)ctx;
-  const int64_t t0 = j.T * tid / nth, t1 = j.T * (tid + 1) / nth;
+  int64_t t0, t1;
+  chunk_range(c, nc, j.T, t0, t1);
   if (t0 < t1) j.kt->rope(j.x, j.out, j.c, j.s, t0, t1, j.H, j.D);
 }
 
@@ -251,12 +282,14 @@ void rope(uintptr_t x, uintptr_t out, uintptr_t c, uintptr_t s, int64_t T, int64
   j.T = T;
   j.H = H;
   j.D = D;
-  pool_run(rope_task, &j, pick_threads(T * H * D * 8, T));
+  const int nth = pick_threads(T * H * D * 8, T);
+  pool_run(rope_task, &j, nth == 1 ? 1 : (T < 4 * nth ? T : 4 * nth), nth);
 }
 
-void attn_task(void* ctx, int tid, int nth) {
+void attn_task(void* ctx, int64_t c, int64_t nc, int tid) {
   RowJob& j = *(RowJob*)ctx;
-  const int64_t h0 = j.H * tid / nth, h1 = j.H * (tid + 1) / nth;
+  int64_t h0, h1;
+  chunk_range(c, nc, j.H, h0, h1);
   if (h0 < h1)
     j.kt->attn_decode(j.x, j.k, j.v, j.out, h0, h1, j.H, j.Hkv, j.D, j.T, j.tstride, j.scale,
                       (float*)g_thread[tid].p);
@@ -264,7 +297,7 @@ void attn_task(void* ctx, int tid, int nth) {
 
 void attn_decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t H, int64_t Hkv,
                  int64_t D, int64_t T, int64_t tstride, float scale) {
-  if (T <= 0 || H % Hkv != 0 || tstride < T) throw std::invalid_argument("attn_decode: bad shapes");
+  if (T <= 0 || Hkv <= 0 || H % Hkv != 0 || tstride < T) throw std::invalid_argument("attn_decode: bad shapes");
   RowJob j{};
   j.kt = g_kt;
   j.x = (const float*)q;
@@ -277,10 +310,10 @@ void attn_decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t H
   j.T = T;
   j.tstride = tstride;
   j.scale = scale;
-  const int nth = pick_threads(2 * Hkv * T * D * 4, H);
+  const int nth = pick_threads(2 * H * T * D * 4, H);
   reserve_threads(nth);
   for (int t = 0; t < nth; t++) thread_scratch(t, (T + 16) * 4);
-  pool_run(attn_task, &j, nth);
+  pool_run(attn_task, &j, nth == 1 ? 1 : H, nth);
 }
 
 // ---------------------------------------------------------------- descriptors
@@ -385,7 +418,9 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("make_f32", &make_f32, py::arg("w"), py::arg("N"), py::arg("K"));
 
   m.def("linear", &linear, "linear(desc_addr, x_ptr, out_ptr, M, bias_ptr_or_0)");
+  m.def("linear_f32", &linear_f32, "linear_f32(w_ptr, N, K, x_ptr, out_ptr, M, bias_ptr_or_0)");
   m.def("rms_norm", &rms_norm, "rms_norm(x, w, out, M, D, eps)");
   m.def("rope", &rope, "rope(x, out, cos, sin, T, H, D): neox rotate-half, x [T,H,D], cos/sin [T,D/2]");
   m.def("attn_decode", &attn_decode, "attn_decode(q, k, v, out, H, Hkv, D, T, tstride, scale)");
+  register_forward(m);  // forward.cpp: NativeModel, dequant_rows
 }

@@ -1,7 +1,8 @@
-// Persistent spin-then-sleep thread pool for the kernels. The caller is worker 0; the
-// other workers spin on a generation counter for a while after each job (a decode step
-// issues ~200 small GEMVs a few microseconds apart, and waking a sleeping thread costs
-// tens of microseconds on a VM) and then sleep on a futex-backed atomic wait.
+// Persistent spin-then-sleep thread pool for the kernels. The caller is thread 0 and
+// claims chunks like everyone else (see common.h). Idle workers spin on a generation
+// counter for a while after each job (a decode step issues ~200 small GEMVs a few
+// microseconds apart, and waking a sleeping thread costs tens of microseconds on a VM)
+// and then sleep on a futex-backed atomic wait.
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -26,16 +27,20 @@
 namespace jisu {
 namespace {
 
+constexpr uint32_t CLOSED = 1u << 31;
+
 struct alignas(64) Pool {
-  std::atomic<uint32_t> gen{0};      // bumped once per job
-  alignas(64) std::atomic<int> pending{0};  // workers still running the current job
+  std::atomic<uint32_t> gen{0};              // bumped once per job; idle workers wait on it
+  alignas(64) std::atomic<uint32_t> state{CLOSED};  // CLOSED bit | workers inside the job
+  alignas(64) std::atomic<int64_t> next{0};  // next unclaimed chunk
   alignas(64) std::atomic<int> sleepers{0};
   TaskFn fn = nullptr;
   void* ctx = nullptr;
-  int nth = 1;                       // threads taking part in the current job
+  int64_t nchunks = 0;
+  int nth = 1;                       // threads allowed to take part in the current job
   int target = 0;                    // threads wanted (0: not yet decided)
   int started = 1;                   // threads alive including the caller
-  std::atomic<int> spin_us{1000};
+  std::atomic<int> spin_us{200};  // bridges the gaps between the GEMVs of a decode step
   std::atomic<bool> stop{false};
   std::vector<std::thread> workers;
 };
@@ -61,11 +66,24 @@ int default_threads() {
   return n ? (int)n : 1;
 }
 
-void worker_main(int tid) {
-  Pool& p = pool();
-  uint32_t seen = p.gen.load(std::memory_order_acquire);
+// Claims and runs chunks of the current job until none are left.
+inline void run_chunks(Pool& p, int tid) {
+  const TaskFn fn = p.fn;
+  void* const ctx = p.ctx;
+  const int64_t n = p.nchunks;
   for (;;) {
-    // Spin for spin_us, checking the clock only every 256 pauses.
+    const int64_t c = p.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= n) return;
+    fn(ctx, c, n, tid);
+  }
+}
+
+void worker_main(int tid, uint32_t seen) {
+  // `seen` is the generation at creation: read here it could already include the job
+  // that caused this thread to be started.
+  Pool& p = pool();
+  for (;;) {
+    // Spin for spin_us, checking the clock only every 256 pauses, then sleep.
     auto t0 = std::chrono::steady_clock::now();
     const auto spin = std::chrono::microseconds(p.spin_us.load(std::memory_order_relaxed));
     uint32_t g;
@@ -82,9 +100,14 @@ void worker_main(int tid) {
     }
     seen = g;
     if (p.stop.load(std::memory_order_acquire)) return;
-    if (tid < p.nth) {
-      p.fn(p.ctx, tid, p.nth);
-      p.pending.fetch_sub(1, std::memory_order_acq_rel);
+    // Enter the job only while it is open; the caller waits for everyone inside.
+    uint32_t st = p.state.load(std::memory_order_acquire);
+    while (!(st & CLOSED)) {
+      if (p.state.compare_exchange_weak(st, st + 1, std::memory_order_acq_rel)) {
+        if (tid < p.nth) run_chunks(p, tid);
+        p.state.fetch_sub(1, std::memory_order_acq_rel);
+        break;
+      }
     }
   }
 }
@@ -92,7 +115,7 @@ void worker_main(int tid) {
 void ensure_started(int n) {
   Pool& p = pool();
   while (p.started < n) {
-    p.workers.emplace_back(worker_main, p.started);
+    p.workers.emplace_back(worker_main, p.started, p.gen.load(std::memory_order_acquire));
     p.started++;
   }
 }
@@ -105,7 +128,7 @@ void after_fork_child() {
   // running its destructor, leaking its small buffer.
   new (&p.workers) std::vector<std::thread>();
   p.started = 1;
-  p.pending.store(0);
+  p.state.store(CLOSED);
   p.sleepers.store(0);
 }
 
@@ -129,21 +152,26 @@ void pool_set_threads(int n) {
 void pool_set_spin_us(int us) { pool().spin_us.store(us < 0 ? 0 : us); }
 int pool_get_spin_us() { return pool().spin_us.load(); }
 
-void pool_run(TaskFn fn, void* ctx, int nthreads) {
-  Pool& p = pool();
-  if (nthreads <= 1) {
-    fn(ctx, 0, 1);
+void pool_run(TaskFn fn, void* ctx, int64_t nchunks, int nthreads) {
+  if (nchunks <= 0) return;
+  if (nthreads <= 1 || nchunks == 1) {
+    for (int64_t c = 0; c < nchunks; c++) fn(ctx, c, nchunks, 0);
     return;
   }
+  Pool& p = pool();
   ensure_started(nthreads);
   p.fn = fn;
   p.ctx = ctx;
+  p.nchunks = nchunks;
   p.nth = nthreads;
-  p.pending.store(nthreads - 1, std::memory_order_relaxed);
-  p.gen.fetch_add(1, std::memory_order_acq_rel);
+  p.next.store(0, std::memory_order_relaxed);
+  p.state.store(0, std::memory_order_release);  // open
+  p.gen.fetch_add(1, std::memory_order_seq_cst);
   if (p.sleepers.load(std::memory_order_seq_cst) > 0) p.gen.notify_all();
-  fn(ctx, 0, nthreads);
-  while (p.pending.load(std::memory_order_acquire) != 0) JISU_PAUSE();
+  run_chunks(p, 0);
+  // All chunks are claimed: close the job and wait for workers still inside.
+  p.state.fetch_or(CLOSED, std::memory_order_acq_rel);
+  while ((p.state.load(std::memory_order_acquire) & ~CLOSED) != 0) JISU_PAUSE();
 }
 
 }  // namespace jisu

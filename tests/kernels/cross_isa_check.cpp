@@ -1,0 +1,53 @@
+// Cross-ISA check in C++: the NEON (on AArch64) or AVX2 kernels against the scalar ones on
+// random packed data, bitwise for the INT formats. test_cross_isa.py builds it for AArch64
+// and runs it under qemu-aarch64 when a cross compiler and qemu are installed.
+#include "common.h"
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <cmath>
+using namespace jisu;
+static uint16_t f2h(float f){ // crude float->half for normal values
+  uint32_t b; memcpy(&b,&f,4); uint32_t s=(b>>16)&0x8000; int e=((b>>23)&0xff)-127+15; uint32_t m=(b>>13)&0x3ff; return s|(e<<10)|m; }
+int main(){
+  const KernelTable* S = scalar_table();
+  const KernelTable* V = neon_table() ? neon_table() : avx2_table();
+  printf("testing %s vs scalar\n", V->name);
+  int fails=0; srand(1);
+  int combos[][3]={{4,0,0},{4,1,0},{8,0,0},{8,0,1},{8,1,0},{3,0,0},{3,1,0},{2,0,0},{2,1,0}};
+  for(auto& c: combos) for(int64_t G: {32,64,128}) for(int64_t N: {1,3,67}) {
+    int bits=c[0], asym=c[1], pc=c[2]; int64_t K=256; if(pc) G=K;
+    PackedDesc W; W.kind=KIND_INT; W.bits=bits; W.asym=asym; W.per_channel=pc; W.group=G; W.N=N; W.K=K; W.ntiles=(N+7)/8;
+    W.group_bytes=(pc?0:16*(1+asym))+G/32*int_block_bytes(bits); W.tile_bytes=W.group_bytes*(K/G);
+    std::vector<uint8_t> data(W.ntiles*W.tile_bytes); for(auto& b: data) b=rand();
+    if(!pc) for(int64_t t=0;t<W.ntiles;t++) for(int64_t g=0;g<K/G;g++){ uint16_t* s=(uint16_t*)(data.data()+t*W.tile_bytes+g*W.group_bytes); for(int r=0;r<8*(1+asym);r++) s[r]=f2h((rand()/(float)RAND_MAX+0.1f)*0.01f*(r>=8?-1:1)); }
+    std::vector<float> cs(W.ntiles*8); for(auto& v: cs) v=rand()/(float)RAND_MAX;
+    W.data=data.data(); W.chan_scale=cs.data();
+    for(int64_t M: {1,2,7,11,16}){
+      std::vector<float> x(M*K); for(auto& v: x) v=rand()/(float)RAND_MAX-0.5f;
+      std::vector<int8_t> q(M*K); std::vector<float> d(M*K/32), sd(M*K/32); std::vector<int32_t> s(M*K/32); std::vector<int16_t> q16(M*K);
+      ActQ A; A.K=K; A.q=q.data(); A.d=d.data(); A.s=s.data(); A.sd=sd.data(); A.q16=q16.data();
+      std::vector<float> bias(N); for(auto& v: bias) v=rand()/(float)RAND_MAX;
+      std::vector<float> o1(M*N), o2(M*N);
+      uint8_t* scrp=(uint8_t*)aligned_alloc(64,(gemm_scratch_bytes(W)+64+63)/64*64); struct Fr{uint8_t* p; ~Fr(){free(p);}} fr{scrp};
+      S->quantize_act(x.data(),0,M,A,true); S->int_gemm(W,A,M,0,W.ntiles,o1.data(),N,bias.data(),scrp);
+      V->quantize_act(x.data(),0,M,A,true); V->int_gemm(W,A,M,0,W.ntiles,o2.data(),N,bias.data(),scrp);
+      for(int64_t i=0;i<M*N;i++) if(memcmp(&o1[i],&o2[i],4)){ if(fails<10) printf("MISMATCH bits=%d asym=%d pc=%d G=%ld N=%ld M=%ld i=%ld %g %g\n",bits,asym,pc,G,N,M,i,o1[i],o2[i]); fails++; break; }
+    }
+  }
+  // fp32
+  for(int64_t K: {5,64,259}) for(int64_t N: {1,7}) for(int64_t M: {1,3}){
+    std::vector<float> w(N*K), x(M*K), o1(M*N), o2(M*N); for(auto& v: w) v=rand()/(float)RAND_MAX-0.5f; for(auto& v: x) v=rand()/(float)RAND_MAX-0.5f;
+    S->f32_gemm(w.data(),N,K,x.data(),M,0,N,o1.data(),N,nullptr); V->f32_gemm(w.data(),N,K,x.data(),M,0,N,o2.data(),N,nullptr);
+    for(int64_t i=0;i<M*N;i++) if(fabsf(o1[i]-o2[i])>1e-5f*K){ printf("F32 MISMATCH K=%ld %g %g\n",K,o1[i],o2[i]); fails++; break; }
+  }
+  // rope bitwise, rms tolerance
+  { int64_t T=3,H=2,D=18; std::vector<float> x(T*H*D), c(T*D/2), s(T*D/2), o1(T*H*D), o2(T*H*D);
+    for(auto& v: x) v=rand()/(float)RAND_MAX; for(auto& v: c) v=rand()/(float)RAND_MAX; for(auto& v: s) v=rand()/(float)RAND_MAX;
+    S->rope(x.data(),o1.data(),c.data(),s.data(),0,T,H,D); V->rope(x.data(),o2.data(),c.data(),s.data(),0,T,H,D);
+    if(memcmp(o1.data(),o2.data(),o1.size()*4)){ printf("ROPE MISMATCH\n"); fails++; }
+    std::vector<float> w(D); for(auto& v: w) v=rand()/(float)RAND_MAX;
+    S->rms_norm(x.data(),w.data(),o1.data(),0,T*H,D,1e-5f); V->rms_norm(x.data(),w.data(),o2.data(),0,T*H,D,1e-5f);
+    for(size_t i=0;i<T*H*D;i++) if(fabsf(o1[i]-o2[i])>1e-5f){ printf("RMS MISMATCH %g %g\n",o1[i],o2[i]); fails++; break; } }
+  printf("%d failures\n", fails); return fails!=0;
+}
