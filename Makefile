@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.jisu-setup
-SOURCES := pyproject.toml $(wildcard setup.py) $(wildcard jisu/kernels/cpu/*.cpp jisu/kernels/cpu/*.h)
+SOURCES := pyproject.toml $(wildcard setup.py) $(wildcard jisu/kernels/cpu/*.cpp jisu/kernels/cpu/*.h jisu/kernels/cpu/*.inc)
 PROMPT ?= Explain in two sentences why quantization makes language models faster.
 
 .PHONY: setup run test clean

@@ -118,13 +118,27 @@ class LLM:
         return state.completion
 
 
-def load(model: str | os.PathLike | None = None, *, threads: int | None = None, progress: bool = False) -> LLM:
-    """Load MODEL (a GGUF file, an HF folder, a short name; None = the default model)."""
+def load(model: str | os.PathLike | None = None, *, threads: int | None = None, progress: bool = False,
+         packed: bool | None = None, native: bool | None = None) -> LLM:
+    """Load MODEL (a GGUF file, an HF folder, a short name; None = the default model).
+
+    packed: keep a GGUF's Q8_0 / Q4_0 / Q4_1 matrices quantized for the native kernels (default:
+    when jisu._kernels is built); False dequantizes every tensor to fp32 (the reference path).
+    native: run Llama-family models through the native forward step (default: when supported)."""
+    from .kernels import ops
+    from .kernels.native_model import accelerate
+
     if threads:
         torch.set_num_threads(threads)
+        ops.set_num_threads(threads)
     source = resolve(model)
     t0 = time.perf_counter()
-    cfg, weights, tokenizer = load_weights(source, progress=progress)
-    llm = LLM(build_model(cfg, weights), tokenizer, source)
+    if packed is None:
+        packed = ops.native_available()
+    cfg, weights, tokenizer = load_weights(source, progress=progress, packed=packed)
+    net = build_model(cfg, weights)
+    if native is not False:
+        net = accelerate(net)
+    llm = LLM(net, tokenizer, source)
     llm.load_s = time.perf_counter() - t0
     return llm

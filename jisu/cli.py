@@ -118,6 +118,74 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from .compress import compress
+
+    result = compress(args.model, args.output, args.recipe, calib=args.calib, samples=args.samples,
+                      seq_len=args.seq_len, max_kld=args.max_kld, force=args.force, eval_text=args.eval_text,
+                      threads=args.threads, progress=sys.stderr.isatty())
+    if args.json:
+        m = result.manifest
+        print(json.dumps({"path": result.path, "recipe": m["recipe"], "bits_per_weight": m["bits_per_weight"],
+                          "sizes": m["sizes"], "quality": m["quality"], "timings": m["timings"],
+                          "peak_rss_bytes": m["peak_rss_bytes"]}))
+    else:
+        print(result.summary())
+    return 0
+
+
+def _compress_parser(sub) -> None:
+    c = sub.add_parser("compress", help="quantize a model into an artifact folder (jisu run/load it)")
+    c.add_argument("model", nargs="?", default=None, help="GGUF file, HF folder, artifact or short name (default: smollm2)")
+    c.add_argument("-o", "--output", required=True, help="artifact folder to write (must not exist unless --force)")
+    c.add_argument("--recipe", required=True,
+                   help="e.g. rtn:w8, rtn:w4g32, rtn:w4g32a, gptq:w4g32, gptq:w3g32, awq:w4g64, nf4:g64, kmeans:g64, "
+                        "mixed:bpw=3.5; options +embed, +head (README: Compression recipes)")
+    c.add_argument("--calib", default=None, help="calibration text (.txt, or .jsonl with a \"text\" field); "
+                                                 "default: first half of the built-in pydoc corpus")
+    c.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    c.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    c.add_argument("--max-kld", type=float, default=None, help="fail (writing nothing) if the measured KLD is above X")
+    c.add_argument("--eval-text", default=None, help="held-out text for the quality figures "
+                                                     "(default: second half of the built-in corpus)")
+    c.add_argument("--force", action="store_true", help="replace an existing OUTPUT (only once the new one is verified)")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    c.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    c.set_defaults(func=cmd_compress)
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    if args.max_concurrency < 1 or args.max_queue < 0:
+        raise JisuError("--max-concurrency must be >= 1 and --max-queue >= 0")
+    if args.kv_memory is not None and args.kv_memory <= 0:
+        raise JisuError(f"--kv-memory must be a positive number of MB (got {args.kv_memory})")
+    if not 0 <= args.port <= 65535:
+        raise JisuError(f"--port must be in [0, 65535] (got {args.port})")
+    api_key = args.api_key or os.environ.get("JISU_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"jisu: warning: serving on {args.host} without an API key", file=sys.stderr)
+    llm = _load(args)
+    print(f"jisu: serving {llm.source.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    return serve(llm, args.host, args.port, api_key=api_key, max_concurrency=args.max_concurrency,
+                 max_queue=args.max_queue, kv_memory_mb=args.kv_memory, served_model_name=args.served_model_name)
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    s.add_argument("model", nargs="?", default=None, help="GGUF file, HF folder, artifact or short name (default: smollm2)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set JISU_API_KEY)")
+    s.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together (default 64)")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those; more get 429 (default 256)")
+    s.add_argument("--kv-memory", type=float, default=None, metavar="MB", help="KV cache size in MB (default 256)")
+    s.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    s.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -142,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list known models and whether they are installed")
     models.set_defaults(func=cmd_models)
+    _compress_parser(sub)  # `jisu compress`
+    _serve_parser(sub)  # `jisu serve`
+
+    from .eval.commands import add_parsers as add_eval_parsers
+
+    add_eval_parsers(sub)  # `jisu eval`, `jisu bench`
     return parser
 
 

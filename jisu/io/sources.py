@@ -33,7 +33,7 @@ ALIASES = {"default": "smollm2", "smollm2-135m": "smollm2", "smollm2-135m-instru
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str          # "gguf" | "hf"
+    kind: str          # "gguf" | "hf" | "artifact" (a folder written by `jisu compress`)
     path: str
     name: str          # what to call it in messages and reports
 
@@ -61,6 +61,8 @@ def resolve(model: str | os.PathLike | None = None) -> ModelSource:
             raise ModelNotFoundError(f"model {known.title} is not installed; install it with: {known.install}")
         return ModelSource("gguf", path, known.title)
     if os.path.isdir(text):
+        if os.path.isfile(os.path.join(text, "manifest.json")):  # a `jisu compress` artifact
+            return ModelSource("artifact", text, os.path.basename(os.path.abspath(text)))
         if os.path.exists(os.path.join(text, "config.json")):
             return ModelSource("hf", text, os.path.basename(os.path.abspath(text)))
         raise ModelFormatError(f"{text}: folder has no config.json (not an HF model folder)")
@@ -84,10 +86,19 @@ def _looks_like_pickle(path: str) -> bool:
     return head[:1] == b"\x80" or head == b"PK\x03\x04"
 
 
-def load_weights(source: ModelSource, progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
-    """(config, fp32/bf16 weights by HF name, tokenizer) for a resolved source."""
+def load_weights(source: ModelSource, progress: bool = False,
+                 packed: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
+    """(config, fp32/bf16 weights by HF name, tokenizer) for a resolved source. packed=True: a
+    GGUF's Q8_0 / Q4_0 / Q4_1 matrices, and an artifact's quantized linears, stay quantized as
+    packed kernel weights (lossless, memory near the file size); False dequantizes them."""
     from tqdm import tqdm
 
+    if source.kind == "artifact":
+        from .artifact import load_artifact
+
+        cfg, weights, tokenizer = load_artifact(source.path, progress=progress, packed=packed)
+        _check_weights(cfg, weights, source)
+        return cfg, weights, tokenizer
     if source.kind == "gguf":
         from .gguf import GGUFFile, gguf_config, iter_gguf_weights
         from .tokenizer import gguf_tokenizer
@@ -95,7 +106,12 @@ def load_weights(source: ModelSource, progress: bool = False) -> tuple[ModelConf
         g = GGUFFile(source.path)
         cfg = gguf_config(g)
         tokenizer = gguf_tokenizer(g.metadata, source.path)
-        items = iter_gguf_weights(g, cfg)
+        if packed:
+            from .gguf_packed import iter_gguf_weights_packed
+
+            items = iter_gguf_weights_packed(g, cfg)
+        else:
+            items = iter_gguf_weights(g, cfg)
         total = len(g.tensors)
     else:
         from .hf import hf_config, iter_safetensors, safetensors_files
@@ -109,7 +125,8 @@ def load_weights(source: ModelSource, progress: bool = False) -> tuple[ModelConf
     for name, tensor in tqdm(items, total=total, desc=f"loading {source.name}", unit="tensor",
                              disable=not progress, leave=False):
         if name.startswith("model.") or name in ("lm_head.weight", "rope_freqs"):
-            weights[name] = tensor if tensor.dtype == torch.float32 else tensor.float()
+            weights[name] = tensor if not isinstance(tensor, torch.Tensor) or tensor.dtype == torch.float32 \
+                else tensor.float()
     _check_weights(cfg, weights, source)
     return cfg, weights, tokenizer
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels import ops
-from .layers import KVCache, Rotary, rope_inv_freq, self_attention
+from .layers import KVCache, Rotary, embed_tokens, rope_inv_freq, self_attention
 
 
 class GemmaModel:
@@ -35,7 +35,7 @@ class GemmaModel:
         positions = cache.positions(seq)
         tables = {"full": self.rotary_full.tables(positions), "sliding": self.rotary_local.tables(positions)}
         windows = {"full": None, "sliding": cfg.sliding_window}
-        x = w["model.embed_tokens.weight"][tokens].float() * torch.tensor(cfg.embed_scale, dtype=torch.float32)
+        x = embed_tokens(w["model.embed_tokens.weight"], tokens) * torch.tensor(cfg.embed_scale, dtype=torch.float32)
         eps = cfg.rms_norm_eps
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."

@@ -45,6 +45,16 @@ class KVCache:
         self.length = min(self.length, length)
 
 
+def embed_tokens(table, tokens: torch.Tensor) -> torch.Tensor:
+    """Embedding rows for tokens [B, T] -> [B, T, hidden] fp32. The table is a float tensor or a
+    packed kernel weight (a quantized GGUF embedding kept packed: only these rows are decoded)."""
+    if isinstance(table, torch.Tensor):
+        return table[tokens].float()
+    from ..kernels.native_model import packed_rows
+
+    return packed_rows(table, tokens)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies [D/2], with Llama 3 / linear scaling as in the models' configs."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

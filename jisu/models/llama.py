@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels import ops
-from .layers import KVCache, Rotary, rope_inv_freq, self_attention
+from .layers import KVCache, Rotary, embed_tokens, rope_inv_freq, self_attention
 
 
 class LlamaModel:
@@ -33,7 +33,7 @@ class LlamaModel:
         cfg, w = self.cfg, self.w
         seq = tokens.shape[1]
         cos, sin = self.rotary.tables(cache.positions(seq))
-        x = w["model.embed_tokens.weight"][tokens].float()
+        x = embed_tokens(w["model.embed_tokens.weight"], tokens)
         window = cfg.sliding_window if cfg.layer_types else None
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."

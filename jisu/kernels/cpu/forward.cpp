@@ -42,6 +42,10 @@ namespace {
 struct FBuf {  // grow-only, 64-byte aligned float buffer
   float* p = nullptr;
   size_t n = 0;
+  FBuf() = default;
+  FBuf(const FBuf&) = delete;
+  FBuf& operator=(const FBuf&) = delete;
+  FBuf(FBuf&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr, o.n = 0; }
   ~FBuf() { std::free(p); }
   float* get(size_t want) {
     if (want > n) {
@@ -55,9 +59,10 @@ struct FBuf {  // grow-only, 64-byte aligned float buffer
   }
 };
 
+// Splits [0, n) across the pool when there is enough work (threading costs ~1-5 us), in up
+// to chunks_per_thread * threads pieces claimed dynamically. f must not throw.
 template <class F>
-void parallel_for(int64_t n, int64_t work_bytes, F&& f) {
-  // Splits [0, n) across the pool when there is enough work (threading costs ~1-5 us).
+void parallel_for(int64_t n, int64_t work_bytes, F&& f, int chunks_per_thread = 4) {
   int nth = pool_max_threads();
   if (work_bytes < 65536 || n < 2) nth = 1;
   if (nth <= 1) {
@@ -68,7 +73,7 @@ void parallel_for(int64_t n, int64_t work_bytes, F&& f) {
     F* f;
     int64_t n;
   } ctx{&f, n};
-  int64_t nc = std::min<int64_t>(n, 4 * (int64_t)nth);
+  int64_t nc = std::min<int64_t>(n, chunks_per_thread * (int64_t)nth);
   pool_run(
       [](void* c, int64_t ch, int64_t nch, int tid) {
         Ctx& x = *(Ctx*)c;
@@ -660,8 +665,13 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
     // attention: one task per (token, KV head), or per (token, head) when that is too few
     const bool split_heads = G > 1 && T * Hkv < 2 * nth;
     const int64_t per_tok = split_heads ? H : Hkv;
-    int64_t work = 0;
-    for (int64_t i = 0; i < T; i++) work += (std::min<int64_t>(pos_[i] + 1, L.window ? L.window : pos_[i] + 1)) * nkv * 8;
+    int64_t work = 0, max_n = 1;
+    for (int64_t i = 0; i < T; i++) {
+      const int64_t n = std::min<int64_t>(pos_[i] + 1, L.window ? L.window : pos_[i] + 1);
+      work += n * nkv * 8;
+      max_n = std::max(max_n, n);
+    }
+    for (int th = 0; th < nth; th++) thr_[th].get(G * max_n + 16);  // allocated here: tasks must not throw
     parallel_for(T * per_tok, work, [&](int64_t a, int64_t b, int tid) {
       for (int64_t task = a; task < b; task++) {
         const int64_t i = task / per_tok, u = task % per_tok;
@@ -678,10 +688,9 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
         A.hi = pos_[i];
         A.lo = L.window ? std::max<int64_t>(0, pos_[i] - L.window + 1) : 0;
         A.scale = scale_;
-        float* sc = thr_[tid].get(nh * (A.hi - A.lo + 1) + 16);
-        attend(A, q + i * qs + h0 * D, att + i * nq + h0 * D, nh, sc, simd);
+        attend(A, q + i * qs + h0 * D, att + i * nq + h0 * D, nh, thr_[tid].p, simd);
       }
-    });
+    }, 16);
     if (prof) t_att += now_s() - ta;
     lin(L.o, att, tmp, nullptr);
     // residual, then the MLP's norm

@@ -1,0 +1,269 @@
+"""jisu's decode and prefill speed on the default model (SmolLM2-135M-Instruct; the Q4_1 GGUF as
+shipped, plus Q4_0 / Q8_0 GGUFs found next to it, in --quant-dir, or given by --model), measured
+end to end, optionally against llama.cpp's llama-bench in the same run.
+
+  decode tok/s  = (256 - 16) / (wall time of 256 new tokens - wall time of 16 new tokens)
+                  (LLM.generate, greedy, EOS ignored, a short chat prompt)
+  prefill tok/s = 256 / wall time of a 256-token prompt + 1 new token
+
+One warm-up round, then --reps rounds; in each round jisu and llama-bench (-r 1) alternate, so a
+change in machine load hits both; medians are reported. Also printed per model: the bytes a
+decoded token reads (weights + KV cache at the mean context) x tok/s = achieved GB/s, and where a
+decoded token's time goes (native forward: linears / attention / rest; the Python wrapper; the
+generate loop around model.forward: sampling, bookkeeping).
+
+  python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--model FILE.gguf ...]
+      [--llama-bench PATH] [--make-quants]   # llama-quantize (next to llama-bench) writes Q4_0/Q8_0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHORT, LONG, PREFILL = 16, 256, 256
+CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+DEFAULT_QUANT_DIR = os.path.expanduser("~/.cache/jisu/bench-models")
+PEAK_GBS = 25.0  # rough DRAM bandwidth of the reference machine
+
+
+def load_avg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class TimedModel:
+    """Proxy recording the wall time of every model.forward call and the native step's time."""
+
+    def __init__(self, model):
+        self.inner = model
+        self.calls: list[tuple[float, float]] = []  # (forward call s, native s)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, *args, **kw):
+        native = getattr(self.inner, "stats", None)
+        before = native()["total_s"] if native else 0.0
+        t0 = time.perf_counter()
+        out = self.inner.forward(*args, **kw)
+        t1 = time.perf_counter()
+        after = native()["total_s"] if native else 0.0
+        self.calls.append((t1 - t0, after - before))
+        return out
+
+
+def bytes_per_token(model, ctx: float) -> int:
+    """Weight bytes a decode step streams (each matrix once, the LM head, one embedding row) plus
+    the KV cache read at context `ctx`."""
+    from jisu.kernels.packed import PackedWeight
+
+    cfg = model.cfg
+    w = model.w
+    seen, total = set(), 0
+    for name, t in w.items():
+        if name == "model.embed_tokens.weight" or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if isinstance(t, PackedWeight):
+            total += t.nbytes
+        elif t.dim() == 2:
+            total += t.numel() * t.element_size()
+    emb = w["model.embed_tokens.weight"]
+    total += (emb.nbytes if isinstance(emb, PackedWeight) else emb.numel() * 4) // cfg.vocab_size
+    total += int(2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * ctx)
+    return total
+
+
+def run_llama_bench(path: str, model: str, threads: int) -> dict:
+    cmd = [path, "-m", model, "-t", str(threads), "-p", str(PREFILL), "-n", "128", "-r", "1", "-o", "json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if res.returncode:
+        raise RuntimeError(f"llama-bench failed: {res.stderr[-2000:]}")
+    out = {}
+    for row in json.loads(res.stdout):
+        key = "prefill" if row["n_prompt"] and not row["n_gen"] else "decode"
+        out[key] = float(row["avg_ts"])
+    return out
+
+
+def make_quants(llama_bench: str, src: str, out_dir: str) -> list[str]:
+    quantize = os.path.join(os.path.dirname(llama_bench), "llama-quantize")
+    if not os.path.isfile(quantize):
+        print(f"no llama-quantize next to {llama_bench}; skipping --make-quants", file=sys.stderr)
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    made = []
+    stem = Path(src).name.split(".Q")[0]
+    for q in ("Q4_0", "Q8_0"):
+        dst = os.path.join(out_dir, f"{stem}.{q}.gguf")
+        if not os.path.isfile(dst):
+            subprocess.run([quantize, "--allow-requantize", src, dst, q], check=True, capture_output=True)
+        made.append(dst)
+    return made
+
+
+def find_models(args) -> list[str]:
+    from jisu.io.sources import resolve
+
+    if args.model:
+        return args.model
+    shipped = resolve(None).path
+    models = [shipped]
+    stem = Path(shipped).name.split(".Q")[0]
+    for folder in (os.path.dirname(shipped), args.quant_dir):
+        for q in ("Q4_0", "Q8_0"):
+            p = os.path.join(folder, f"{stem}.{q}.gguf")
+            if os.path.isfile(p) and p not in models:
+                models.append(p)
+    return models
+
+
+def bench_model(path: str, args) -> dict:
+    import psutil
+
+    import jisu
+    from jisu.kernels.native_model import NativeLlama
+
+    rss0 = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    llm = jisu.load(path, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    rss = psutil.Process().memory_info().rss - rss0
+    native = isinstance(llm.model, NativeLlama)
+    ids = llm.tokenizer.encode_chat(CHAT)
+    g = torch.Generator().manual_seed(0)
+    long_prompt = torch.randint(100, llm.config.vocab_size, (PREFILL,), generator=g).tolist()
+
+    def gen(prompt, n):
+        return llm.generate(prompt, temperature=0, max_tokens=n, ignore_eos=True)
+
+    def jisu_round() -> tuple[float, float]:
+        t_short = timed(lambda: gen(ids, SHORT))
+        t_long = timed(lambda: gen(ids, LONG))
+        t_pre = timed(lambda: gen(long_prompt, 1))
+        return (LONG - SHORT) / (t_long - t_short), PREFILL / t_pre
+
+    jisu_round()  # warm-up
+    if args.llama_bench:
+        run_llama_bench(args.llama_bench, path, args.threads)
+    dec, pre, lc_dec, lc_pre = [], [], [], []
+    for _ in range(args.reps):
+        d, p = jisu_round()
+        dec.append(d)
+        pre.append(p)
+        if args.llama_bench:
+            r = run_llama_bench(args.llama_bench, path, args.threads)
+            lc_dec.append(r["decode"])
+            lc_pre.append(r["prefill"])
+    # where a decoded token's time goes (one profiled run of LONG tokens)
+    proxy = TimedModel(llm.model)
+    if native:
+        llm.model.profile(True)
+        llm.model.handle.reset_stats()
+    llm.model = proxy
+    t_all = timed(lambda: gen(ids, LONG))
+    llm.model = proxy.inner
+    steps = proxy.calls[1:]  # the decode steps (the first call is the prompt)
+    n = len(steps)
+    fwd = sum(c[0] for c in steps) / n
+    nat = sum(c[1] for c in steps) / n
+    prefill_call = proxy.calls[0][0]
+    per_tok = (t_all - prefill_call) / n
+    breakdown = {"wall_ms": per_tok * 1e3, "forward_call_ms": fwd * 1e3, "native_ms": nat * 1e3,
+                 "wrapper_ms": (fwd - nat) * 1e3, "loop_ms": (per_tok - fwd) * 1e3}
+    if native:
+        st = llm.model.stats()
+        steps_all = max(1, st["steps"])
+        breakdown.update({f"native_{k[:-2]}_share": st[k] / st["total_s"] for k in ("linear_s", "attention_s", "other_s")})
+        llm.model.profile(False)
+        del steps_all
+    ctx = len(ids) + (SHORT + LONG) / 2
+    bpt = bytes_per_token(llm.model, ctx)
+    res = {"model": path, "file_mb": os.path.getsize(path) / 1e6, "native": native, "load_s": load_s,
+           "rss_mb": rss / 1e6, "decode_tok_s": statistics.median(dec), "prefill_tok_s": statistics.median(pre),
+           "decode_runs": dec, "prefill_runs": pre, "bytes_per_token": bpt,
+           "decode_gb_s": bpt * statistics.median(dec) / 1e9, "breakdown": breakdown}
+    if args.llama_bench:
+        res.update({"llama_cpp_decode_tok_s": statistics.median(lc_dec), "llama_cpp_prefill_tok_s": statistics.median(lc_pre),
+                    "llama_cpp_decode_runs": lc_dec, "llama_cpp_prefill_runs": lc_pre,
+                    "decode_ratio": statistics.median(dec) / statistics.median(lc_dec),
+                    "prefill_ratio": statistics.median(pre) / statistics.median(lc_pre)})
+    del llm
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", help="GGUF file (repeatable); default: the shipped Q4_1 and "
+                                                     "Q4_0/Q8_0 siblings")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--llama-bench", help="path of llama.cpp's llama-bench: run it on the same files")
+    ap.add_argument("--make-quants", action="store_true", help="write Q4_0 / Q8_0 copies of the shipped Q4_1 "
+                                                              "with llama-quantize (into --quant-dir)")
+    ap.add_argument("--quant-dir", default=DEFAULT_QUANT_DIR)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.make_quants:
+        if not args.llama_bench:
+            ap.error("--make-quants needs --llama-bench (llama-quantize is looked up next to it)")
+        from jisu.io.sources import resolve
+
+        make_quants(args.llama_bench, resolve(None).path, args.quant_dir)
+    load0 = load_avg()
+    results = [bench_model(m, args) for m in find_models(args)]
+    load1 = load_avg()
+
+    print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, medians of {args.reps}; "
+          f"load average {load0:.1f} -> {load1:.1f}")
+    lc = bool(args.llama_bench)
+    head = "| model | MB | decode tok/s |" + (" llama.cpp tg128 | ratio |" if lc else "") + \
+           " prefill tok/s (256) |" + (" llama.cpp pp256 | ratio |" if lc else "") + " MB/token | GB/s |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in results:
+        row = f"| {Path(r['model']).name} | {r['file_mb']:.0f} | {r['decode_tok_s']:.1f} |"
+        if lc:
+            row += f" {r['llama_cpp_decode_tok_s']:.1f} | {r['decode_ratio']:.2f} |"
+        row += f" {r['prefill_tok_s']:.1f} |"
+        if lc:
+            row += f" {r['llama_cpp_prefill_tok_s']:.1f} | {r['prefill_ratio']:.2f} |"
+        row += f" {r['bytes_per_token'] / 1e6:.1f} | {r['decode_gb_s']:.1f} (of ~{PEAK_GBS:.0f}) |"
+        print(row)
+    print("\nper decoded token (ms): wall = native forward + Python wrapper + generate loop")
+    for r in results:
+        b = r["breakdown"]
+        extra = ""
+        if "native_linear_share" in b:
+            extra = (f"  [native: linear {100 * b['native_linear_share']:.0f}%, attention "
+                     f"{100 * b['native_attention_share']:.0f}%, other {100 * b['native_other_share']:.0f}%]")
+        print(f"  {Path(r['model']).name}: {b['wall_ms']:.2f} = {b['native_ms']:.2f} + {b['wrapper_ms']:.2f} + "
+              f"{b['loop_ms']:.2f}{extra}; load {r['load_s']:.1f} s, +{r['rss_mb']:.0f} MB RSS")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"threads": args.threads, "reps": args.reps, "load_avg": [load0, load1],
+                   "torch": torch.__version__, "results": results}, f, indent=2)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

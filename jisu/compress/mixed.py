@@ -1,0 +1,98 @@
+"""Mixed precision: bits per linear from {2, 3, 4, 8} under a bits-per-weight budget.
+
+Sensitivity of linear l at b bits: the expected loss increase per token, to second order with a
+diagonal (empirical) Fisher on the linear's outputs,
+    S_l(b) = 1/4 sum_j F_j diag((W - Q_b(W)) H (W - Q_b(W))^T)_j,
+F_j = mean over calibration tokens of (d NLL / d y_j)^2 (one backward pass of the full-precision
+model), H = 2/n X^T X of the linear's inputs (a layer-by-layer forward pass), Q_b the recipe's
+quantizer (GPTQ or RTN) at b bits. Allocation: start every linear at 2 bits, then repeatedly take
+the upgrade (to any larger width) with the largest sensitivity drop per extra bit that still fits
+the budget (greedy on the error/size trade-off; near-optimal for these convex-ish curves).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import JisuError
+
+
+@dataclass
+class Item:
+    name: str
+    numel: int
+    cost: dict      # bits -> stored bits of the whole matrix
+    sens: dict      # bits -> sensitivity
+
+
+def allocate(items: list[Item], budget_bits: float) -> dict[str, int]:
+    """name -> chosen width, with sum(cost) <= budget_bits."""
+    choice = {it.name: min(it.cost, key=lambda b: it.cost[b]) for it in items}
+    used = sum(it.cost[choice[it.name]] for it in items)
+    if used > budget_bits + 1e-6:
+        raise JisuError(f"mixed: budget of {budget_bits / sum(i.numel for i in items):.3f} bits/weight is below the "
+                        f"smallest choice ({used / sum(i.numel for i in items):.3f} bits/weight)")
+    left = budget_bits - used
+    while True:
+        best = None
+        for it in items:
+            b0 = choice[it.name]
+            for b, c in it.cost.items():
+                extra = c - it.cost[b0]
+                if extra <= 0 or extra > left + 1e-6:
+                    continue
+                gain = it.sens[b0] - it.sens[b]
+                if gain <= 0:
+                    continue
+                ratio = gain / extra
+                if best is None or ratio > best[0]:
+                    best = (ratio, it, b, extra)
+        if best is None:
+            break
+        _, it, b, extra = best
+        choice[it.name] = b
+        left -= extra
+    return choice
+
+
+def sensitivity(F: torch.Tensor, row_err: torch.Tensor) -> float:
+    """1/4 sum_j F_j err_j (F, err: [N])."""
+    return float((F.double() * row_err.double()).sum() / 4.0)
+
+
+def fisher(runner, ids: torch.Tensor, names: list[str], batch: int = 1, progress: bool = False) -> dict:
+    """Mean squared gradient of the summed next-token NLL w.r.t. each named linear's output,
+    per output channel: name -> [N] (float64)."""
+    from tqdm import tqdm
+
+    sums = {n: None for n in names}
+    count = 0
+    wanted = set(names)
+
+    def hook(name, y):
+        if name not in wanted:
+            return
+
+        def grad_hook(g):
+            s = (g.detach().double() ** 2).reshape(-1, g.shape[-1]).sum(0)
+            sums[name] = s if sums[name] is None else sums[name] + s
+        y.register_hook(grad_hook)
+
+    runner.hooks = hook
+    try:
+        for b0 in tqdm(range(0, ids.shape[0], batch), desc="mixed: fisher", unit="batch", disable=not progress,
+                       leave=False):
+            tok = ids[b0:b0 + batch]
+            with torch.enable_grad():
+                x = runner.embed(tok).detach().requires_grad_(True)
+                for i in range(runner.cfg.num_layers):
+                    x = runner.layer(i, x)
+                logits = runner.head(runner.final_hidden(x))[:, :-1]
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                         tok[:, 1:].reshape(-1), reduction="sum")
+                loss.backward()
+            count += tok[:, 1:].numel()
+    finally:
+        runner.hooks = None
+    return {n: (s / count if s is not None else None) for n, s in sums.items()}

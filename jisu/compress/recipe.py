@@ -1,0 +1,263 @@
+"""Compression recipes: short strings parsed into small frozen dataclasses.
+
+Grammar (whitespace is ignored, case-insensitive):
+
+    RECIPE  := STEP ("," STEP)* OPTION*
+    OPTION  := "+embed" ["=" FORMAT] | "+head" ["=" FORMAT]
+    STEP    := "rtn:" FORMAT                      round to nearest
+             | "gptq:" FORMAT (":" GPTQOPT)*      GPTQ error compensation (calibration data)
+             | "awq:" FORMAT                      activation-aware scaling, then RTN (calibration data)
+             | "nf4:g" G                          = rtn:nf4gG
+             | "kmeans" [":g" G]                  = rtn:kmeans[gG]
+             | "mixed:bpw=" X (":" MIXOPT)*       per-layer bits from {2,3,4,8} within X bits/weight
+    FORMAT  := "w8"                 int8, one float32 scale per output channel
+             | "w8g" G              int8, one float16 scale per group of G (G=32: GGUF Q8_0)
+             | "w" B "g" G ["a"]    B in {2,3,4}: symmetric x=(q-2^(B-1))*s (B=4,G=32: GGUF Q4_0);
+                                    trailing "a": asymmetric x=q*s+min (B=4,G=32: GGUF Q4_1)
+             | "nf4g" G             NF4 table, float16 absmax scale per group
+             | "kmeans" ["g" G]     16-entry k-means table per row (+ float16 absmax scale per group)
+    G       := 32 | 64 | 128
+    GPTQOPT := "noact" (no act-order) | "damp=" F (dampening, fraction of mean diag(H); default 0.01)
+    MIXOPT  := "g" G (group of the 2/3/4-bit choices, default 32) | "rtn" | "gptq" (default gptq)
+
+Only one quantization step is allowed per recipe; the comma is reserved for later steps (e.g.
+pruning: "gptq:w4g32,prune:2:4"), which are rejected as unknown for now. "+embed" / "+head" also
+quantize the token embedding / LM head (default: kept as in the source); without "=FORMAT" they
+take the step's format (w8 for mixed). The embedding is stored quantized and dequantized to
+float32 when loaded (a row lookup, not a matmul); the head runs as a packed weight.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import JisuError
+
+GROUPS = (32, 64, 128)
+MIXED_BITS = (2, 3, 4, 8)
+METHODS = ("rtn", "gptq", "awq", "nf4", "kmeans", "mixed")
+VALID_FORMS = ("rtn:w8 | rtn:w8g32 | rtn:wBgG[a] (B=2,3,4; G=32,64,128; a=asymmetric) | gptq:FORMAT[:noact][:damp=F] "
+               "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn] "
+               "| options +embed[=FORMAT] +head[=FORMAT]")
+
+
+class RecipeError(JisuError):
+    """A recipe string that does not parse; the message lists the valid forms."""
+
+
+def _fail(text: str, problem: str) -> RecipeError:
+    return RecipeError(f"recipe {text!r}: {problem}; valid forms: {VALID_FORMS}")
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """A logical weight format (jisu.kernels.formats): kind "int" (bits 2/3/4/8), "nf4" or "kmeans"."""
+    kind: str
+    bits: int
+    group_size: Optional[int]       # None: int8 per output channel / k-means without group scale
+    sym: bool = True
+
+    @property
+    def name(self) -> str:
+        g = f"g{self.group_size}" if self.group_size else ""
+        if self.kind == "int":
+            return f"w{self.bits}{g}{'' if self.sym else 'a'}"
+        return f"{self.kind}{g}"
+
+    def bits_per_weight(self, K: int) -> float:
+        """Stored bits per weight of an [N, K] matrix in a jisu artifact (codes + scales + tables)."""
+        g = self.group_size
+        if self.kind == "int":
+            if g is None:                      # int8 per channel: float32 scale per row
+                return self.bits + 32.0 / K
+            return self.bits + 16.0 * (1 if self.sym else 2) / g
+        if self.kind == "nf4":                 # fixed table (not stored), float16 group scale
+            return 4.0 + 16.0 / g
+        # k-means: 16 float16 entries per row, optional float16 group scale
+        return 4.0 + 16.0 * 16 / K + (16.0 / g if g else 0.0)
+
+    def check_k(self, K: int) -> bool:
+        return self.group_size is None or K % self.group_size == 0
+
+
+@dataclass(frozen=True)
+class QuantStep:
+    method: str                          # "rtn" | "gptq" | "awq" | "mixed"
+    fmt: Optional[FormatSpec] = None     # None for mixed
+    act_order: bool = True               # gptq
+    damp: float = 0.01                   # gptq
+    bpw: Optional[float] = None          # mixed: bits-per-weight budget over the quantized linears
+    group_size: int = 32                 # mixed: group of the 2/3/4-bit choices
+    base: str = "gptq"                   # mixed: "gptq" | "rtn"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("gptq", "awq", "mixed")
+
+    def mixed_choices(self) -> dict[int, FormatSpec]:
+        """bits -> format for mixed precision: symmetric wBgG for 2/3/4, int8 per channel for 8."""
+        return {b: (FormatSpec("int", 8, None) if b == 8 else FormatSpec("int", b, self.group_size))
+                for b in MIXED_BITS}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    text: str
+    steps: tuple = field(default_factory=tuple)
+    embed: Optional[FormatSpec] = None
+    head: Optional[FormatSpec] = None
+
+    @property
+    def quant(self) -> QuantStep:
+        return self.steps[0]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(s.needs_calibration for s in self.steps)
+
+    def to_dict(self) -> dict:
+        q = self.quant
+        d = {"text": self.text, "method": q.method}
+        if q.fmt is not None:
+            d["format"] = q.fmt.name
+        if q.method == "gptq":
+            d |= {"act_order": q.act_order, "damp": q.damp}
+        if q.method == "mixed":
+            d |= {"bpw": q.bpw, "group_size": q.group_size, "base": q.base, "bits": list(MIXED_BITS)}
+        d["embed"] = self.embed.name if self.embed else None
+        d["head"] = self.head.name if self.head else None
+        return d
+
+
+_INT = re.compile(r"^w([2348])(?:g(\d+))?(a?)$")
+_NF4 = re.compile(r"^nf4g(\d+)$")
+_KMEANS = re.compile(r"^kmeans(?:g(\d+))?$")
+
+
+def parse_format(s: str, text: str) -> FormatSpec:
+    """FORMAT -> FormatSpec; `text` (the whole recipe) is only used in error messages."""
+    m = _INT.match(s)
+    if m:
+        bits, g, a = int(m.group(1)), m.group(2), m.group(3)
+        if bits == 8:
+            if a:
+                raise _fail(text, f"format {s!r}: int8 is symmetric only")
+            return FormatSpec("int", 8, _group(g, text, s) if g else None)
+        if g is None:
+            raise _fail(text, f"format {s!r}: {bits}-bit formats need a group size (e.g. w{bits}g32)")
+        return FormatSpec("int", bits, _group(g, text, s), sym=not a)
+    m = _NF4.match(s)
+    if m:
+        return FormatSpec("nf4", 4, _group(m.group(1), text, s))
+    m = _KMEANS.match(s)
+    if m:
+        return FormatSpec("kmeans", 4, _group(m.group(1), text, s) if m.group(1) else None)
+    raise _fail(text, f"unknown format {s!r}")
+
+
+def _group(g: str, text: str, s: str) -> int:
+    if int(g) not in GROUPS:
+        raise _fail(text, f"format {s!r}: group size must be one of {', '.join(map(str, GROUPS))}")
+    return int(g)
+
+
+def _parse_step(s: str, text: str) -> QuantStep:
+    method, _, rest = s.partition(":")
+    fields = [f for f in rest.split(":")] if rest else []
+    if any(not f for f in fields):
+        raise _fail(text, f"step {s!r} has an empty field")
+    if method in ("rtn", "awq"):
+        if len(fields) != 1:
+            raise _fail(text, f"step {s!r}: {method} takes exactly one FORMAT")
+        fmt = parse_format(fields[0], text)
+        if method == "awq" and fmt.kind != "int":
+            raise _fail(text, f"step {s!r}: awq supports integer formats (wBgG[a], w8)")
+        return QuantStep(method, fmt)
+    if method == "gptq":
+        if not fields:
+            raise _fail(text, f"step {s!r}: gptq needs a FORMAT")
+        fmt = parse_format(fields[0], text)
+        act, damp = True, 0.01
+        for opt in fields[1:]:
+            if opt == "noact":
+                act = False
+            elif opt.startswith("damp="):
+                damp = _number(opt[5:], text, "damp")
+                if not 0 < damp < 1:
+                    raise _fail(text, f"damp={opt[5:]} must be in (0, 1)")
+            else:
+                raise _fail(text, f"unknown gptq option {opt!r}")
+        return QuantStep("gptq", fmt, act_order=act, damp=damp)
+    if method == "nf4":
+        if len(fields) != 1 or not re.fullmatch(r"g\d+", fields[0]):
+            raise _fail(text, f"step {s!r}: nf4 takes a group size (nf4:g64)")
+        return QuantStep("rtn", parse_format("nf4" + fields[0], text))
+    if method == "kmeans":
+        if len(fields) > 1 or (fields and not re.fullmatch(r"g\d+", fields[0])):
+            raise _fail(text, f"step {s!r}: kmeans takes an optional group size (kmeans:g64)")
+        return QuantStep("rtn", parse_format("kmeans" + (fields[0] if fields else ""), text))
+    if method == "mixed":
+        bpw, group, base = None, 32, "gptq"
+        for opt in fields:
+            if opt.startswith("bpw="):
+                bpw = _number(opt[4:], text, "bpw")
+            elif re.fullmatch(r"g\d+", opt):
+                group = _group(opt[1:], text, opt)
+            elif opt in ("rtn", "gptq"):
+                base = opt
+            else:
+                raise _fail(text, f"unknown mixed option {opt!r}")
+        if bpw is None:
+            raise _fail(text, "mixed needs a budget (mixed:bpw=4.0)")
+        if not 2 <= bpw <= 9:
+            raise _fail(text, f"bpw={bpw} is outside 2..9 bits per weight")
+        return QuantStep("mixed", None, bpw=bpw, group_size=group, base=base)
+    known = ", ".join(METHODS)
+    raise _fail(text, f"unknown step {method!r} (known steps: {known})")
+
+
+def _number(s: str, text: str, what: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise _fail(text, f"{what}={s!r} is not a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise _fail(text, f"{what}={s!r} is not a finite number")
+    return v
+
+
+def parse_recipe(text) -> Recipe:
+    """Parse a recipe string; any problem is one RecipeError line listing the valid forms."""
+    if isinstance(text, Recipe):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise _fail(str(text), "empty recipe")
+    s = "".join(text.split()).lower()
+    steps, embed, head = [], None, None
+    for part in s.split(","):
+        if not part:
+            raise _fail(text, "empty step")
+        base, *opts = part.split("+")
+        if base:
+            steps.append(_parse_step(base, text))
+        elif not steps:
+            raise _fail(text, "an option comes before any step")
+        for opt in opts:
+            name, eq, value = opt.partition("=")
+            if name not in ("embed", "head"):
+                raise _fail(text, f"unknown option +{opt}")
+            fmt = parse_format(value, text) if eq else "default"
+            if name == "embed":
+                embed = fmt
+            else:
+                head = fmt
+    if not steps:
+        raise _fail(text, "no step")
+    if len(steps) > 1:
+        raise _fail(text, "only one quantization step per recipe")
+    q = steps[0]
+    default = q.fmt if q.fmt is not None else FormatSpec("int", 8, None)
+    embed = default if embed == "default" else embed
+    head = default if head == "default" else head
+    return Recipe(text, tuple(steps), embed, head)

@@ -1,0 +1,293 @@
+"""The compress command's orchestration and its safety rules.
+
+- every input problem (recipe, counts, calibration / evaluation text, model, OUT) fails with one
+  line before any quantization work;
+- OUT is never written in place: the artifact is built in `.OUT.tmp-<pid>` next to OUT, re-opened,
+  every sha256 checked, loaded and measured, and only then renamed to OUT;
+- an existing OUT, or an OUT that is (or contains) the input, is refused without `force`; with
+  `force` the old OUT is replaced only at that final rename;
+- `max_kld`: a result whose measured KLD is above it is discarded (nothing written);
+- any failure removes the temporary folder; the input is only ever read.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+
+import torch
+
+from ..errors import JisuError
+from . import CompressResult
+from .calib import calibration_ids, check_counts, heldout_ids, read_calibration, read_heldout, source_sha256
+from .pipeline import check_model, quantize_model
+from .recipe import parse_recipe
+
+LINEAR_SUFFIXES = tuple(f"{s}.weight" for s in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"))
+
+
+def temp_path(out: str) -> str:
+    parent, base = os.path.split(os.path.abspath(out))
+    return os.path.join(parent, f".{base}.tmp-{os.getpid()}")
+
+
+def check_output(out, source_path: str, force: bool) -> str:
+    """Absolute OUT after the refusal rules (exists / is or contains the input / no parent folder)."""
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise JisuError("compress: an output folder is required (-o OUT)")
+    out_abs = os.path.abspath(str(out))
+    parent = os.path.dirname(out_abs)
+    if not os.path.isdir(parent):
+        raise JisuError(f"{out}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise JisuError(f"{out}: cannot write in {parent}")
+    src = os.path.realpath(source_path)
+    real = os.path.realpath(out_abs)
+    if not force:
+        if real == src or src.startswith(real.rstrip(os.sep) + os.sep):
+            raise JisuError(f"{out}: is the input model{'' if real == src else ' or contains it'}; refusing to "
+                            f"write over it (use --force to replace it once the new artifact is verified)")
+        if os.path.lexists(out_abs):
+            raise JisuError(f"{out}: already exists; use --force to replace it")
+    return out_abs
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def commit(tmp: str, out: str, force: bool) -> None:
+    """Rename the finished artifact into place (the old OUT, with force, goes only now)."""
+    if os.path.lexists(out):
+        if not force:
+            raise JisuError(f"{out}: appeared while compressing; left as it is (use --force to replace it)")
+        parent, base = os.path.split(out)
+        old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        _remove(old)
+    else:
+        os.rename(tmp, out)
+
+
+def _source_formats(source, cfg, tensors: dict) -> None:
+    """Tensors the recipe leaves alone but the source holds quantized (a GGUF's Q8_0 embedding,
+    an artifact's quantized head) are stored in the source's own format, without loss; anything
+    without a known format is stored as float32."""
+    packed = [n for n, t in tensors.items() if not isinstance(t, torch.Tensor) and hasattr(t, "linear")]
+    if not packed:
+        return
+    found = {}
+    if source.kind == "gguf":
+        from ..io.gguf import GGUFFile, hf_name
+        from ..io.gguf_packed import gguf_format
+
+        g = GGUFFile(source.path)
+        for gname, t in g.tensors.items():
+            name = hf_name(gname, cfg.family)
+            if name in packed:
+                found[name] = gguf_format(t)
+    elif source.kind == "artifact":
+        from ..io.artifact import load_formats
+
+        formats, _ = load_formats(source.path)
+        found = {n: formats[n] for n in packed if n in formats and not isinstance(formats[n], torch.Tensor)}
+    for name in packed:
+        fmt = found.get(name)
+        if fmt is None or not _same_rows(fmt, tensors[name]):
+            fmt = tensors[name].dequantize()
+        tensors[name] = fmt
+
+
+def _same_rows(fmt, packed, rows: int = 256) -> bool:
+    """The format decodes to the packed weight's values (checked on a sample of rows)."""
+    from ..kernels.packed import pack
+
+    n = min(rows, fmt.shape[0])
+    idx = torch.linspace(0, fmt.shape[0] - 1, n).long()
+    try:
+        part = pack(_take_rows(fmt, idx))
+    except (TypeError, ValueError):
+        return False
+    return torch.equal(part.dequantize(), _packed_rows(packed, idx))
+
+
+def _take_rows(fmt, idx):
+    import copy
+
+    out = copy.copy(fmt)
+    for field in ("q", "idx", "scale", "min", "codebook"):
+        t = getattr(out, field, None)
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == fmt.shape[0]:
+            setattr(out, field, t[idx].contiguous())
+    return out
+
+
+def _packed_rows(packed, idx):
+    try:
+        from ..kernels.native_model import packed_rows
+
+        return packed_rows(packed, idx)
+    except ImportError:  # pragma: no cover
+        return packed.dequantize()[idx]
+
+
+def trim_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, inflating RSS)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def bits_summary(tensors: dict) -> tuple[dict, dict]:
+    total_b = total_n = lin_b = lin_n = 0
+    for name, e in tensors.items():
+        if "same_as" in e:
+            continue
+        n = math.prod(e["shape"])
+        total_b += e["bytes"]
+        total_n += n
+        if name.endswith(LINEAR_SUFFIXES):
+            lin_b += e["bytes"]
+            lin_n += n
+    bpw = {"total": total_b * 8 / total_n if total_n else 0.0, "linear": lin_b * 8 / lin_n if lin_n else 0.0}
+    params = {"total": total_n, "linear": lin_n, "weight_bytes": total_b, "linear_bytes": lin_b}
+    return bpw, params
+
+
+def peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None, force=False, eval_text=None,
+        eval_chunks=8, eval_ctx=256, evaluate=True, threads=None, progress=None) -> CompressResult:
+    from ..io import artifact
+    from ..io.sources import load_weights, resolve
+
+    t0 = time.perf_counter()
+    rec = parse_recipe(recipe)
+    check_counts(samples, seq_len)
+    if max_kld is not None:
+        if isinstance(max_kld, bool) or not isinstance(max_kld, (int, float)) or not math.isfinite(max_kld) \
+                or max_kld < 0:
+            raise JisuError(f"--max-kld must be a number >= 0 (got {max_kld!r})")
+        if not evaluate:
+            raise JisuError("--max-kld needs the quality measurement (evaluate=True)")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise JisuError(f"--threads must be >= 1 (got {threads})")
+        torch.set_num_threads(threads)
+    progress = sys.stderr.isatty() if progress is None else progress
+    calib_text = read_calibration(calib) if (calib is not None or rec.needs_calibration) else None
+    held = read_heldout(eval_text) if evaluate else None
+    source = resolve(model)
+    out_abs = check_output(out, source.path, force)
+
+    # packed: a GGUF's Q4_0/Q4_1/Q8_0 matrices (and an artifact's) stay as they are in the file and
+    # are decoded one layer at a time, so no float32 copy of the whole model is ever held
+    cfg, weights, tokenizer = load_weights(source, progress=progress, packed=True)
+    check_model(cfg, weights, rec)
+    calib_ids = None
+    if rec.needs_calibration:
+        if seq_len > cfg.max_position:
+            raise JisuError(f"--seq-len {seq_len} is longer than the model's context ({cfg.max_position})")
+        calib_ids = calibration_ids(tokenizer, calib_text, samples, seq_len)
+    eval_ids, notes = (heldout_ids(tokenizer, held, eval_chunks, min(eval_ctx, cfg.max_position))
+                       if evaluate else (None, []))
+    src_sha, src_files = source_sha256(source.path)
+    t_prep = time.perf_counter() - t0
+
+    tmp = temp_path(out_abs)
+    _remove(tmp)
+    os.mkdir(tmp)
+    ref = None
+    try:
+        t1 = time.perf_counter()
+        if evaluate:  # the source's log-probs now, while its weights are in memory anyway
+            from .measure import ReferenceLogprobs
+
+            ref = ReferenceLogprobs(cfg, weights, eval_ids, folder=os.path.dirname(out_abs), progress=progress)
+            trim_memory()
+        t_ref = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        qz = quantize_model(cfg, weights, rec, calib_ids, progress=progress)
+        t_quant = time.perf_counter() - t1
+        del weights
+        trim_memory()
+        _source_formats(source, cfg, qz.tensors)
+        base = {
+            "source": {"path": os.path.abspath(source.path), "kind": source.kind, "name": source.name,
+                       "sha256": src_sha, **({"files": src_files} if src_files else {})},
+            "recipe": rec.to_dict(),
+            "calibration": (None if calib_ids is None else
+                            {"text": calib_text.name, "text_sha256": calib_text.sha256, "samples": samples,
+                             "seq_len": seq_len, "tokens": int(calib_ids.numel())}),
+        }
+        t1 = time.perf_counter()
+        m = artifact.write_artifact(tmp, qz.cfg, qz.tensors, base, source_kind=source.kind, source_path=source.path,
+                                    same_as={"lm_head.weight": "model.embed_tokens.weight"} if qz.tied_head else None)
+        t_write = time.perf_counter() - t1
+        layers, info = qz.layers, qz.info
+        del qz
+        trim_memory()
+
+        # re-open: every sha256, then load it as `jisu.load` would and measure it against the source
+        t1 = time.perf_counter()
+        artifact.verify_artifact(tmp)
+        quality = _measure(ref, tmp, eval_ids, progress) if evaluate else _load_check(tmp)
+        t_measure = time.perf_counter() - t1 + t_ref
+        if quality is not None:
+            quality["text"] = held.name
+            quality["notes"] = notes
+        if max_kld is not None and quality["kld_mean"] > max_kld:
+            raise JisuError(f"{out}: measured KLD {quality['kld_mean']:.4f} is above --max-kld {max_kld}; "
+                            f"nothing written")
+        bpw, params = bits_summary(m["tensors"])
+        m.update({"bits_per_weight": bpw, "params": params, "quality": quality, "layers": layers,
+                  "quantize_info": info,
+                  "timings": {"prepare_s": t_prep, "quantize_s": t_quant, "write_s": t_write, "verify_measure_s": t_measure,
+                              "total_s": time.perf_counter() - t0},
+                  "peak_rss_bytes": peak_rss_bytes()})
+        artifact.write_json(os.path.join(tmp, artifact.MANIFEST), m)
+        artifact.verify_artifact(tmp)
+        commit(tmp, out_abs, force)
+    except BaseException:
+        _remove(tmp)
+        raise
+    finally:
+        if ref is not None:
+            ref.close()
+    return CompressResult(out_abs, m)
+
+
+def _load_check(folder: str):
+    from ..api import load
+
+    load(folder)
+    return None
+
+
+def _measure(ref, folder: str, eval_ids, progress) -> dict:
+    """Load the artifact as `jisu.load` does and compare it with the source's log-probs."""
+    from ..api import load
+    from .measure import compare
+
+    q = load(folder)
+    return compare(ref, q.model, eval_ids, progress=progress)

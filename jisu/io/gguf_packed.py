@@ -1,0 +1,115 @@
+"""GGUF tensors kept quantized: Q8_0 / Q4_0 / Q4_1 blocks convert losslessly into jisu's weight
+formats and are packed for the native kernels, so a quantized model's memory stays near its
+file size (no fp32 copy of the whole model is ever made).
+
+    Q8_0 {f16 d; i8 q[32]}          x = q * d         -> Int8Weight(q, d, group 32)
+    Q4_0 {f16 d; u8 qs[16]}         x = (q - 8) * d   -> Int4Weight(q, d, group 32)            (sym)
+    Q4_1 {f16 d; f16 m; u8 qs[16]}  x = q * d + m     -> Int4Weight(q, d, group 32, min=m)     (asym)
+
+In a 4-bit block, value j (0..15) is the low nibble of qs[j] and value j + 16 its high nibble.
+Every other tensor type is dequantized to fp32 as before (jisu.io.gguf)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+from .gguf import GGUFFile, GGUFTensor, _unpermute_qk, hf_name
+
+PACKABLE = frozenset({T.Q8_0, T.Q4_0, T.Q4_1})
+
+
+def _blocks(t: GGUFTensor) -> torch.Tensor:
+    """The tensor's raw blocks as uint8 [N, K / 32, type_size] (one copy out of the memmap)."""
+    N, K = t.shape
+    _, type_size = GGML_QUANT_SIZES[t.qtype]
+    raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+    if raw.size != N * (K // 32) * type_size:
+        raise ModelFormatError(f"{t.name}: {t.qtype.name} tensor of shape {t.shape} has {raw.size} bytes")
+    return torch.from_numpy(np.array(raw)).view(N, K // 32, type_size)
+
+
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
+    return b[:, :, at:at + 2].contiguous().view(torch.float16).squeeze(2).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[N, nb, 16] bytes -> [N, nb * 32] codes (low nibbles first within each block)."""
+    N, nb, _ = qs.shape
+    return torch.cat([qs & 15, qs >> 4], 2).reshape(N, nb * 32)
+
+
+def gguf_format(t: GGUFTensor):
+    """The lossless jisu format (formats.Int8Weight / Int4Weight) of a Q8_0 / Q4_0 / Q4_1 matrix."""
+    from ..kernels.formats import Int4Weight, Int8Weight
+
+    if t.qtype not in PACKABLE or len(t.shape) != 2:
+        raise ValueError(f"{t.name}: {t.qtype.name} {t.shape} is not a packable matrix")
+    b = _blocks(t)
+    N, K = t.shape
+    if t.qtype == T.Q8_0:
+        return Int8Weight(b[:, :, 2:].contiguous().view(torch.int8).reshape(N, K), _f16(b, 0), 32)
+    if t.qtype == T.Q4_0:
+        return Int4Weight(_nibbles(b[:, :, 2:]), _f16(b, 0), 32, None)
+    return Int4Weight(_nibbles(b[:, :, 4:]), _f16(b, 0), 32, _f16(b, 2))
+
+
+def _permute_rows(fmt, n_heads: int):
+    """llama.cpp's q/k row order -> HF's: a row gather on every per-row tensor of the format."""
+    fmt.q = _unpermute_qk(fmt.q, n_heads).contiguous()
+    fmt.scale = _unpermute_qk(fmt.scale, n_heads).contiguous()
+    if getattr(fmt, "min", None) is not None:
+        fmt.min = _unpermute_qk(fmt.min, n_heads).contiguous()
+    return fmt
+
+
+def qk_heads(cfg: ModelConfig, target: str) -> int | None:
+    """Heads of a q/k projection whose rows llama.cpp permuted (Llama / Mistral), else None."""
+    if cfg.arch not in ("llama", "mistral"):
+        return None
+    if target.endswith(("q_proj.weight", "q_proj.bias")):
+        return cfg.num_heads
+    if target.endswith(("k_proj.weight", "k_proj.bias")):
+        return cfg.num_kv_heads
+    return None
+
+
+def iter_gguf_weights_packed(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, object]]:
+    """Like jisu.io.gguf.iter_gguf_weights, but Q8_0 / Q4_0 / Q4_1 matrices come as packed
+    kernel weights (jisu.kernels.packed) instead of fp32 tensors."""
+    from ..kernels.packed import pack
+
+    for name, t in g.tensors.items():
+        target = hf_name(name, cfg.family)
+        if target is None:
+            continue
+        heads = qk_heads(cfg, target)
+        if t.qtype in PACKABLE and len(t.shape) == 2:
+            fmt = gguf_format(t)
+            if heads:
+                fmt = _permute_rows(fmt, heads)
+            yield target, pack(fmt)
+            continue
+        w = g.dequantize(name)
+        if heads:
+            w = _unpermute_qk(w, heads)
+        if cfg.family == "gemma" and target.endswith("norm.weight"):
+            w = w - 1.0  # as iter_gguf_weights: llama.cpp folds Gemma's (1 + w) into the weights
+        yield target, w
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand the conversion's freed temporaries back to the OS (glibc keeps ~40 MB otherwise)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

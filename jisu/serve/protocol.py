@@ -1,0 +1,167 @@
+"""OpenAI-compatible request bodies (pydantic) with their limits, and the OpenAI error shape.
+
+Ranges follow the OpenAI API where it has one; everything else is bounded so that no request can
+ask for unbounded work or memory. Violations become 400 errors naming the parameter."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+# --- limits ---------------------------------------------------------------------------------------
+MAX_N = 8                   # choices per prompt (n, best_of)
+MAX_LOGPROBS = 20           # completions `logprobs`, chat `top_logprobs`
+MAX_STOP = 16               # stop strings
+MAX_STOP_LEN = 256          # characters per stop string
+MAX_PROMPTS = 64            # prompts in one completions request
+MAX_MESSAGES = 1024
+MAX_STOP_TOKEN_IDS = 64
+MAX_BODY_BYTES = 1 << 20    # request body (checked by the server before parsing)
+MAX_HEADER_BYTES = 32 << 10
+
+Float = Annotated[float, Field(allow_inf_nan=False)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**64, strict=True)]
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+class APIError(Exception):
+    """An error the client gets as {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or error_type(status)
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_type(status: int) -> str:
+    return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            413: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
+            503: "service_unavailable"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Base(BaseModel):
+    # unknown fields are ignored (clients send vendor extras), known ones are checked strictly
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StreamOptions(_Base):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Base):
+    model: StrictStr | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] = 1
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
+    seed: Seed | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, Float] | None = None
+    user: StrictStr | None = None
+    # extensions (as in vLLM / llama.cpp)
+    top_k: Annotated[int, Field(ge=-1, le=1 << 20, strict=True)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] = 1.0
+    ignore_eos: StrictBool = False
+    stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if isinstance(v, list) and not v:
+            raise ValueError("stop must not be an empty list")
+        for s in stops:
+            if not s:
+                raise ValueError("stop strings must not be empty")
+            if len(s) > MAX_STOP_LEN:
+                raise ValueError(f"stop strings are limited to {MAX_STOP_LEN} characters")
+        return v
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    max_tokens: StrictInt | None = 16
+    echo: StrictBool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] | None = None
+    suffix: StrictStr | None = None
+
+
+class TextPart(_Base):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Base):
+    """vLLM's /tokenize (lm-eval-harness uses it as its `remote` tokenizer)."""
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(_Base):
+    model: StrictStr | None = None
+    tokens: Annotated[list[StrictInt], Field(max_length=1 << 20)]
+
+
+# --- responses ------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,131 @@
+"""The quantizers as pure functions: RTN error bounds per format, GPTQ and AWQ below RTN on layers
+whose inputs have structure (correlated channels, outlier channels), bit packing round trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jisu.compress import awq, codebook, gptq, rtn
+from jisu.compress.recipe import parse_recipe
+from jisu.io.artifact import encode, pack_bits, unpack_bits
+from jisu.kernels.formats import NF4_TABLE
+
+
+def spec(name):
+    return parse_recipe("rtn:" + name).quant.fmt
+
+
+def layer(seed=0, N=96, K=256, n=2048, outliers=0):
+    """A weight and calibration inputs with correlated channels (and optional outlier channels)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(K, K, generator=g) / K ** 0.5
+    X = torch.randn(n, K, generator=g) @ mix + 0.2 * torch.randn(n, K, generator=g)
+    if outliers:
+        X[:, torch.randperm(K, generator=g)[:outliers]] *= 30.0
+    W = torch.randn(N, K, generator=g) * 0.05
+    return W, X
+
+
+def out_err(X, W, W_hat):
+    return float(((X @ W.T - X @ W_hat.T) ** 2).sum())
+
+
+@pytest.mark.parametrize("name", ["w4g32", "w4g32a", "w3g32", "w3g64a", "w2g64", "w2g32a"])
+def test_rtn_error_at_most_half_a_step(name):
+    W, _ = layer()
+    W[0, :128] = 0.0  # all-zero groups
+    f = rtn.quantize(W, spec(name))
+    err = (W - f.dequantize()).abs()
+    s = f.scale.abs().repeat_interleave(f.group_size, 1)
+    if f.asym:  # min/max cover the group: half a step everywhere (float16 rounding of min/scale aside)
+        assert (err <= s / 2 * (1 + 1e-3) + 1e-6).all()
+    else:       # Q4_0 convention: codes -2^(b-1) .. 2^(b-1)-1, the top code clamps values of the far sign
+        top = (f.q.long() == (1 << f.bits) - 1)
+        assert (err[~top] <= s[~top] / 2 * (1 + 1e-3) + 1e-6).all()
+        assert (err <= s * (1 + 1e-3) + 1e-6).all()
+    assert err[0, :128].max() == 0
+
+
+@pytest.mark.parametrize("name", ["w8", "w8g32"])
+def test_int8_error_at_most_half_a_step(name):
+    W, _ = layer()
+    f = rtn.quantize(W, spec(name))
+    s = f.scale[:, None] if f.group_size is None else f.scale.repeat_interleave(f.group_size, 1)
+    assert ((W - f.dequantize()).abs() <= s / 2 * (1 + 1e-3) + 1e-7).all()
+
+
+def test_codebook_error_at_most_half_the_widest_gap():
+    W, _ = layer()
+    f = rtn.quantize(W, spec("nf4g64"))
+    s = f.scale.repeat_interleave(64, 1)
+    half_gap = (NF4_TABLE[1:] - NF4_TABLE[:-1]).max() / 2
+    assert ((W - f.dequantize()).abs() <= s * half_gap * (1 + 1e-4) + 1e-7).all()
+    f = rtn.quantize(W, spec("kmeansg64"))
+    x = W / f.scale.repeat_interleave(64, 1)
+    cb = f.codebook.sort(dim=1).values
+    bound = torch.maximum(((cb[:, 1:] - cb[:, :-1]) / 2).amax(1), torch.maximum(cb[:, 0] - x.amin(1), x.amax(1) - cb[:, -1]))
+    assert ((x - f.dequantize() / f.scale.repeat_interleave(64, 1)).abs() <= bound[:, None] + 1e-5).all()
+
+
+@pytest.mark.parametrize("name", ["w4g32", "w3g32", "w2g64", "w4g32a", "w3g64a", "w2g32a"])
+def test_gptq_below_rtn(name):
+    W, X = layer(seed=1)
+    H = gptq.hessian_from(X)
+    e_rtn = out_err(X, W, rtn.quantize(W, spec(name)).dequantize())
+    for act_order in (False, True):
+        f, losses = gptq.gptq_quantize(W, H, spec(name), act_order=act_order)
+        e = out_err(X, W, f.dequantize())
+        assert e < 0.8 * e_rtn, (act_order, e, e_rtn)
+        assert type(f) is type(rtn.quantize(W, spec(name)))
+
+
+@pytest.mark.parametrize("name", ["w8", "nf4g64", "kmeansg64"])
+def test_gptq_below_rtn_other_formats(name):
+    W, X = layer(seed=2)
+    H = gptq.hessian_from(X)
+    e_rtn = out_err(X, W, rtn.quantize(W, spec(name)).dequantize())
+    f, _ = gptq.gptq_quantize(W, H, spec(name))
+    assert out_err(X, W, f.dequantize()) < e_rtn
+
+
+def test_gptq_layer_error_matches_activations():
+    W, X = layer(seed=3, n=512)
+    f, _ = gptq.gptq_quantize(W, gptq.hessian_from(X), spec("w4g32"))
+    direct = out_err(X, W, f.dequantize())
+    via_h = float(gptq.layer_error(W, f.dequantize(), gptq.hessian_from(X)).sum()) * X.shape[0] / 2
+    assert via_h == pytest.approx(direct, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["w4g64", "w3g32", "w4g32a"])
+def test_awq_below_rtn_with_outlier_channels(name):
+    W, X = layer(seed=4, outliers=6)
+    H = gptq.hessian_from(X)
+    stat, n = awq.act_scale_stat(X)
+    s, alpha, errors = awq.search_scale([W], H, stat / n, spec(name))
+    q = rtn.quantize(W * s[None, :], spec(name)).dequantize() / s[None, :]   # what the folded model computes
+    e_awq, e_rtn = out_err(X, W, q), out_err(X, W, rtn.quantize(W, spec(name)).dequantize())
+    assert alpha > 0 and e_awq < 0.9 * e_rtn
+    assert errors[0.0] == max(errors[0.0], errors[alpha])
+
+
+def test_awq_fold_is_exact_before_quantization():
+    """x/s through W diag(s) equals x through W: the identity AWQ's folding relies on."""
+    W, X = layer(seed=5, n=64, outliers=3)
+    s = awq.candidate_scales(X.abs().mean(0), 0.5)
+    torch.testing.assert_close((X / s) @ (W * s).T, X @ W.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_bits_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (5, 96), generator=g, dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (5, 96 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, 96), codes)
+
+
+@pytest.mark.parametrize("name", ["w4g32", "w4g32a", "w3g32", "w2g64", "w8", "w8g32", "nf4g64", "kmeansg64", "kmeans"])
+def test_stored_bits_per_weight_match_the_formula(name):
+    W = torch.randn(48, 128)
+    _, entry = encode("w", rtn.quantize(W, spec(name)))
+    assert entry["bits_per_weight"] == pytest.approx(spec(name).bits_per_weight(128))

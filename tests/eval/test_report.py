@@ -1,0 +1,79 @@
+"""The report card: JSON/Markdown, writing into an artifact's manifest.json, the manifest's source as
+the default reference, and the quality-vs-speed plot."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from jisu.eval import report, runner
+from jisu.eval.bench import plot_points
+
+
+def make_artifact(folder, tiny_hf, source_path) -> str:
+    """An artifact-like folder: loadable model files plus a manifest naming the source model."""
+    shutil.copytree(tiny_hf, folder)
+    (folder / "manifest.json").write_text(json.dumps({"format": "test", "source": {"path": source_path}}))
+    return str(folder)
+
+
+def test_card_json_and_markdown():
+    card = report.ReportCard(model="m", quality={"perplexity": 12.5, "tokens_scored": 10, "text": "t",
+                                                  "kld": {"mean": 0.01, "median": 0.005, "p99": 0.1, "max": 0.3},
+                                                  "reference": "r", "delta_perplexity": 0.2, "top1_agreement": 0.9},
+                             size={"file_bytes": 1000, "weight_bytes_per_token": 500})
+    d = json.loads(card.to_json())
+    assert set(d) == {"model", "quality", "speed", "size", "updated"}
+    assert report.ReportCard.from_dict(d) == card
+    md = card.to_markdown()
+    assert "| perplexity | 12.5000" in md and "top-1 agreement | 90.00 %" in md and "file size" in md
+
+
+def test_write_into_manifest_keeps_other_keys(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "q4", "source": {"path": "x.gguf"}}))
+    card = report.ReportCard(model="a", size={"file_bytes": 1, "weight_bytes_per_token": 1})
+    report.write_report_card(str(tmp_path), card)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["format"] == "q4" and manifest["report_card"]["size"]["file_bytes"] == 1
+    report.update_artifact_card(str(tmp_path), quality={"perplexity": 3.0})
+    card2 = report.read_report_card(str(tmp_path))
+    assert card2.quality == {"perplexity": 3.0} and card2.size == card.size
+    assert report.update_artifact_card(str(tmp_path / "nope")) is None
+    with pytest.raises(report.JisuError, match="no manifest.json"):
+        report.write_report_card(str(tmp_path / "nope"), card)
+
+
+def test_manifest_source_is_default_reference(tmp_path, tiny_hf, tiny_gguf, capsys):
+    from jisu import cli
+
+    art = make_artifact(tmp_path / "artifact", tiny_hf, tiny_gguf)
+    assert runner.manifest_source(art) == tiny_gguf
+    assert runner.manifest_source(tiny_hf) is None
+    rc = cli.main(["eval", art, "--chunks", "2", "--ctx", "32", "--no-cache"])
+    assert rc == 0
+    card = json.loads((tmp_path / "artifact" / "manifest.json").read_text())["report_card"]
+    assert card["quality"]["reference_path"] == tiny_gguf and card["quality"]["kld"]["max"] < 1e-6
+    assert "report card written" in capsys.readouterr().err
+
+
+def test_plot_is_a_png(tmp_path):
+    path = tmp_path / "plot.png"
+    report.plot_quality_speed([{"label": "a", "x": 10.0, "y": 0.1}, {"label": "b", "x": 30.0, "y": 0.3}],
+                              str(path), ylabel="KLD")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(path)).shape[2] in (3, 4)
+
+
+def test_plot_points_prefer_kld_when_given():
+    def bench(quality=None):
+        engine = {"decode_tok_s": 5.0, "perplexity": 20.0, "weight_format": "float32"}
+        return {"model": "m", "quality": quality, "engines": {"jisu": engine, "llama.cpp": dict(engine),
+                                                              "transformers": {"skipped": "x"}}}
+    points, ylabel, left = plot_points([bench()])
+    assert len(points) == 2 and "perplexity" in ylabel and not left
+    points, ylabel, left = plot_points([bench({"kld": {"mean": 0.02}})])
+    assert [p["y"] for p in points] == [0.02] and "KL" in ylabel and len(left) == 1
