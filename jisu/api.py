@@ -24,6 +24,7 @@ class Completion:
     finish_reason: str                  # "stop" (EOS or stop string) | "length"
     prefill_s: float = 0.0              # seconds to process the prompt
     decode_s: float = 0.0               # seconds from the first generated token to the last
+    decode_steps: int = 0               # forward passes after the prefill (an EOS token costs one too)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -31,8 +32,7 @@ class Completion:
 
     @property
     def decode_tok_s(self) -> float:
-        # the first token comes out of the prefill; the rest are decode steps
-        steps = len(self.token_ids) - 1
+        steps = self.decode_steps
         return steps / self.decode_s if steps > 0 and self.decode_s else 0.0
 
     def to_dict(self) -> dict:
@@ -83,9 +83,10 @@ class LLM:
     def _stream(self, prompt_ids: list[int], params: SamplingParams, state: StreamState) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer, prompt_ids)
         stops = StopMatcher(params.stop)
-        text, finish, prefill_s, decode_s = [], "length", 0.0, 0.0
+        text, finish, prefill_s, decode_s, steps = [], "length", 0.0, 0.0, -1
         for event in generate_tokens(self.model, prompt_ids, params, self.eos_ids, self.config.max_position):
-            prefill_s, decode_s = event.prefill_s, event.elapsed_s
+            # the first token comes out of the prefill; each later one took a decode step
+            prefill_s, decode_s, steps = event.prefill_s, event.elapsed_s, steps + 1
             if event.is_eos:
                 finish = "stop"
                 break
@@ -101,7 +102,8 @@ class LLM:
         if tail:
             text.append(tail)
             yield tail
-        state.completion = Completion("".join(text), state.token_ids, prompt_ids, finish, prefill_s, decode_s)
+        state.completion = Completion("".join(text), state.token_ids, prompt_ids, finish, prefill_s, decode_s,
+                                      max(steps, 0))
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **options) -> Completion:
         """Complete raw text (no chat template)."""

@@ -181,10 +181,12 @@ class Runner:
     def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x, "model.norm.weight")
 
-    def head(self, h: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """LM head logits (`weight`: the head matrix already in float32, to decode it only once)."""
-        name = HEAD if HEAD in self.w else EMBED
-        logits = self.lin(h, name) if weight is None else F.linear(h, weight)
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head logits."""
+        return self.head_post(self.lin(h, HEAD if HEAD in self.w else EMBED))
+
+    def head_post(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does to the head's output (Gemma's final soft-capping)."""
         if self.gemma and self.cfg.final_softcap:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits

@@ -4,6 +4,7 @@ module is there; the small fallbacks below compute the same quantities."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 try:  # the report card's functions (one definition of KLD for the whole project)
     from ..eval.quality import kl_divergence, log_probs, summarize, token_nll
@@ -24,7 +25,26 @@ except ImportError:  # pragma: no cover - only without jisu.eval
                 "p99": torch.quantile(v, 0.99).item(), "max": v.max().item()}
 
 
-ROWS = 32  # positions per KL block
+ROWS = 32            # positions per KL block
+PIECE = 64           # tokens per forward call of the measured model
+VOCAB_BLOCK = 8192   # LM head rows decoded at a time for the reference
+
+
+def log_probs_(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the last axis, in place (float32 logits; no second [T, V] buffer)."""
+    logits = logits.float()
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+def _rows(table, v0: int, v1: int) -> torch.Tensor:
+    if isinstance(table, torch.Tensor):
+        return table[v0:v1].float()
+    try:
+        from ..kernels.native_model import packed_rows
+
+        return packed_rows(table, torch.arange(v0, v1))
+    except ImportError:  # pragma: no cover
+        return table.dequantize()[v0:v1]
 
 
 class ReferenceLogprobs:
@@ -39,7 +59,7 @@ class ReferenceLogprobs:
 
         from tqdm import tqdm
 
-        from .forward import HEAD, EMBED, Runner, as_float, model_form
+        from .forward import EMBED, HEAD, Runner, model_form
 
         self.chunks = chunks
         C, T = chunks.shape
@@ -52,23 +72,42 @@ class ReferenceLogprobs:
                 x = runner.layer(i, x)
             h = runner.final_hidden(x)
             del x
-            head = as_float(runner.w[HEAD if HEAD in runner.w else EMBED])
-            self.V = head.shape[0]
+            table = runner.w[HEAD if HEAD in runner.w else EMBED]
+            self.V = table.shape[0]
+            blocks = [(v0, min(v0 + VOCAB_BLOCK, self.V)) for v0 in range(0, self.V, VOCAB_BLOCK)]
+            logits = torch.empty(T - 1, self.V)
             for c in range(C):
-                lp = log_probs(runner.head(h[c:c + 1], weight=head)[0, :-1])
-                self._file.write(lp.contiguous().numpy().tobytes())
+                for v0, v1 in blocks:  # the head's float32 rows a block at a time (never the whole matrix)
+                    logits[:, v0:v1] = F.linear(h[c, :-1], _rows(table, v0, v1))
+                lp = log_probs_(runner.head_post(logits))
+                self._file.write(memoryview(lp.numpy()).cast("B"))
+            del logits, h
         self._file.flush()
-        self._row = (T - 1) * self.V * 4
+        self._shape = (T - 1, self.V)
 
     def __getitem__(self, c: int) -> torch.Tensor:
-        import numpy as np
-
-        self._file.seek(c * self._row)
-        data = np.frombuffer(self._file.read(self._row), dtype=np.float32)
-        return torch.from_numpy(data.copy()).view(-1, self.V)
+        out = torch.empty(self._shape)
+        self._file.seek(c * out.numel() * 4)
+        self._file.readinto(memoryview(out.numpy()).cast("B"))
+        return out
 
     def close(self) -> None:
         self._file.close()
+
+
+def _model_log_probs(model, tok: torch.Tensor) -> torch.Tensor:
+    """Log-probs [T-1, V] of a [1, T] chunk, fed PIECE tokens at a time through one cache (the
+    logits and the kernels' scratch stay a fraction of a whole chunk's)."""
+    T = tok.shape[1]
+    cache = model.new_cache(1, T)
+    out = torch.empty(T - 1, 0)
+    for t0 in range(0, T - 1, PIECE):
+        t1 = min(t0 + PIECE, T - 1)
+        lp = log_probs_(model.forward(tok[:, t0:t1], cache)[0])
+        if out.shape[1] == 0:
+            out = torch.empty(T - 1, lp.shape[-1])
+        out[t0:t1] = lp
+    return out
 
 
 @torch.inference_mode()
@@ -84,8 +123,8 @@ def compare(reference, model, chunks: torch.Tensor, progress: bool = False) -> d
         if isinstance(reference, ReferenceLogprobs):
             lr = reference[c]
         else:
-            lr = log_probs(reference.forward(tok, reference.new_cache(1, tok.shape[1]))[0, :-1])
-        lm = log_probs(model.forward(tok, model.new_cache(1, tok.shape[1]))[0, :-1])
+            lr = log_probs_(reference.forward(tok, reference.new_cache(1, tok.shape[1]))[0, :-1])
+        lm = _model_log_probs(model, tok)
         target = chunk[1:]
         for r0 in range(0, lr.shape[0], ROWS):  # float64 KL over [rows, vocab]: bounded memory
             a, b = lr[r0:r0 + ROWS], lm[r0:r0 + ROWS]

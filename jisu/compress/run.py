@@ -290,4 +290,5 @@ def _measure(ref, folder: str, eval_ids, progress) -> dict:
     from .measure import compare
 
     q = load(folder)
+    trim_memory()
     return compare(ref, q.model, eval_ids, progress=progress)

@@ -3,19 +3,12 @@ the default reference, and the quality-vs-speed plot."""
 from __future__ import annotations
 
 import json
-import shutil
+import os
 
 import pytest
 
 from jisu.eval import report, runner
 from jisu.eval.bench import plot_points
-
-
-def make_artifact(folder, tiny_hf, source_path) -> str:
-    """An artifact-like folder: loadable model files plus a manifest naming the source model."""
-    shutil.copytree(tiny_hf, folder)
-    (folder / "manifest.json").write_text(json.dumps({"format": "test", "source": {"path": source_path}}))
-    return str(folder)
 
 
 def test_card_json_and_markdown():
@@ -44,17 +37,32 @@ def test_write_into_manifest_keeps_other_keys(tmp_path):
         report.write_report_card(str(tmp_path / "nope"), card)
 
 
-def test_manifest_source_is_default_reference(tmp_path, tiny_hf, tiny_gguf, capsys):
-    from jisu import cli
+def test_manifest_source_hook(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"source": {"path": "/models/src.gguf"}}))
+    assert runner.manifest_source(str(tmp_path)) == "/models/src.gguf"
+    (tmp_path / "src.gguf").write_bytes(b"GGUF")
+    (tmp_path / "manifest.json").write_text(json.dumps({"source": {"path": "src.gguf"}}))
+    assert runner.manifest_source(str(tmp_path)) == str(tmp_path / "src.gguf")  # relative to the artifact
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    assert runner.manifest_source(str(tmp_path)) is None
+    assert runner.manifest_source(str(tmp_path / "nope")) is None
 
-    art = make_artifact(tmp_path / "artifact", tiny_hf, tiny_gguf)
-    assert runner.manifest_source(art) == tiny_gguf
-    assert runner.manifest_source(tiny_hf) is None
-    rc = cli.main(["eval", art, "--chunks", "2", "--ctx", "32", "--no-cache"])
-    assert rc == 0
-    card = json.loads((tmp_path / "artifact" / "manifest.json").read_text())["report_card"]
-    assert card["quality"]["reference_path"] == tiny_gguf and card["quality"]["kld"]["max"] < 1e-6
+
+def test_eval_artifact_defaults_to_its_source(tmp_path, tiny_hf, capsys):
+    import jisu
+    from jisu import cli
+    from jisu.io.artifact import verify_artifact
+
+    art = str(tmp_path / "art")
+    jisu.compress(tiny_hf, art, "rtn:w8", samples=8, seq_len=64, evaluate=False, progress=False)
+    assert runner.manifest_source(art) == os.path.abspath(tiny_hf)
+    assert cli.main(["eval", art, "--chunks", "2", "--ctx", "32", "--no-cache"]) == 0
     assert "report card written" in capsys.readouterr().err
+    card = json.loads((tmp_path / "art" / "manifest.json").read_text())["report_card"]
+    q = card["quality"]
+    assert q["reference_path"] == os.path.abspath(tiny_hf) and 0 < q["kld"]["mean"] < 0.1
+    verify_artifact(art)  # the artifact's files are untouched; it still loads
+    jisu.load(art)
 
 
 def test_plot_is_a_png(tmp_path):

@@ -365,7 +365,10 @@ CHATS = [
 ]
 NEW_TOKENS = 32
 NEAR_TIE = 0.5
-KL_MEAN, KL_MAX = 0.01, 0.05
+# (mean, max) of the per-token KL: against fp32 the fast path carries one activation rounding;
+# against the packed reference both sides carry their own (measured means: 1.5e-3..3e-3 and
+# 1e-3..8.6e-3; maxima 0.023 and 0.044).
+KL_BOUNDS = {"fp32_ref": (0.01, 0.05), "packed_ref": (0.02, 0.1)}
 
 
 @pytest.fixture(scope="module")
@@ -412,4 +415,5 @@ def test_default_model_fast_path_matches_reference(default_models, reference, ch
     kl = (lp_r.exp() * (lp_r - lp_f)).sum(-1)
     print(f"\n{reference} chat {chat}: greedy identical for {same}/{NEW_TOKENS} tokens; "
           f"KL mean {float(kl.mean()):.2e} max {float(kl.max()):.2e}")
-    assert float(kl.mean()) <= KL_MEAN and float(kl.max()) <= KL_MAX
+    kl_mean, kl_max = KL_BOUNDS[reference]
+    assert float(kl.mean()) <= kl_mean and float(kl.max()) <= kl_max
