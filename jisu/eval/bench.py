@@ -210,6 +210,10 @@ def cmd_bench(args) -> int:
         raise JisuError("--prompt-lengths and --decode-tokens take comma-separated integers") from None
     if len(decode) != 2 or not 0 < decode[0] < decode[1] or min(lengths) < 1:
         raise JisuError("--decode-tokens takes two counts LO,HI with 0 < LO < HI; prompt lengths must be >= 1")
+    from .report import check_output_path
+
+    check_output_path(args.json, "--json")
+    check_output_path(args.plot, "--plot")
     quality = _read_json(args.quality, "jisu eval result") if args.quality else None
     if quality is not None and "perplexity" not in quality:
         raise JisuError(f"{args.quality}: not a `jisu eval --json` result (no perplexity)")

@@ -67,6 +67,17 @@ def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def check_output_path(path: str | None, flag: str) -> None:
+    """Fail before any work when an output file could not be written at the end."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise JisuError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise JisuError(f"{flag} {path}: cannot write there")
+
+
 def artifact_manifest(model) -> str | None:
     """MODEL/manifest.json when MODEL is an artifact folder, else None."""
     if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):

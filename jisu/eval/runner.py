@@ -196,6 +196,9 @@ def cmd_eval(args) -> int:
         raise JisuError(f"--threads must be >= 1 (got {args.threads})")
     if args.ctx < 2 or args.chunks < 1:
         raise JisuError(f"--chunks must be >= 1 and --ctx >= 2 (got {args.chunks}, {args.ctx})")
+    from .report import check_output_path, update_artifact_card
+
+    check_output_path(args.json, "--json")
     text = read_text(args.text, min_tokens=args.ctx)  # fail on a bad file before loading anything
     result = evaluate(args.model, args.reference, text=text, chunks=args.chunks, ctx=args.ctx,
                       cache_dir=None if args.no_cache else (args.cache_dir or ""), threads=args.threads,
@@ -206,8 +209,6 @@ def cmd_eval(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.to_dict(), f, indent=2)
-    from .report import update_artifact_card
-
     written = update_artifact_card(args.model, quality=result.to_dict())
     if written:
         print(f"jisu: report card written to {written}", file=sys.stderr)

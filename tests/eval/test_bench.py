@@ -75,7 +75,8 @@ def test_bad_bench_options_one_line(tiny_gguf, capsys):
     from jisu import cli
 
     for args, needle in ((["--against", "vllm"], "unknown peer"), (["--reps", "0"], "--reps"),
-                         (["--decode-tokens", "9,3"], "--decode-tokens"), (["--quality", "/nope.json"], "no such")):
+                         (["--decode-tokens", "9,3"], "--decode-tokens"), (["--quality", "/nope.json"], "no such"),
+                         (["--plot", "/no/such/dir/p.png"], "does not exist")):
         assert cli.main(["bench", tiny_gguf, *args]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1
