@@ -1,6 +1,8 @@
-"""KL divergence of llama.cpp quantization formats from the fp32 weights, measured twice on the same
-tokens: by jisu (`jisu eval` running the quantized GGUF) and from llama.cpp's own logits (through
+"""KL divergence of llama.cpp quantization formats from the fp32 weights, measured on the same tokens
+by jisu (`jisu eval` running the quantized GGUF) and from llama.cpp's own logits (through
 llama-cpp-python); both use jisu.eval.quality's math. Target: the two agree within 10 %.
+jisu is measured twice: as jisu.load runs the file (packed kernels where available) and on the
+fp32 path (weights dequantized, plain PyTorch: the weight error alone).
 
     .venv/bin/python benchmarks/kld_vs_llamacpp.py [--types Q8_0,Q4_0] [--chunks 8] [--ctx 256] [--json FILE]
 
@@ -137,6 +139,8 @@ def main() -> int:
     # jisu: each format against the dequantized source (reference log-probs computed once, then cached)
     jisu_results = {t: evaluate(paths[t], src, text=text, chunks=a.chunks, ctx=a.ctx, threads=a.threads,
                                 progress=sys.stderr.isatty()) for t in types}
+    jisu_fp32 = {t: evaluate(paths[t], src, text=text, chunks=a.chunks, ctx=a.ctx, threads=a.threads,
+                             progress=sys.stderr.isatty(), fp32=True) for t in types}
 
     # llama.cpp: the same tokens through its F32 reference and each format
     import tempfile
@@ -165,16 +169,21 @@ def main() -> int:
         ref.store.close()
     llama = {t: summary(kls, m, nll, bnll, count) for t, (kls, m, nll, bnll) in acc.items()}
 
-    rows = ["| format | size MB | jisu KLD mean | llama.cpp KLD mean | rel. diff | within 10 % | "
-            "jisu top-1 | llama.cpp top-1 | jisu Δppl | llama.cpp Δppl |", "|" + "---|" * 10]
+    rows = ["| format | size MB | jisu format | jisu KLD mean | jisu fp32-path KLD | llama.cpp KLD mean | "
+            "rel. diff jisu / fp32-path | within 10 % | jisu top-1 | llama.cpp top-1 | jisu Δppl | llama.cpp Δppl |",
+            "|" + "---|" * 12]
     for t in types:
-        j, l = jisu_results[t], llama[t]
-        rel = abs(j.kld["mean"] - l["kld"]["mean"]) / l["kld"]["mean"] if l["kld"]["mean"] else float("nan")
+        j, f, l = jisu_results[t], jisu_fp32[t], llama[t]
+        ref_kld = l["kld"]["mean"]
+        rel = abs(j.kld["mean"] - ref_kld) / ref_kld if ref_kld else float("nan")
+        rel_f = abs(f.kld["mean"] - ref_kld) / ref_kld if ref_kld else float("nan")
         results["formats"][t] = {"file_bytes": os.path.getsize(paths[t]), "tensor_types": tensor_types(paths[t]),
-                                 "jisu": j.to_dict(), "llama_cpp": l, "kld_mean_relative_difference": rel,
+                                 "jisu": j.to_dict(), "jisu_fp32_path": f.to_dict(), "llama_cpp": l,
+                                 "kld_mean_relative_difference": rel, "kld_mean_relative_difference_fp32_path": rel_f,
                                  "within_target": rel <= TARGET}
-        rows.append(f"| {t} | {os.path.getsize(paths[t]) / 1e6:.1f} | {j.kld['mean']:.5f} | {l['kld']['mean']:.5f} | "
-                    f"{100 * rel:.1f} % | {'yes' if rel <= TARGET else 'NO'} | {100 * j.top1_agreement:.2f} % | "
+        rows.append(f"| {t} | {os.path.getsize(paths[t]) / 1e6:.1f} | {j.model_format} | {j.kld['mean']:.5f} | "
+                    f"{f.kld['mean']:.5f} | {ref_kld:.5f} | {100 * rel:.1f} % / {100 * rel_f:.1f} % | "
+                    f"{'yes' if rel <= TARGET else 'NO'} | {100 * j.top1_agreement:.2f} % | "
                     f"{100 * l['top1_agreement']:.2f} % | {j.delta_perplexity:+.4f} | {l['delta_perplexity']:+.4f} |")
     e = llama["engines"]
     results["engines_fp32"] = e

@@ -29,6 +29,8 @@ def add_parsers(sub) -> None:
     ev.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ev.add_argument("--cache-dir", default=None, help="reference log-prob cache (default: ~/.cache/jisu/eval)")
     ev.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
+    ev.add_argument("--fp32", action="store_true",
+                    help="run MODEL on the fp32 reference path too (dequantized weights, no packed/native kernels)")
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="speed, latency, memory and bandwidth, optionally against peer engines",

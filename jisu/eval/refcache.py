@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> str:
@@ -38,9 +38,10 @@ def fingerprint(path: str) -> list[list]:
     return [[path, 0, 0]] + out
 
 
-def cache_key(reference_path: str, text_sha256: str, chunks: int, ctx: int) -> str:
+def cache_key(reference_path: str, text_sha256: str, chunks: int, ctx: int, path: str = "fp32") -> str:
+    """`path`: how the reference was run (its compute path changes the log-probs)."""
     blob = json.dumps({"v": FORMAT_VERSION, "ref": fingerprint(reference_path), "text": text_sha256,
-                       "chunks": chunks, "ctx": ctx}, sort_keys=True)
+                       "chunks": chunks, "ctx": ctx, "path": path}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

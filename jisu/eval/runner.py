@@ -23,6 +23,7 @@ class QualityResult:
     """What `jisu eval` measured. Keys of `to_dict()` are stable (see docs/report_card.md)."""
     model: str
     model_path: str
+    model_format: str                          # storage of MODEL's matrices as run, e.g. "PackedInt", "float32"
     text: str
     text_sha256: str
     chunks: int
@@ -59,12 +60,18 @@ def manifest_source(model) -> str | None:
     return local if not os.path.isabs(path) and os.path.exists(local) else path
 
 
-def _load(model, threads: int | None, progress: bool):
+def _load(model, threads: int | None, progress: bool, fp32: bool = False):
+    """jisu.load(MODEL), or MODEL itself when it is already an LLM. fp32=True takes the reference
+    path: every weight dequantized to float32, plain PyTorch (no packed or native kernels)."""
     if isinstance(model, (str, os.PathLike)) or model is None:
+        import inspect
+
         from ..api import load
 
-        return load(model, threads=threads, progress=progress)
-    return model  # already an LLM
+        options = {"packed": False, "native": False} if fp32 else {}
+        accepted = inspect.signature(load).parameters
+        return load(model, threads=threads, progress=progress, **{k: v for k, v in options.items() if k in accepted})
+    return model
 
 
 @torch.inference_mode()
@@ -110,13 +117,13 @@ def reference_logprobs(reference, text: EvalText, chunks: int, ctx: int, *, work
 
         src = resolve(reference)
         store = RefStore(cache_dir or os.path.join(default_cache_dir(), "eval"),
-                         cache_key(src.path, text.sha256, chunks, ctx))
+                         cache_key(src.path, text.sha256, chunks, ctx, path="fp32"))
         if store.load():
             return Reference(store, src.name, src.path, "hit")
         state = "miss"
     else:
         store, state = RefStore(workdir, "uncached"), "off"
-    ref = _load(reference, threads, progress)
+    ref = _load(reference, threads, progress, fp32=True)
     name, path = _name(ref)
     cut = _tokenize(ref, text, chunks, ctx, notes)
     store.write(cut, score_chunks(ref, cut, progress, "reference"), ref.config.vocab_size,
@@ -125,11 +132,14 @@ def reference_logprobs(reference, text: EvalText, chunks: int, ctx: int, *, work
 
 
 def evaluate(model, reference=None, *, text: EvalText | str | None = None, chunks: int = 8, ctx: int = 256,
-             cache_dir: str | None = "", threads: int | None = None, progress: bool = False) -> QualityResult:
+             cache_dir: str | None = "", threads: int | None = None, progress: bool = False,
+             fp32: bool = False) -> QualityResult:
     """Measure MODEL (a path/name jisu.load accepts, or a loaded LLM) on `text` (EvalText, a file path,
     or None for the built-in corpus). `reference` (path/name or LLM; default: the source recorded in
-    an artifact's manifest) adds KLD, top-1 agreement and delta perplexity. cache_dir "" = the default
-    cache folder, None = no cache. The reference runs first and is freed before MODEL loads."""
+    an artifact's manifest) adds KLD, top-1 agreement and delta perplexity. MODEL runs as jisu.load
+    gives it (packed / native kernels where available) unless fp32=True; a reference named by path
+    always runs on the fp32 reference path. cache_dir "" = the default cache folder, None = no cache.
+    The reference runs first and is freed before MODEL loads."""
     t0 = time.perf_counter()
     if not isinstance(text, EvalText):
         text = read_text(text, min_tokens=ctx)
@@ -142,7 +152,7 @@ def evaluate(model, reference=None, *, text: EvalText | str | None = None, chunk
             ref = reference_logprobs(reference, text, chunks, ctx, workdir=workdir, cache_dir=cache_dir,
                                      threads=threads, progress=progress, notes=notes)
         try:
-            llm = _load(model, threads, progress)
+            llm = _load(model, threads, progress, fp32=fp32)
             cut = _tokenize(llm, text, chunks, ctx, notes)
             if ref is not None and cut != ref.store.tokens:
                 raise JisuError(f"{_name(llm)[1]}: tokenizes the text differently from the reference {ref.path}; "
@@ -164,7 +174,9 @@ def evaluate(model, reference=None, *, text: EvalText | str | None = None, chunk
             if ref is not None:
                 ref.store.close()  # release the memory map before the folder is removed
     name, path = _name(llm)
-    result = QualityResult(name, path, text.name, text.sha256, len(cut), ctx, count,
+    from .speed import weight_format
+
+    result = QualityResult(name, path, weight_format(llm.model.w), text.name, text.sha256, len(cut), ctx, count,
                            quality.perplexity_from_nll(nll_sum, count), notes=notes)
     if ref is not None:
         result.reference, result.reference_path, result.reference_cache = ref.name, ref.path, ref.cache
@@ -178,7 +190,7 @@ def evaluate(model, reference=None, *, text: EvalText | str | None = None, chunk
 
 def format_quality(r: QualityResult) -> str:
     """A short human-readable summary (Markdown table)."""
-    rows = [("model", r.model), ("text", f"{r.text} ({r.chunks} x {r.ctx} tokens, {r.tokens_scored} scored)"),
+    rows = [("model", f"{r.model} ({r.model_format})"), ("text", f"{r.text} ({r.chunks} x {r.ctx} tokens, {r.tokens_scored} scored)"),
             ("perplexity", f"{r.perplexity:.4f}")]
     if r.kld is not None:
         rows += [("reference", r.reference), ("reference perplexity", f"{r.reference_perplexity:.4f}"),
@@ -202,7 +214,7 @@ def cmd_eval(args) -> int:
     text = read_text(args.text, min_tokens=args.ctx)  # fail on a bad file before loading anything
     result = evaluate(args.model, args.reference, text=text, chunks=args.chunks, ctx=args.ctx,
                       cache_dir=None if args.no_cache else (args.cache_dir or ""), threads=args.threads,
-                      progress=sys.stderr.isatty())
+                      progress=sys.stderr.isatty(), fp32=args.fp32)
     for note in result.notes:
         print(f"jisu: {note}", file=sys.stderr)
     print(format_quality(result))

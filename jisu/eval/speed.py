@@ -61,6 +61,21 @@ def storage_nbytes(t) -> int:
     return int(n) if n is not None else t.numel() * t.element_size()
 
 
+def weight_format(weights: dict) -> str:
+    """Storage of the matrices, most bytes first: torch dtypes ("float32") or packed kernel classes
+    ("PackedInt"); 1-D tensors (norms) are left out."""
+    by_kind: dict[str, int] = {}
+    for t in {id(t): t for t in weights.values()}.values():
+        if hasattr(t, "ndim") and hasattr(t, "element_size"):  # a torch tensor
+            if t.ndim != 2:
+                continue
+            kind = str(t.dtype).removeprefix("torch.")
+        else:
+            kind = type(t).__name__
+        by_kind[kind] = by_kind.get(kind, 0) + storage_nbytes(t)
+    return "+".join(sorted(by_kind, key=by_kind.get, reverse=True))
+
+
 def path_bytes(path: str) -> int:
     """Size on disk of a model file, or of every file under a model folder."""
     if os.path.isfile(path):
@@ -197,18 +212,7 @@ class JisuEngine:
         return bytes_per_token(sizes, "model.embed_tokens.weight", self.llm.config.vocab_size, "lm_head.weight")
 
     def weight_format(self) -> str:
-        """Storage types of the 2-D weights, most bytes first (e.g. "float32", "PackedInt+float32")."""
-        torch = self._torch
-        by_kind: dict[str, int] = {}
-        for t in self.llm.model.w.values():
-            if isinstance(t, torch.Tensor):
-                if t.ndim != 2:
-                    continue
-                kind = str(t.dtype).removeprefix("torch.")
-            else:
-                kind = type(t).__name__
-            by_kind[kind] = by_kind.get(kind, 0) + storage_nbytes(t)
-        return "+".join(sorted(by_kind, key=by_kind.get, reverse=True))
+        return weight_format(self.llm.model.w)
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenizer.encode(text)

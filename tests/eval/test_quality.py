@@ -87,7 +87,7 @@ def test_perplexity_matches_hand_computation(tiny_llm, tmp_path):
 def test_reference_cache_reused_and_invalidated(tiny_gguf, tiny_hf, tmp_path, monkeypatch):
     loaded = []
     real_load = runner._load
-    monkeypatch.setattr(runner, "_load", lambda m, *a: loaded.append(m) or real_load(m, *a))
+    monkeypatch.setattr(runner, "_load", lambda m, *a, **k: loaded.append(m) or real_load(m, *a, **k))
     cache = str(tmp_path / "cache")
     first = runner.evaluate(tiny_hf, tiny_gguf, chunks=CHUNKS, ctx=CTX, cache_dir=cache)
     assert first.reference_cache == "miss" and loaded == [tiny_gguf, tiny_hf]
@@ -140,6 +140,29 @@ def test_fewer_chunks_than_asked_is_a_note(tiny_llm):
     assert 1 <= r.chunks < 100 and r.notes and "using" in r.notes[0]
 
 
+def test_reference_runs_on_the_fp32_path(tiny_gguf, monkeypatch):
+    import functools
+
+    from jisu import api
+
+    calls = []
+
+    @functools.wraps(api.load)
+    def load(model, **kwargs):
+        calls.append((model, kwargs))
+        return real(model, **kwargs)
+
+    real = api.load
+    monkeypatch.setattr(api, "load", load)
+    r = runner.evaluate(tiny_gguf, tiny_gguf, chunks=CHUNKS, ctx=CTX, cache_dir=None)
+    ref_kwargs, model_kwargs = calls[0][1], calls[1][1]
+    assert ref_kwargs.get("packed") is False and ref_kwargs.get("native") is False
+    assert "packed" not in model_kwargs  # MODEL runs as jisu.load gives it
+    assert r.model_format == "float32" and r.kld["max"] < 1e-4
+    runner.evaluate(tiny_gguf, tiny_gguf, chunks=CHUNKS, ctx=CTX, cache_dir=None, fp32=True)
+    assert calls[-1][1].get("packed") is False
+
+
 def test_cli_eval_json(tiny_gguf, tiny_hf, tmp_path, capsys):
     import json
 
@@ -150,7 +173,7 @@ def test_cli_eval_json(tiny_gguf, tiny_hf, tmp_path, capsys):
                    "--cache-dir", str(tmp_path / "c"), "--json", str(out)])
     assert rc == 0
     q = json.loads(out.read_text())
-    assert set(q) >= {"model", "model_path", "text", "text_sha256", "chunks", "ctx", "tokens_scored", "perplexity",
+    assert set(q) >= {"model", "model_path", "model_format", "text", "text_sha256", "chunks", "ctx", "tokens_scored", "perplexity",
                       "reference", "reference_perplexity", "delta_perplexity", "kld", "top1_agreement",
                       "reference_cache", "seconds"}
     assert set(q["kld"]) == {"mean", "median", "p99", "max"}
