@@ -35,6 +35,17 @@ DEFAULT_QUANT_DIR = os.path.expanduser("~/.cache/jisu/bench-models")
 PEAK_GBS = 25.0  # rough DRAM bandwidth of the reference machine
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load_avg() -> float:
     try:
         return os.getloadavg()[0]
@@ -141,11 +152,11 @@ def bench_model(path: str, args) -> dict:
     import jisu
     from jisu.kernels.native_model import NativeLlama
 
-    rss0 = psutil.Process().memory_info().rss
+    rss0 = psutil.Process().memory_info().rss  # after importing jisu and torch
     t0 = time.perf_counter()
     llm = jisu.load(path, threads=args.threads)
     load_s = time.perf_counter() - t0
-    rss = psutil.Process().memory_info().rss - rss0
+    rss = psutil.Process().memory_info().rss - rss0  # weights + tokenizer, before any KV cache
     native = isinstance(llm.model, NativeLlama)
     ids = llm.tokenizer.encode_chat(CHAT)
     g = torch.Generator().manual_seed(0)
@@ -190,10 +201,38 @@ def bench_model(path: str, args) -> dict:
                  "wrapper_ms": (fwd - nat) * 1e3, "loop_ms": (per_tok - fwd) * 1e3}
     if native:
         st = llm.model.stats()
-        steps_all = max(1, st["steps"])
         breakdown.update({f"native_{k[:-2]}_share": st[k] / st["total_s"] for k in ("linear_s", "attention_s", "other_s")})
         llm.model.profile(False)
-        del steps_all
+    # the same loop around a model that answers instantly (replaying the tokens just generated,
+    # so detokenizing sees the same text): Python's own cost per token
+    replay = gen(ids, LONG).token_ids
+    V = llm.config.vocab_size
+
+    class Instant:
+        cfg = llm.model.cfg
+
+        def __init__(self):
+            self.i = self.hot = 0
+            self.out = torch.zeros(1, 1, V)  # one-hot, updated in place (torch.zeros itself costs ~ms
+            #                                   on a busy machine: it runs on torch's thread pool)
+
+        def new_cache(self, batch, max_len):
+            self.i = 0
+            return proxy.inner.new_cache(batch, max_len)
+
+        def forward(self, tokens, cache, logits_index=None):
+            cache.advance(tokens.shape[1])
+            self.out[0, 0, self.hot] = 0.0
+            self.hot = replay[min(self.i, len(replay) - 1)]
+            self.out[0, 0, self.hot] = 1.0
+            self.i += 1
+            return self.out
+
+    real = llm.model
+    llm.model = Instant()
+    gen(ids, SHORT)
+    breakdown["loop_alone_ms"] = timed(lambda: gen(ids, LONG)) / LONG * 1e3
+    llm.model = real
     ctx = len(ids) + (SHORT + LONG) / 2
     bpt = bytes_per_token(llm.model, ctx)
     res = {"model": path, "file_mb": os.path.getsize(path) / 1e6, "native": native, "load_s": load_s,
@@ -220,6 +259,7 @@ def main() -> int:
                                                               "with llama-quantize (into --quant-dir)")
     ap.add_argument("--quant-dir", default=DEFAULT_QUANT_DIR)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.make_quants:
@@ -228,11 +268,25 @@ def main() -> int:
         from jisu.io.sources import resolve
 
         make_quants(args.llama_bench, resolve(None).path, args.quant_dir)
+    if args.one:  # child process: one model, result as JSON on stdout
+        print("JSON:" + json.dumps(bench_model(args.one, args)))
+        return 0
     load0 = load_avg()
-    results = [bench_model(m, args) for m in find_models(args)]
+    results = []
+    for m in find_models(args):
+        # each model in a fresh process, so its load time and memory are its own
+        cmd = [sys.executable, __file__, "--one", m, "--threads", str(args.threads), "--reps", str(args.reps)]
+        if args.llama_bench:
+            cmd += ["--llama-bench", args.llama_bench]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("JSON:")), None)
+        if res.returncode or line is None:
+            print(f"{m}: failed\n{res.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(line[5:]))
     load1 = load_avg()
 
-    print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, medians of {args.reps}; "
+    print(f"\n{cpu_name()}, {args.threads} threads, medians of {args.reps}; "
           f"load average {load0:.1f} -> {load1:.1f}")
     lc = bool(args.llama_bench)
     head = "| model | MB | decode tok/s |" + (" llama.cpp tg128 | ratio |" if lc else "") + \
@@ -256,7 +310,9 @@ def main() -> int:
             extra = (f"  [native: linear {100 * b['native_linear_share']:.0f}%, attention "
                      f"{100 * b['native_attention_share']:.0f}%, other {100 * b['native_other_share']:.0f}%]")
         print(f"  {Path(r['model']).name}: {b['wall_ms']:.2f} = {b['native_ms']:.2f} + {b['wrapper_ms']:.2f} + "
-              f"{b['loop_ms']:.2f}{extra}; load {r['load_s']:.1f} s, +{r['rss_mb']:.0f} MB RSS")
+              f"{b['loop_ms']:.2f} (the loop alone, model answering instantly: {b['loop_alone_ms']:.2f})"
+              f"{extra}; load {r['load_s']:.1f} s, +{r['rss_mb']:.0f} MB RSS "
+              f"(file {r['file_mb']:.0f} MB)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"threads": args.threads, "reps": args.reps, "load_avg": [load0, load1],

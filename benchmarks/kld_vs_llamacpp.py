@@ -6,6 +6,8 @@ fp32 path (weights dequantized, plain PyTorch: the weight error alone).
 
     .venv/bin/python benchmarks/kld_vs_llamacpp.py [--types Q8_0,Q4_0] [--chunks 8] [--ctx 256] [--json FILE]
 
+The "source" row runs the shipped file itself: its weights equal the reference's, so its KLD is
+what each engine's quantized-weight kernels add (e.g. 8-bit activations in the dot products).
 The fp32 reference is the default model (SmolLM2-135M-Instruct Q4_1) dequantized: jisu dequantizes it
 on load; llama.cpp runs an F32 GGUF that llama_model_quantize writes from the same file. The formats
 under test are requantized from that F32 GGUF with llama_model_quantize.
@@ -128,6 +130,9 @@ def main() -> int:
     for t in types:
         paths[t] = os.path.join(work, f"{stem}.{t}.gguf")
         quantize(llama_cpp, f32, paths[t], t, a.threads)
+    # the shipped file itself: its weights are the reference's, so any KLD is the engine's numerics
+    types.append("source")
+    paths["source"] = src
     print(f"llama.cpp {llama_cpp.__version__}; source {src}; GGUFs in {work} ({time.perf_counter() - t0:.0f} s)")
     for t in ["F32"] + types:
         path = f32 if t == "F32" else paths[t]

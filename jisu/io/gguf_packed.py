@@ -100,16 +100,6 @@ def iter_gguf_weights_packed(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[st
         if cfg.family == "gemma" and target.endswith("norm.weight"):
             w = w - 1.0  # as iter_gguf_weights: llama.cpp folds Gemma's (1 + w) into the weights
         yield target, w
-    _trim_heap()
+    from ..kernels.native_model import trim_heap
 
-
-def _trim_heap() -> None:
-    """Hand the conversion's freed temporaries back to the OS (glibc keeps ~40 MB otherwise)."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    trim_heap()  # the conversion's temporaries

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <mutex>
 
 namespace jisu {
 
@@ -139,6 +140,11 @@ static inline float f16_to_f32(uint16_t h) {
 // tid < nthreads identifies the thread (for per-thread scratch).
 using TaskFn = void (*)(void* ctx, int64_t chunk, int64_t nchunks, int tid);
 void pool_run(TaskFn fn, void* ctx, int64_t nchunks, int nthreads);
+// The kernels share process-wide scratch (quantized activations, per-thread buffers) and one
+// thread pool, so native calls run one at a time. The Python bindings release the GIL and take
+// this lock instead: other Python threads (an HTTP server's event loop, a tokenizer) keep running
+// while a step computes.
+std::mutex& native_mutex();
 int pool_max_threads();
 void pool_set_threads(int n);
 void pool_set_spin_us(int us);

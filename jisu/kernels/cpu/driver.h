@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <mutex>
+#include <utility>
 
 #include "common.h"
 
@@ -14,6 +16,17 @@ const KernelTable* active_kernels();
 
 // out[M, W.N] = x[M, W.K] @ W^T (+ bias): quantizes x once, splits W's tiles across the pool.
 void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bias);
+
+// Wraps a free function for pybind11 so that it runs without the GIL, under native_mutex().
+// Only for functions whose arguments are plain numbers and addresses (no Python objects).
+template <typename R, typename... A>
+auto unlocked(R (*f)(A...)) {
+  return [f](A... a) -> R {
+    pybind11::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lock(native_mutex());
+    return f(std::forward<A>(a)...);
+  };
+}
 
 // Registers forward.cpp's bindings (NativeModel, dequant_rows) on the module.
 void register_forward(pybind11::module_& m);

@@ -762,13 +762,20 @@ void register_forward(py::module_& m) {
            py::arg("k_norm"), py::arg("window"))
       .def("set_globals", &NativeModel::set_globals, py::arg("embed_f32"), py::arg("embed_desc"),
            py::arg("head_desc"), py::arg("final_norm"))
-      .def("forward", &NativeModel::forward,
+      .def("forward",
+           [](NativeModel& self, uintptr_t tokens, int64_t T, int64_t S, uintptr_t qlens, uintptr_t starts,
+              uintptr_t tables, int64_t max_blocks, uintptr_t kptrs, uintptr_t vptrs, int64_t bs, int64_t nb,
+              uintptr_t rows, int64_t R, uintptr_t logits) {
+             py::gil_scoped_release nogil;  // other Python threads run while the step computes
+             std::lock_guard<std::mutex> lock(native_mutex());
+             self.forward(tokens, T, S, qlens, starts, tables, max_blocks, kptrs, vptrs, bs, nb, rows, R, logits);
+           },
            "forward(tokens_i64, T, S, q_lens_i32, starts_i32, tables_i32, max_blocks, k_ptrs_i64, v_ptrs_i64, "
            "block_size, num_blocks, rows_i32, R, logits_f32): addresses of contiguous buffers")
       .def("stats", &NativeModel::stats)
       .def("reset_stats", &NativeModel::reset_stats)
       .def_readwrite("profile", &NativeModel::profile);
-  m.def("dequant_rows", &dequant_rows, "dequant_rows(desc_addr, ids_i64_addr, n, out_f32_addr): rows of a packed weight");
+  m.def("dequant_rows", unlocked(&dequant_rows), "dequant_rows(desc_addr, ids_i64_addr, n, out_f32_addr): rows of a packed weight");
 }
 
 }  // namespace jisu

@@ -417,10 +417,10 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("make_codebook", &make_codebook, py::arg("data"), py::arg("N"), py::arg("K"), py::arg("group"));
   m.def("make_f32", &make_f32, py::arg("w"), py::arg("N"), py::arg("K"));
 
-  m.def("linear", &linear, "linear(desc_addr, x_ptr, out_ptr, M, bias_ptr_or_0)");
-  m.def("linear_f32", &linear_f32, "linear_f32(w_ptr, N, K, x_ptr, out_ptr, M, bias_ptr_or_0)");
-  m.def("rms_norm", &rms_norm, "rms_norm(x, w, out, M, D, eps)");
-  m.def("rope", &rope, "rope(x, out, cos, sin, T, H, D): neox rotate-half, x [T,H,D], cos/sin [T,D/2]");
-  m.def("attn_decode", &attn_decode, "attn_decode(q, k, v, out, H, Hkv, D, T, tstride, scale)");
+  m.def("linear", unlocked(&linear), "linear(desc_addr, x_ptr, out_ptr, M, bias_ptr_or_0)");
+  m.def("linear_f32", unlocked(&linear_f32), "linear_f32(w_ptr, N, K, x_ptr, out_ptr, M, bias_ptr_or_0)");
+  m.def("rms_norm", unlocked(&rms_norm), "rms_norm(x, w, out, M, D, eps)");
+  m.def("rope", unlocked(&rope), "rope(x, out, cos, sin, T, H, D): neox rotate-half, x [T,H,D], cos/sin [T,D/2]");
+  m.def("attn_decode", unlocked(&attn_decode), "attn_decode(q, k, v, out, H, Hkv, D, T, tstride, scale)");
   register_forward(m);  // forward.cpp: NativeModel, dequant_rows
 }

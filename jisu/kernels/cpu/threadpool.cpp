@@ -138,6 +138,11 @@ struct ForkHook {
 
 }  // namespace
 
+std::mutex& native_mutex() {
+  static std::mutex* m = new std::mutex();  // leaked on purpose, as the pool
+  return *m;
+}
+
 int pool_max_threads() {
   Pool& p = pool();
   if (p.target == 0) p.target = default_threads();
