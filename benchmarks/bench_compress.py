@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from jisu.eval.bench import machine_info
+
+    return machine_info()["cpu"]
 
 
 def slug(recipe: str) -> str:

@@ -1,6 +1,8 @@
 """jisu's decode and prefill speed on the default model (SmolLM2-135M-Instruct; the Q4_1 GGUF as
-shipped, plus Q4_0 / Q8_0 GGUFs found next to it, in --quant-dir, or given by --model), measured
-end to end, optionally against llama.cpp's llama-bench in the same run.
+shipped, plus Q4_0 / Q8_0 GGUFs found next to it, in --quant-dir, or GGUFs and jisu artifact folders
+given by --model), measured end to end, optionally against llama.cpp's llama-bench in the same run
+(an artifact, which llama.cpp cannot read, is set beside llama.cpp on the Q4_0 file). Peak RSS is the
+process's maximum resident set above its size after importing torch and jisu, against file + KV cache.
 
   decode tok/s  = (256 - 16) / (wall time of 256 new tokens - wall time of 16 new tokens)
                   (LLM.generate, greedy, EOS ignored, a short chat prompt)
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,14 +37,17 @@ PEAK_GBS = 25.0  # rough DRAM bandwidth of the reference machine
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from jisu.eval.bench import machine_info
+
+    return machine_info()["cpu"]
+
+
+def model_bytes(path: str) -> int:
+    """A GGUF's size, or the sum of a jisu artifact folder's files."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, f)))
+    return os.path.getsize(path)
 
 
 def load_avg() -> float:
@@ -172,15 +176,16 @@ def bench_model(path: str, args) -> dict:
         return (LONG - SHORT) / (t_long - t_short), PREFILL / t_pre
 
     jisu_round()  # warm-up
-    if args.llama_bench:
+    lb = args.llama_bench if path.endswith(".gguf") else None  # llama.cpp reads GGUFs only
+    if lb:
         run_llama_bench(args.llama_bench, path, args.threads)
     dec, pre, lc_dec, lc_pre = [], [], [], []
     for _ in range(args.reps):
         d, p = jisu_round()
         dec.append(d)
         pre.append(p)
-        if args.llama_bench:
-            r = run_llama_bench(args.llama_bench, path, args.threads)
+        if lb:
+            r = run_llama_bench(lb, path, args.threads)
             lc_dec.append(r["decode"])
             lc_pre.append(r["prefill"])
     # where a decoded token's time goes (one profiled run of LONG tokens)
@@ -235,11 +240,16 @@ def bench_model(path: str, args) -> dict:
     llm.model = real
     ctx = len(ids) + (SHORT + LONG) / 2
     bpt = bytes_per_token(llm.model, ctx)
-    res = {"model": path, "file_mb": os.path.getsize(path) / 1e6, "native": native, "load_s": load_s,
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0  # Linux: KiB
+    cfg = llm.config
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * max(len(long_prompt) + 1, len(ids) + LONG)
+    res = {"model": path, "file_mb": model_bytes(path) / 1e6, "peak_rss_mb": peak / 1e6, "kv_mb": kv / 1e6, "native": native, "load_s": load_s,
            "rss_mb": rss / 1e6, "decode_tok_s": statistics.median(dec), "prefill_tok_s": statistics.median(pre),
            "decode_runs": dec, "prefill_runs": pre, "bytes_per_token": bpt,
            "decode_gb_s": bpt * statistics.median(dec) / 1e9, "breakdown": breakdown}
-    if args.llama_bench:
+    if lb:
         res.update({"llama_cpp_decode_tok_s": statistics.median(lc_dec), "llama_cpp_prefill_tok_s": statistics.median(lc_pre),
                     "llama_cpp_decode_runs": lc_dec, "llama_cpp_prefill_runs": lc_pre,
                     "decode_ratio": statistics.median(dec) / statistics.median(lc_dec),
@@ -250,8 +260,8 @@ def bench_model(path: str, args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", help="GGUF file (repeatable); default: the shipped Q4_1 and "
-                                                     "Q4_0/Q8_0 siblings")
+    ap.add_argument("--model", action="append", help="GGUF file or jisu artifact folder (repeatable); default: the "
+                                                     "shipped Q4_1 and Q4_0/Q8_0 siblings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--llama-bench", help="path of llama.cpp's llama-bench: run it on the same files")
@@ -293,13 +303,23 @@ def main() -> int:
            " prefill tok/s (256) |" + (" llama.cpp pp256 | ratio |" if lc else "") + " MB/token | GB/s |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
+    # a model llama.cpp cannot run (a jisu artifact) is compared with llama.cpp on the Q4_0 file
+    q4 = next((r for r in results if r["model"].endswith("Q4_0.gguf") and "llama_cpp_decode_tok_s" in r), None)
     for r in results:
         row = f"| {Path(r['model']).name} | {r['file_mb']:.0f} | {r['decode_tok_s']:.1f} |"
-        if lc:
-            row += f" {r['llama_cpp_decode_tok_s']:.1f} | {r['decode_ratio']:.2f} |"
+        peer = r if "llama_cpp_decode_tok_s" in r else q4
+        if lc and peer is not None:
+            tag = "" if peer is r else " (Q4_0)"
+            row += (f" {peer['llama_cpp_decode_tok_s']:.1f}{tag} | "
+                    f"{r['decode_tok_s'] / peer['llama_cpp_decode_tok_s']:.2f} |")
+        elif lc:
+            row += " – | – |"
         row += f" {r['prefill_tok_s']:.1f} |"
-        if lc:
-            row += f" {r['llama_cpp_prefill_tok_s']:.1f} | {r['prefill_ratio']:.2f} |"
+        if lc and peer is not None:
+            row += (f" {peer['llama_cpp_prefill_tok_s']:.1f}{tag} | "
+                    f"{r['prefill_tok_s'] / peer['llama_cpp_prefill_tok_s']:.2f} |")
+        elif lc:
+            row += " – | – |"
         row += f" {r['bytes_per_token'] / 1e6:.1f} | {r['decode_gb_s']:.1f} (of ~{PEAK_GBS:.0f}) |"
         print(row)
     print("\nper decoded token (ms): wall = native forward + Python wrapper + generate loop")
@@ -311,8 +331,9 @@ def main() -> int:
                      f"{100 * b['native_attention_share']:.0f}%, other {100 * b['native_other_share']:.0f}%]")
         print(f"  {Path(r['model']).name}: {b['wall_ms']:.2f} = {b['native_ms']:.2f} + {b['wrapper_ms']:.2f} + "
               f"{b['loop_ms']:.2f} (the loop alone, model answering instantly: {b['loop_alone_ms']:.2f})"
-              f"{extra}; load {r['load_s']:.1f} s, +{r['rss_mb']:.0f} MB RSS "
-              f"(file {r['file_mb']:.0f} MB)")
+              f"{extra}; load {r['load_s']:.1f} s, +{r['rss_mb']:.0f} MB RSS after load, peak "
+              f"+{r['peak_rss_mb']:.0f} MB = {r['peak_rss_mb'] / (r['file_mb'] + r['kv_mb']):.2f} x (file "
+              f"{r['file_mb']:.0f} MB + KV cache {r['kv_mb']:.0f} MB)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"threads": args.threads, "reps": args.reps, "load_avg": [load0, load1],

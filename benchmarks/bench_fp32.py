@@ -38,14 +38,9 @@ MESSAGES = [
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from jisu.eval.bench import machine_info
+
+    return machine_info()["cpu"]
 
 
 def timed(fn) -> float:

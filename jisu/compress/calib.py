@@ -31,9 +31,9 @@ class CalibText:
 
 
 def builtin_corpus() -> str:
-    from pydoc_data.topics import topics
+    from ..eval.corpus import builtin_text
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    return builtin_text().text
 
 
 def builtin_halves() -> tuple[CalibText, CalibText]:
@@ -46,24 +46,10 @@ def builtin_halves() -> tuple[CalibText, CalibText]:
 
 def read_text_file(path, what: str = "calibration") -> CalibText:
     """A user's .txt / .jsonl file, checked: exists, readable, not empty, UTF-8, not binary."""
+    from ..eval.corpus import read_utf8
+
     name = str(path)
-    try:
-        with open(name, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise JisuError(f"{name}: no such {what} file") from None
-    except IsADirectoryError:
-        raise JisuError(f"{name}: is a folder, not a {what} text file") from None
-    except OSError as e:
-        raise JisuError(f"{name}: cannot read {what} file ({e.strerror})") from None
-    if not data.strip():
-        raise JisuError(f"{name}: {what} file is empty")
-    if b"\x00" in data:
-        raise JisuError(f"{name}: {what} file is binary, not text (contains NUL bytes)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise JisuError(f"{name}: {what} file is not UTF-8 text (bad byte at offset {e.start})") from None
+    text = read_utf8(name, what)
     if name.lower().endswith(".jsonl"):
         parts = []
         for n, line in enumerate(text.splitlines(), 1):

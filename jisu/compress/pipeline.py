@@ -117,8 +117,11 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
         del w, runner
 
     # embedding / LM head (only when the recipe asks)
+    # a tied model whose embedding and head take one format keeps one tensor for both (the head's,
+    # GPTQ-compensated when calibrated: its rows stay close to the embedding's, and the file holds
+    # the table once, as the source did)
     tie_same = (recipe.embed is not None and recipe.head is not None and head_src == EMBED
-                and recipe.embed == recipe.head and head_h is None)
+                and recipe.embed == recipe.head)
     if recipe.head is not None:
         head_fp = as_float(weights[head_src])
         if head_h is not None:

@@ -28,31 +28,41 @@ def builtin_text() -> EvalText:
     return EvalText(BUILTIN_NAME, "\n\n".join(topics[k] for k in sorted(topics)))
 
 
+def read_utf8(path: str | os.PathLike, what: str) -> str:
+    """A user's text file, checked: it exists, is readable and not a folder, holds more than
+    whitespace, has no NUL bytes (binary) and decodes as UTF-8. `what` names it in the errors
+    ("calibration", "text", ...); every problem is a one-line JisuError."""
+    name = str(path)
+    kind = f"{what} file" if what != "text" else "text file"
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise JisuError(f"{name}: no such {kind}") from None
+    except IsADirectoryError:
+        raise JisuError(f"{name}: is a folder, not a {kind}") from None
+    except OSError as e:
+        raise JisuError(f"{name}: cannot read {kind} ({e.strerror})") from None
+    if not data.strip():
+        raise JisuError(f"{name}: {kind} is empty")
+    if b"\x00" in data:
+        raise JisuError(f"{name}: {kind} is binary, not text (contains NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JisuError(f"{name}: {kind} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
 def read_text(path: str | os.PathLike | None, min_tokens: int = 1) -> EvalText:
     """The built-in corpus when `path` is None, else the file's text. Every problem is a one-line
     JisuError raised before any model is loaded. A token spans at least one byte in the tokenizers
     jisu reads, so fewer bytes than `min_tokens` cannot fill one chunk."""
     if path is None:
         return builtin_text()
-    name = str(path)
-    try:
-        with open(name, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise JisuError(f"{name}: no such text file") from None
-    except IsADirectoryError:
-        raise JisuError(f"{name}: is a folder, not a text file") from None
-    except OSError as e:
-        raise JisuError(f"{name}: cannot read ({e.strerror})") from None
-    if not data.strip():
-        raise JisuError(f"{name}: text file is empty")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise JisuError(f"{name}: not UTF-8 text (bad byte at offset {e.start})") from None
-    if len(data) < min_tokens:
-        raise JisuError(f"{name}: text too short for one chunk of {min_tokens} tokens ({len(data)} bytes)")
-    return EvalText(name, text)
+    text = read_utf8(path, "text")
+    if len(text.encode("utf-8")) < min_tokens:
+        raise JisuError(f"{path}: text too short for one chunk of {min_tokens} tokens ({len(text.encode())} bytes)")
+    return EvalText(str(path), text)
 
 
 def chunk_ids(ids: list[int], chunks: int, ctx: int, name: str) -> tuple[list[list[int]], str | None]:

@@ -60,8 +60,10 @@ def test_round_trip_bit_exact(tiny_hf, tmp_path, recipe):
 
 
 def test_tied_embeddings_with_head_and_embed(tiny_hf_tied, tmp_path):
-    """A tied model: +embed+head with one format stores the matrix once; +head alone unties."""
-    for recipe, stored_once in (("rtn:w4g32+embed+head", True), ("rtn:w4g32+head", False)):
+    """A tied model: +embed+head with one format stores the matrix once (with GPTQ too: the
+    calibrated head serves as the embedding); +head alone unties."""
+    for recipe, stored_once in (("rtn:w4g32+embed+head", True), ("gptq:w4g32+embed+head", True),
+                                ("rtn:w4g32+head", False)):
         out = str(tmp_path / recipe.replace(":", "_").replace("+", "_"))
         r = jisu.compress(tiny_hf_tied, out, recipe, **FAST)
         entry = r.manifest["tensors"]["lm_head.weight"]

@@ -129,3 +129,25 @@ def test_stored_bits_per_weight_match_the_formula(name):
     W = torch.randn(48, 128)
     _, entry = encode("w", rtn.quantize(W, spec(name)))
     assert entry["bits_per_weight"] == pytest.approx(spec(name).bits_per_weight(128))
+
+
+def test_mixed_allocation_starts_at_the_widest_uniform_width_and_upgrades_the_most_sensitive():
+    from jisu.compress import mixed
+    from jisu.errors import JisuError
+
+    def item(name, sens3, sens4):
+        n = 1000
+        return mixed.Item(name, n, {2: 2.5 * n, 3: 3.5 * n, 4: 4.5 * n, 8: 8.5 * n},
+                          {2: 100.0, 3: sens3, 4: sens4, 8: 0.0})
+
+    items = [item("a", 1.0, 0.9), item("b", 10.0, 1.0), item("c", 2.0, 1.5)]
+    # budget for all three at 3 bits plus one upgrade to 4: never 2 bits, and "b" (largest drop) upgraded
+    choice = mixed.allocate(items, 3 * 3500 + 1000)
+    assert choice == {"a": 3, "b": 4, "c": 3}
+    # exactly uniform 4-bit: everything at 4
+    assert set(mixed.allocate(items, 3 * 4500).values()) == {4}
+    # between 2 and 3 bits: starts at 2 and upgrades
+    choice = mixed.allocate(items, 3 * 2500 + 1000)
+    assert sorted(choice.values()) == [2, 2, 3] and choice["a"] == 3  # the largest drop from 2 bits
+    with pytest.raises(JisuError, match="below the smallest"):
+        mixed.allocate(items, 3 * 2000)

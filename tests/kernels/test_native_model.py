@@ -19,18 +19,10 @@ from jisu.models import build_model
 
 from .helpers import FORMATS, needs_native
 
-pytestmark = needs_native
+pytestmark = [needs_native, pytest.mark.usefixtures("one_torch_thread")]
 
 RTOL = 1e-4
 SEQ = 20
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,13 +21,7 @@ GGUF_CASES = [name for name, c in CASES.items() if c.gguf_arch]
 _built: dict[str, tuple] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
