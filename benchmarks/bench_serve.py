@@ -231,8 +231,17 @@ async def soak(srv: Server, minutes: float, concurrency: int, max_requests: int,
                     key = str(resp.status_code)
                 counts[key] = counts.get(key, 0) + 1
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"requests": sent, "outcomes": counts}
+        samples = []  # (minute, server RSS MB, KV blocks in use) once a minute: RSS must stay flat
+
+        async def sampler():
+            t0 = time.perf_counter()
+            while time.perf_counter() < deadline:
+                samples.append((round((time.perf_counter() - t0) / 60, 2), round(srv.rss_mb(), 1),
+                                await asyncio.to_thread(metric, srv, "jisu_kv_blocks_used")))
+                await asyncio.sleep(min(60.0, max(0.0, deadline - time.perf_counter())))
+
+        await asyncio.gather(sampler(), *(worker() for _ in range(concurrency)))
+    return {"requests": sent, "outcomes": counts, "rss_samples": samples}
 
 
 # ----------------------------------------------------------------------------- main
