@@ -128,6 +128,10 @@ def gguf_string(s: bytes) -> bytes:
      + struct.pack("<IQ", 0, 0), "elements"),
     (gguf_header(1, 0) + gguf_string(b"t") + struct.pack("<I", 2) + struct.pack("<QQ", 32, 1000)
      + struct.pack("<IQ", 0, 1 << 40) + b"\0" * 64, "past the end|corrupt"),
+    (gguf_header(0, 1) + gguf_string(b"k\xff") + struct.pack("<I", 4) + b"\0" * 4, "not UTF-8"),
+    (gguf_header(0, 1) + gguf_string(b"general.alignment") + struct.pack("<II", 4, 3), "alignment"),
+    (gguf_header(2, 0) + (gguf_string(b"t") + struct.pack("<IQ", 1, 32) + struct.pack("<IQ", 0, 0)) * 2
+     + b"\0" * 256, "appears twice"),
 ])
 def test_absurd_gguf_headers_rejected_fast(tmp_path, blob, match):
     path = tmp_path / "absurd.gguf"
