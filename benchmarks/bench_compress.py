@@ -81,7 +81,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"CPU: {meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}; calibration "
              f"{meta['samples']} x {meta['seq_len']} tokens (first half of the built-in corpus); quality on "
              f"{meta['tokens_scored']} held-out tokens (8 x 256, second half). Reference: fp32 weights dequantized "
-             f"from the Q4_1 GGUF; embedding/LM head kept in fp32 (tied).", "",
+             f"from the Q4_1 GGUF; embedding / LM head (tied) as in the source (Q8_0 in the shipped file) unless "
+             f"the recipe says +embed / +head.", "",
              "| recipe | bits/weight (linears) | bits/weight (all) | linear MB | artifact MB | KLD mean | KLD p99 "
              "| top-1 | perplexity | compress s | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
