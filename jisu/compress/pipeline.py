@@ -392,14 +392,9 @@ def runtime_weights(qz: Quantized) -> dict:
 
     w = {}
     for name, obj in qz.tensors.items():
-        if isinstance(obj, torch.Tensor):
-            w[name] = obj
-        elif name == EMBED:
-            w[name] = obj.dequantize()
-        else:
-            w[name] = _runtime(obj)
+        w[name] = obj if isinstance(obj, torch.Tensor) else _runtime(obj)
     if qz.tied_head:
-        w[HEAD] = _runtime(qz.tensors[EMBED])
+        w[HEAD] = w[EMBED]
     return w
 
 

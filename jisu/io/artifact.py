@@ -394,27 +394,20 @@ def load_formats(folder: str, manifest: Optional[dict] = None) -> tuple[dict, di
 def load_artifact(folder: str, progress: bool = False, verify: bool = False, packed: bool = True):
     """(config, weights for the model, tokenizer) of an artifact folder. Quantized linears become
     packed kernel weights (packed=False: their dequantized float32 values, the reference path);
-    a quantized embedding is dequantized (it is indexed, not multiplied). Tensors are decoded
-    and packed one at a time, so loading needs little beyond the result."""
+    so is a quantized embedding (its rows are decoded when looked up; a tied LM head runs the
+    same packed weight, as with a GGUF). Tensors are decoded and packed one at a time, so loading
+    needs little beyond the result."""
     runtime = _runtime if packed else (lambda fmt: fmt.dequantize())
     from .hf import read_json
 
     m = verify_artifact(folder) if verify else read_manifest(folder)
     cfg = config_from_dict(read_json(os.path.join(folder, CONFIG)), os.path.join(folder, CONFIG))
     same_as = _same_as(folder, m)
-    targets = set(same_as.values())
-    weights, kept = {}, {}
+    weights = {}
     for name, obj in iter_formats(folder, m):
-        if name in targets:
-            kept[name] = obj
-        if isinstance(obj, torch.Tensor):
-            weights[name] = obj
-        else:
-            weights[name] = obj.dequantize() if name == EMBED else runtime(obj)
+        weights[name] = obj if isinstance(obj, torch.Tensor) else runtime(obj)
     for name, target in same_as.items():
-        obj = kept[target]
-        weights[name] = obj if isinstance(obj, torch.Tensor) else (
-            obj.dequantize() if name == EMBED else runtime(obj))
+        weights[name] = weights[target]  # one object: a tied head streams the embedding's packed bytes
     return cfg, weights, load_tokenizer(folder)
 
 
