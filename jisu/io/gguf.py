@@ -156,6 +156,8 @@ class GGUFFile:
         header = _read_header(self.path, size)
         self.metadata: dict[str, Any] = header.metadata
         mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self._mm = mm
+        self._spans: dict[str, tuple[int, int]] = {}
         self.tensors: dict[str, GGUFTensor] = {}
         for name, dims, type_id, offset in header.tensors:
             try:
@@ -173,7 +175,22 @@ class GGUFFile:
             if start + nbytes > size:
                 raise ModelFormatError(f"{self.path}: tensor {name!r} runs past the end of the file (truncated?)")
             self.tensors[name] = GGUFTensor(name, qtype, shape, mm[start:start + nbytes])
+            self._spans[name] = (start, nbytes)
         self.arch = str(self.metadata.get("general.architecture", ""))
+
+    def release(self, name: str) -> None:
+        """Unmap the pages of a tensor that has been copied or converted from this process (they
+        count in its RSS once read; touched again, they come back from the page cache)."""
+        import mmap
+
+        m = getattr(self._mm, "_mmap", None)
+        if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, n = self._spans[name]
+        page = mmap.PAGESIZE
+        a, b = start // page * page, min(-(-(start + n) // page) * page, len(m))
+        if b > a:
+            m.madvise(mmap.MADV_DONTNEED, a, b - a)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

@@ -23,28 +23,39 @@ from .gguf import GGUFFile, GGUFTensor, _unpermute_qk, hf_name
 PACKABLE = frozenset({T.Q8_0, T.Q4_0, T.Q4_1})
 
 
-def _blocks(t: GGUFTensor) -> torch.Tensor:
-    """The tensor's raw blocks as uint8 [N, K / 32, type_size] (one copy out of the memmap)."""
+_LAYOUT = {  # one block of each type as a numpy record
+    T.Q8_0: np.dtype([("d", "<f2"), ("q", "i1", 32)]),
+    T.Q4_0: np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
+    T.Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),
+}
+
+
+def _blocks(t: GGUFTensor) -> np.ndarray:
+    """The tensor's blocks as a record array [N, K / 32] viewing the memmap (no copy)."""
     N, K = t.shape
     _, type_size = GGML_QUANT_SIZES[t.qtype]
     raw = np.asarray(t.data).reshape(-1).view(np.uint8)
     if raw.size != N * (K // 32) * type_size:
         raise ModelFormatError(f"{t.name}: {t.qtype.name} tensor of shape {t.shape} has {raw.size} bytes")
-    return torch.from_numpy(np.array(raw)).view(N, K // 32, type_size)
+    return raw.view(_LAYOUT[t.qtype]).reshape(N, K // 32)
 
 
-def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
-    return b[:, :, at:at + 2].contiguous().view(torch.float16).squeeze(2).float()
+def _f16(field: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(field.astype(np.float32))
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+def _nibbles(qs: np.ndarray) -> torch.Tensor:
     """[N, nb, 16] bytes -> [N, nb * 32] codes (low nibbles first within each block)."""
     N, nb, _ = qs.shape
-    return torch.cat([qs & 15, qs >> 4], 2).reshape(N, nb * 32)
+    out = np.empty((N, nb, 32), dtype=np.uint8)
+    np.bitwise_and(qs, 15, out=out[:, :, :16])
+    np.right_shift(qs, 4, out=out[:, :, 16:])
+    return torch.from_numpy(out.reshape(N, nb * 32))
 
 
 def gguf_format(t: GGUFTensor):
-    """The lossless jisu format (formats.Int8Weight / Int4Weight) of a Q8_0 / Q4_0 / Q4_1 matrix."""
+    """The lossless jisu format (formats.Int8Weight / Int4Weight) of a Q8_0 / Q4_0 / Q4_1 matrix.
+    Reads the blocks straight from the memmap: the codes are the only full-size copy made."""
     from ..kernels.formats import Int4Weight, Int8Weight
 
     if t.qtype not in PACKABLE or len(t.shape) != 2:
@@ -52,10 +63,10 @@ def gguf_format(t: GGUFTensor):
     b = _blocks(t)
     N, K = t.shape
     if t.qtype == T.Q8_0:
-        return Int8Weight(b[:, :, 2:].contiguous().view(torch.int8).reshape(N, K), _f16(b, 0), 32)
+        return Int8Weight(torch.from_numpy(np.ascontiguousarray(b["q"]).reshape(N, K)), _f16(b["d"]), 32)
     if t.qtype == T.Q4_0:
-        return Int4Weight(_nibbles(b[:, :, 2:]), _f16(b, 0), 32, None)
-    return Int4Weight(_nibbles(b[:, :, 4:]), _f16(b, 0), 32, _f16(b, 2))
+        return Int4Weight(_nibbles(b["qs"]), _f16(b["d"]), 32, None)
+    return Int4Weight(_nibbles(b["qs"]), _f16(b["d"]), 32, _f16(b["m"]))
 
 
 def _permute_rows(fmt, n_heads: int):
@@ -92,7 +103,10 @@ def iter_gguf_weights_packed(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[st
             fmt = gguf_format(t)
             if heads:
                 fmt = _permute_rows(fmt, heads)
-            yield target, pack(fmt)
+            packed = pack(fmt)
+            del fmt
+            g.release(name)  # the file's pages of this tensor are not needed any more
+            yield target, packed
             continue
         w = g.dequantize(name)
         if heads:

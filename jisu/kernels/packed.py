@@ -17,6 +17,7 @@ from .formats import CodebookWeight, Int8Weight, IntWeight
 _F32 = torch.float32
 NR = 8   # rows per tile
 QK = 32  # values per block
+PACK_CHUNK_BYTES = 4 << 20  # codes laid out per slice of a large matrix
 
 
 def _pad_rows(t: torch.Tensor, Np: int) -> torch.Tensor:
@@ -134,8 +135,34 @@ class PackedInt(PackedWeight):
             raise ValueError(f"K={K} must be a multiple of the group size {group} (a multiple of 32)")
         self.N, self.K, self.bits, self.asym = N, K, bits, asym
         self.per_channel, self.group = per_channel, group
+        self.chan_scale = None
+        if per_channel:
+            T = (N + NR - 1) // NR
+            self.chan_scale = _pad_rows(scale.to(torch.float32).reshape(N), T * NR).contiguous()
+        # tiles are independent and stored one after another: a large matrix (an embedding) is
+        # laid out a slice of rows at a time, so the temporaries stay a few MB
+        step = max(NR, PACK_CHUNK_BYTES // max(K, 1) // NR * NR)
+        if N <= step:
+            self.data = self._tiles(q, scale, mn)
+        else:
+            self.data = None
+            off = 0
+            for r0 in range(0, N, step):
+                part = self._tiles(q[r0:r0 + step], None if per_channel else scale[r0:r0 + step],
+                                   None if mn is None else mn[r0:r0 + step])
+                if self.data is None:  # every tile takes the same bytes
+                    per_tile = part.numel() // (step // NR)
+                    self.data = torch.empty(((N + NR - 1) // NR) * per_tile, dtype=torch.uint8)
+                self.data[off:off + part.numel()] = part
+                off += part.numel()
+        self._attach()
+
+    def _tiles(self, q: torch.Tensor, scale, mn) -> torch.Tensor:
+        """The packed bytes of the tiles holding rows q [n, K] (n a multiple of NR, or the last rows)."""
+        N, K = q.shape
+        bits, asym, group = self.bits, self.asym, self.group
         T = (N + NR - 1) // NR
-        Np, nb, ng, bpg = T * NR, K // QK, K // group, group // QK
+        Np, nb, ng = T * NR, K // QK, K // group
         dev = q.device
         # codes -> [T, nb, quad j, row r, t]: vector j of a block = 8 rows x 4 consecutive k
         c = _pad_rows(q.to(torch.uint8), Np).view(T, NR, nb, 8, 4).permute(0, 2, 3, 1, 4)
@@ -154,18 +181,15 @@ class PackedInt(PackedWeight):
                 for j in range(8):
                     h |= hb[:, :, j] << j
                 blocks = torch.cat([blocks, h], 2)
+        del c
         blocks = blocks.reshape(T, ng, -1)
         parts = []
-        self.chan_scale = None
-        if per_channel:
-            self.chan_scale = _pad_rows(scale.to(torch.float32).reshape(N), Np).contiguous()
-        else:
+        if not self.per_channel:
             parts.append(_tile_scales(_pad_rows(_f16_bytes(scale, "scale"), Np), T, ng, torch.float16))
             if asym:
                 parts.append(_tile_scales(_pad_rows(_f16_bytes(mn, "min"), Np), T, ng, torch.float16))
         parts.append(blocks)
-        self.data = torch.cat(parts, 2).reshape(-1).contiguous()
-        self._attach()
+        return torch.cat(parts, 2).reshape(-1).contiguous()
 
     def _make_desc(self):
         cs = self.chan_scale.data_ptr() if self.chan_scale is not None else 0

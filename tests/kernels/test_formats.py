@@ -115,3 +115,17 @@ def test_bad_shapes_rejected():
         Int4Weight.quantize_rtn(torch.randn(4, 48), 32)
     with pytest.raises(ValueError):
         Int4Weight.quantize_rtn(torch.randn(4, 64), 48)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8_pc", "int3_g32", "int2_g128"])
+def test_large_matrices_pack_a_slice_at_a_time_to_the_same_bytes(fmt, monkeypatch):
+    from jisu.kernels import packed as packed_mod
+
+    w = torch.randn(203, 256, generator=torch.Generator().manual_seed(3))
+    f = FORMATS[fmt](w)
+    whole = pack(f)
+    monkeypatch.setattr(packed_mod, "PACK_CHUNK_BYTES", 256 * 16)  # 16 rows a slice: 13 slices
+    sliced = pack(f)
+    assert torch.equal(whole.data, sliced.data)
+    if whole.chan_scale is not None:
+        assert torch.equal(whole.chan_scale, sliced.chan_scale)
