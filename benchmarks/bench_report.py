@@ -26,13 +26,24 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--replot", action="store_true", help="redraw DIR's table and plot from its saved results")
     a = p.parse_args()
 
-    from jisu.eval.bench import plot_points, run_bench, to_markdown
-    from jisu.eval.report import ReportCard, plot_quality_speed
+    from jisu.eval.bench import plot, run_bench, to_markdown
+    from jisu.eval.report import ReportCard
     from jisu.eval.runner import evaluate, format_quality, manifest_source
     from jisu.io.sources import resolve
 
+    if a.replot:  # the table and plot again from DIR/*.bench.json (no measuring)
+        import glob
+
+        benches = []
+        for path in sorted(glob.glob(os.path.join(a.out, "*.bench.json")), key=os.path.getmtime):
+            with open(path) as f:
+                benches.append(json.load(f))
+        print(to_markdown(benches))
+        plot(benches, os.path.join(a.out, "quality_vs_speed.png"))
+        return 0
     os.makedirs(a.out, exist_ok=True)
     against = [x for x in a.against.split(",") if x]
     benches, cards = [], []
@@ -56,11 +67,7 @@ def main() -> int:
     with open(os.path.join(a.out, "report.md"), "w") as f:
         f.write(report)
     print(report)
-    points, ylabel, left_out = plot_points(benches)
-    title = f"{benches[0]['machine']['cpu']}, threads={benches[0]['settings']['threads']}"
-    if left_out:
-        title += "\nnot plotted: " + ", ".join(left_out)
-    plot_quality_speed(points, os.path.join(a.out, "quality_vs_speed.png"), ylabel=ylabel, title=title)
+    plot(benches, os.path.join(a.out, "quality_vs_speed.png"))
     return 0
 
 

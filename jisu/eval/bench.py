@@ -181,6 +181,37 @@ def plot_points(benches: list[dict]) -> tuple[list[dict], str, list[str]]:
     return points, ylabel, left_out
 
 
+def perplexity_points(benches: list[dict]) -> list[dict]:
+    """Every engine's own perplexity (measured by the bench on the same tokens) against its decode
+    speed: the panel that shows the peers, whose runs have no KL divergence."""
+    pts = []
+    for b in benches:
+        for name, r in b["engines"].items():
+            if r.get("decode_tok_s") is None or r.get("perplexity") is None:
+                continue
+            label = f"{name} · {b['model']}" + (f" ({r['weight_format']})" if r.get("weight_format") else "")
+            pts.append({"label": label, "x": r["decode_tok_s"], "y": r["perplexity"]})
+    return pts
+
+
+def plot(benches: list[dict], path: str) -> str:
+    """The quality-vs-speed PNG of bench results: KL divergence where measured (jisu's runs), and
+    beside it, when peers were measured, every engine's perplexity."""
+    from .report import plot_quality_speed
+
+    points, ylabel, left_out = plot_points(benches)
+    extra = None
+    if left_out and ylabel.startswith("mean KL"):
+        ppl = perplexity_points(benches)
+        extra = (ppl, "perplexity on the built-in corpus (each engine's own run)")
+        drawn = {p["label"] for p in ppl}
+        left_out = [p for p in left_out if p not in drawn]
+    title = f"{benches[0]['machine']['cpu']}, threads={benches[0]['settings']['threads']}"
+    if left_out:
+        title += "\nnot plotted: " + ", ".join(left_out)
+    return plot_quality_speed(points, path, ylabel=ylabel, title=title, extra=extra)
+
+
 def _read_json(path: str, what: str) -> dict:
     try:
         with open(path) as f:
@@ -238,13 +269,7 @@ def cmd_bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump(bench, f, indent=2)
     if args.plot:
-        from .report import plot_quality_speed
-
-        points, ylabel, left_out = plot_points(benches)
-        title = f"{bench['machine']['cpu']}, threads={bench['settings']['threads']}"
-        if left_out:
-            title += f"\nnot plotted (no {ylabel.split(' (')[0]}): " + ", ".join(left_out)
-        plot_quality_speed(points, args.plot, ylabel=ylabel, title=title)
+        plot(benches, args.plot)
     from .report import update_artifact_card
 
     jisu = bench["engines"]["jisu"]

@@ -128,28 +128,34 @@ def update_artifact_card(model, *, quality: dict | None = None, speed: dict | No
     return write_report_card(model, card)
 
 
-def plot_quality_speed(points: list[dict], path: str, *, ylabel: str, title: str = "") -> str:
-    """PNG scatter of quality vs speed: points are {"label", "x" (decode tok/s), "y"}."""
+def plot_quality_speed(points: list[dict], path: str, *, ylabel: str, title: str = "",
+                       extra: tuple[list[dict], str] | None = None) -> str:
+    """PNG scatter of quality vs speed: points are {"label", "x" (decode tok/s), "y"}. `extra`
+    (points, ylabel) adds a second panel beside it (e.g. every engine's perplexity next to the
+    KL divergence that only jisu's runs have)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    panels = [(points, ylabel)] + ([extra] if extra and extra[0] else [])
+    rows = max(len(pts) for pts, _ in panels)  # legend lines under the plot
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.5 + 0.2 * rows), dpi=120,
+                             squeeze=False, gridspec_kw={"bottom": min(0.6, 0.12 + 0.028 * rows)})
     markers = "osD^vP*Xh<>"
-    for i, p in enumerate(points):  # labels go in the legend: model file names are too long to annotate
-        ax.scatter(p["x"], p["y"], s=50, marker=markers[i % len(markers)], label=p["label"])
-    ax.set_xlabel("decode tokens/s (higher is better)")
-    ax.set_ylabel(f"{ylabel} (lower is better)")
-    import textwrap
-
+    for ax, (pts, label) in zip(axes[0], panels):
+        for i, p in enumerate(pts):  # labels go in the legend: model file names are too long to annotate
+            ax.scatter(p["x"], p["y"], s=50, marker=markers[i % len(markers)], label=p["label"])
+        ax.set_xlabel("decode tokens/s (higher is better)")
+        ax.set_ylabel(f"{label} (lower is better)")
+        ax.grid(True, alpha=0.3)
+        ax.margins(0.15)
+        if pts:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
     lines = (title or "quality vs speed").splitlines()
-    ax.set_title("\n".join(textwrap.fill(line, 95) for line in lines), fontsize=8)
-    ax.grid(True, alpha=0.3)
-    ax.margins(0.15)
-    if points:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
-    fig.tight_layout()
+    fig.suptitle("\n".join(textwrap.fill(line, 95 * len(panels)) for line in lines), fontsize=8)
     fig.savefig(path, format="png", bbox_inches="tight")
     plt.close(fig)
     return path

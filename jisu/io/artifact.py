@@ -369,7 +369,10 @@ def iter_formats(folder: str, manifest: Optional[dict] = None):
                 if not isinstance(entry, dict):
                     raise ModelFormatError(f"{folder}: manifest entry for {name} is malformed")
                 if "same_as" not in entry:
-                    yield name, decode(name, entry, get)
+                    obj = decode(name, entry, get)
+                    # a plain tensor is kept as it is: its own memory, not a view that would keep
+                    # the file's whole mapping (and every page read from it) resident
+                    yield name, (obj.clone() if isinstance(obj, torch.Tensor) else obj)
     except (ModelFormatError, UnsupportedError):
         raise
     except Exception as e:  # safetensors errors

@@ -85,3 +85,18 @@ def test_plot_points_prefer_kld_when_given():
     assert len(points) == 2 and "perplexity" in ylabel and not left
     points, ylabel, left = plot_points([bench({"kld": {"mean": 0.02}})])
     assert [p["y"] for p in points] == [0.02] and "KL" in ylabel and len(left) == 1
+
+
+def test_plot_adds_a_perplexity_panel_for_the_peers(tmp_path):
+    from jisu.eval.bench import perplexity_points, plot
+
+    engine = {"decode_tok_s": 5.0, "perplexity": 20.0, "weight_format": "float32"}
+    b = {"model": "m", "quality": {"kld": {"mean": 0.02}}, "machine": {"cpu": "cpu"}, "settings": {"threads": 2},
+         "engines": {"jisu": engine, "llama.cpp": dict(engine, decode_tok_s=7.0, perplexity=21.0)}}
+    assert [(p["x"], p["y"]) for p in perplexity_points([b])] == [(5.0, 20.0), (7.0, 21.0)]
+    one = plot([dict(b, engines={"jisu": engine})], str(tmp_path / "one.png"))
+    two = plot([b], str(tmp_path / "two.png"))
+    import matplotlib.image
+
+    w1, w2 = matplotlib.image.imread(one).shape[1], matplotlib.image.imread(two).shape[1]
+    assert w2 > 1.5 * w1  # a second panel beside the KLD one
