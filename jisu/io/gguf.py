@@ -40,9 +40,22 @@ def _read_header(path: str, size: int) -> _Header:
     the bytes that remain before using it, so absurd values are rejected without allocating.
     (gguf.GGUFReader trusts these numbers, and builds a numpy view per string: ~6 s for the
     default model's 100k-token vocabulary, against ~0.2 s here.)"""
-    with open(path, "rb") as f:
-        head = f.read(min(size, 64 << 20))
+    import mmap
 
+    if size == 0:
+        raise ModelFormatError(f"{path}: not a valid GGUF file (file too short)")
+    with open(path, "rb") as f:  # mapped, not read: only the header's pages are touched
+        head = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _parse_header(path, head)
+    finally:
+        try:
+            head.close()
+        except BufferError:  # a numpy view still alive (an exception's traceback): let GC close it
+            pass
+
+
+def _parse_header(path: str, head) -> _Header:
     def fail(what: str) -> ModelFormatError:
         return ModelFormatError(f"{path}: not a valid GGUF file ({what})")
 
@@ -103,7 +116,9 @@ def _read_header(path: str, size: int) -> _Header:
                 need(count * dt.itemsize)
                 arr = np.frombuffer(head, dtype=dt, count=count, offset=pos)
                 pos += count * dt.itemsize
-                return (arr != 0).tolist() if item_type == _T_BOOL else arr.tolist()
+                out = (arr != 0).tolist() if item_type == _T_BOOL else arr.tolist()
+                del arr  # no view of the mapping may outlive the parse
+                return out
             if count > len(head) - pos:  # every item takes at least a byte
                 raise fail(f"array of {count} items")
             return [read_value(item_type, depth + 1) for _ in range(count)]
