@@ -364,7 +364,7 @@ def _mixed_allocation(cfg, weights, w, runner, q, ids, out, progress, batch, fis
                     wt = w[name]
                     cost, sens = {}, {}
                     for b, spec in choices.items():
-                        if prep is not None and b != 8:
+                        if prep is not None and spec.bits != 8:
                             fmt, _ = gptq.gptq_quantize(wt, prep, spec)
                         else:
                             fmt = rtn.quantize(wt, spec)

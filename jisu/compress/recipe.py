@@ -19,6 +19,7 @@ Grammar (whitespace is ignored, case-insensitive):
     G       := 32 | 64 | 128
     GPTQOPT := "noact" (no act-order) | "damp=" F (dampening, fraction of mean diag(H); default 0.01)
     MIXOPT  := "g" G (group of the 2/3/4-bit choices, default 32) | "rtn" | "gptq" (default gptq)
+             | "w4" (choices 4-bit at groups 64/32 and int8 instead of 2/3/4/8 bits)
 
 Only one quantization step is allowed per recipe; the comma is reserved for later steps (e.g.
 pruning: "gptq:w4g32,prune:2:4"), which are rejected as unknown for now. "+embed" / "+head" also
@@ -38,7 +39,7 @@ GROUPS = (32, 64, 128)
 MIXED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "awq", "nf4", "kmeans", "mixed")
 VALID_FORMS = ("rtn:w8 | rtn:w8g32 | rtn:wBgG[a] (B=2,3,4; G=32,64,128; a=asymmetric) | gptq:FORMAT[:noact][:damp=F] "
-               "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn] "
+               "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn][:w4] "
                "| options +embed[=FORMAT] +head[=FORMAT]")
 
 
@@ -90,13 +91,18 @@ class QuantStep:
     bpw: Optional[float] = None          # mixed: bits-per-weight budget over the quantized linears
     group_size: int = 32                 # mixed: group of the 2/3/4-bit choices
     base: str = "gptq"                   # mixed: "gptq" | "rtn"
+    four_bit_groups: bool = False        # mixed ":w4": 4-bit at groups 64/32, or int8
 
     @property
     def needs_calibration(self) -> bool:
         return self.method in ("gptq", "awq", "mixed")
 
-    def mixed_choices(self) -> dict[int, FormatSpec]:
-        """bits -> format for mixed precision: symmetric wBgG for 2/3/4, int8 per channel for 8."""
+    def mixed_choices(self) -> dict[float, FormatSpec]:
+        """width -> format for mixed precision, widths ordered by size: symmetric wBgG for 2/3/4 and
+        int8 per channel for 8; with ":w4", symmetric 4-bit at groups 64 / 32 (keyed by their bits
+        per weight) and int8 per channel."""
+        if self.four_bit_groups:
+            return {**{4 + 16 / g: FormatSpec("int", 4, g) for g in (64, 32)}, 8: FormatSpec("int", 8, None)}
         return {b: (FormatSpec("int", 8, None) if b == 8 else FormatSpec("int", b, self.group_size))
                 for b in MIXED_BITS}
 
@@ -124,7 +130,8 @@ class Recipe:
         if q.method == "gptq":
             d |= {"act_order": q.act_order, "damp": q.damp}
         if q.method == "mixed":
-            d |= {"bpw": q.bpw, "group_size": q.group_size, "base": q.base, "bits": list(MIXED_BITS)}
+            d |= {"bpw": q.bpw, "group_size": q.group_size, "base": q.base,
+                  "choices": [spec.name for spec in q.mixed_choices().values()]}
         d["embed"] = self.embed.name if self.embed else None
         d["head"] = self.head.name if self.head else None
         return d
@@ -198,10 +205,12 @@ def _parse_step(s: str, text: str) -> QuantStep:
             raise _fail(text, f"step {s!r}: kmeans takes an optional group size (kmeans:g64)")
         return QuantStep("rtn", parse_format("kmeans" + (fields[0] if fields else ""), text))
     if method == "mixed":
-        bpw, group, base = None, 32, "gptq"
+        bpw, group, base, w4 = None, 32, "gptq", False
         for opt in fields:
             if opt.startswith("bpw="):
                 bpw = _number(opt[4:], text, "bpw")
+            elif opt == "w4":
+                w4 = True
             elif re.fullmatch(r"g\d+", opt):
                 group = _group(opt[1:], text, opt)
             elif opt in ("rtn", "gptq"):
@@ -212,7 +221,7 @@ def _parse_step(s: str, text: str) -> QuantStep:
             raise _fail(text, "mixed needs a budget (mixed:bpw=4.0)")
         if not 2 <= bpw <= 9:
             raise _fail(text, f"bpw={bpw} is outside 2..9 bits per weight")
-        return QuantStep("mixed", None, bpw=bpw, group_size=group, base=base)
+        return QuantStep("mixed", None, bpw=bpw, group_size=group, base=base, four_bit_groups=w4)
     known = ", ".join(METHODS)
     raise _fail(text, f"unknown step {method!r} (known steps: {known})")
 

@@ -39,6 +39,11 @@ def test_options_and_mixed():
     m = parse_recipe("mixed:bpw=4:g64:rtn+head")
     assert m.quant.group_size == 64 and m.quant.base == "rtn" and m.head == FormatSpec("int", 8, None)
     assert m.to_dict()["bpw"] == 4.0
+    m = parse_recipe("mixed:bpw=4.5:w4")
+    choices = m.quant.mixed_choices()
+    assert [s.name for s in choices.values()] == ["w4g64", "w4g32", "w8"]
+    assert list(choices) == sorted(choices)  # widths ordered by size, as the allocation needs
+    assert m.to_dict()["choices"] == ["w4g64", "w4g32", "w8"]
 
 
 @pytest.mark.parametrize("text, problem", [
