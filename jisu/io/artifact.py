@@ -36,7 +36,6 @@ CONFIG = "config.json"
 GGUF_TOKENIZER = "tokenizer_gguf.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                       "special_tokens_map.json")
-EMBED = "model.embed_tokens.weight"
 
 
 # --- bit packing ------------------------------------------------------------------------------

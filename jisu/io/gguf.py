@@ -144,11 +144,6 @@ def _parse_header(path: str, head) -> _Header:
     return _Header(metadata, tensors, (pos + align - 1) // align * align)
 
 
-def _scan_header(path: str, size: int) -> None:
-    """Validate the header only (see _read_header)."""
-    _read_header(path, size)
-
-
 @dataclass
 class GGUFTensor:
     name: str
