@@ -11,10 +11,8 @@
 """
 from __future__ import annotations
 
-import gc
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -22,6 +20,7 @@ import time
 import torch
 
 from ..errors import JisuError
+from ..memory import fixed_mmap_threshold, peak_rss_bytes, trim_heap
 from . import CompressResult
 from .calib import calibration_ids, check_counts, heldout_ids, read_calibration, read_heldout, source_sha256
 from .pipeline import check_model, quantize_model
@@ -144,17 +143,6 @@ def _packed_rows(packed, idx):
         return packed.dequantize()[idx]
 
 
-def trim_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, inflating RSS)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def bits_summary(tensors: dict) -> tuple[dict, dict]:
     total_b = total_n = lin_b = lin_n = 0
     for name, e in tensors.items():
@@ -169,11 +157,6 @@ def bits_summary(tensors: dict) -> tuple[dict, dict]:
     bpw = {"total": total_b * 8 / total_n if total_n else 0.0, "linear": lin_b * 8 / lin_n if lin_n else 0.0}
     params = {"total": total_n, "linear": lin_n, "weight_bytes": total_b, "linear_bytes": lin_b}
     return bpw, params
-
-
-def peak_rss_bytes() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb if sys.platform == "darwin" else kb * 1024
 
 
 def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None, force=False, eval_text=None,
@@ -200,6 +183,7 @@ def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None
     source = resolve(model)
     out_abs = check_output(out, source.path, force)
 
+    fixed_mmap_threshold()  # large temporaries go back to the OS when freed (see jisu.memory)
     # packed: a GGUF's Q4_0/Q4_1/Q8_0 matrices (and an artifact's) stay as they are in the file and
     # are decoded one layer at a time, so no float32 copy of the whole model is ever held
     cfg, weights, tokenizer = load_weights(source, progress=progress, packed=True)
@@ -224,13 +208,13 @@ def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None
             from .measure import ReferenceLogprobs
 
             ref = ReferenceLogprobs(cfg, weights, eval_ids, folder=os.path.dirname(out_abs), progress=progress)
-            trim_memory()
+            trim_heap(collect=True)
         t_ref = time.perf_counter() - t1
         t1 = time.perf_counter()
         qz = quantize_model(cfg, weights, rec, calib_ids, progress=progress)
         t_quant = time.perf_counter() - t1
         del weights
-        trim_memory()
+        trim_heap(collect=True)
         _source_formats(source, cfg, qz.tensors)
         base = {
             "source": {"path": os.path.abspath(source.path), "kind": source.kind, "name": source.name,
@@ -246,7 +230,7 @@ def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None
         t_write = time.perf_counter() - t1
         layers, info = qz.layers, qz.info
         del qz
-        trim_memory()
+        trim_heap(collect=True)
 
         # re-open: every sha256, then load it as `jisu.load` would and measure it against the source
         t1 = time.perf_counter()
@@ -290,5 +274,5 @@ def _measure(ref, folder: str, eval_ids, progress) -> dict:
     from .measure import compare
 
     q = load(folder)
-    trim_memory()
+    trim_heap(collect=True)
     return compare(ref, q.model, eval_ids, progress=progress)

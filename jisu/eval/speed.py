@@ -85,7 +85,8 @@ def path_bytes(path: str) -> int:
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far. On Linux VmHWM, because getrusage's ru_maxrss
-    carries over across exec the RSS of the parent that spawned this process."""
+    carries over across exec the RSS of the parent that spawned this process. (jisu.memory has the
+    same function; this file keeps its own because a peer's process runs it without importing jisu.)"""
     try:
         with open("/proc/self/status") as f:
             for line in f:

@@ -39,16 +39,23 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.
 
 
 # --- bit packing ------------------------------------------------------------------------------
+PACK_ROWS_ELEMS = 1 << 20  # codes packed per slice
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [N, K] (K % 8 == 0, values < 2**bits) -> uint8 [N, K * bits // 8]."""
     N, K = codes.shape
     if bits == 8:
         return codes.contiguous()
-    c = codes.to(torch.int32).view(N, K // 8, 8)
-    v = (c << (bits * torch.arange(8, dtype=torch.int32))).sum(-1, dtype=torch.int64)  # < 2**(8*bits)
-    b = (v[..., None] >> (8 * torch.arange(bits, dtype=torch.int64))) & 255             # [N, K/8, bits]
-    return b.to(torch.uint8).reshape(N, K * bits // 8)
+    out = torch.empty(N, K * bits // 8, dtype=torch.uint8)
+    shift = bits * torch.arange(8, dtype=torch.int32)
+    byte = 8 * torch.arange(bits, dtype=torch.int64)
+    rows = max(1, PACK_ROWS_ELEMS // max(K, 1))   # row slices: the int64 temporaries stay small
+    for r0 in range(0, N, rows):
+        c = codes[r0:r0 + rows].to(torch.int32).view(-1, K // 8, 8)
+        v = (c << shift).sum(-1, dtype=torch.int64)                  # < 2**(8*bits)
+        b = (v[..., None] >> byte) & 255                              # [n, K/8, bits]
+        out[r0:r0 + rows] = b.to(torch.uint8).view(-1, K * bits // 8)
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:

@@ -114,6 +114,6 @@ def iter_gguf_weights_packed(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[st
         if cfg.family == "gemma" and target.endswith("norm.weight"):
             w = w - 1.0  # as iter_gguf_weights: llama.cpp folds Gemma's (1 + w) into the weights
         yield target, w
-    from ..kernels.native_model import trim_heap
+    from ..memory import trim_heap
 
     trim_heap()  # the conversion's temporaries

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..memory import trim_heap
 from . import _native
 from .packed import PackedCodebook, PackedF32, PackedInt, PackedWeight
 
@@ -37,19 +38,6 @@ def packed_rows(weight: PackedWeight, tokens: torch.Tensor) -> torch.Tensor:
     if weight._dense_cache is None:
         weight._dense_cache = weight.dequantize()
     return weight._dense_cache.to("cpu")[ids]
-
-
-def trim_heap() -> None:
-    """Hands freed heap memory back to the OS (glibc keeps the temporaries of a load or a fusion
-    mapped otherwise: ~40 MB on the default model)."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def _as_packed(w) -> PackedWeight:

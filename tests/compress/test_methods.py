@@ -124,6 +124,19 @@ def test_pack_bits_round_trip(bits):
     assert torch.equal(unpack_bits(packed, bits, 96), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_bits_in_row_slices_equals_one_pass(bits, monkeypatch):
+    """Large matrices are packed a slice of rows at a time (bounded temporaries); a slice size
+    that does not divide the rows gives the same bytes."""
+    from jisu.io import artifact
+
+    g = torch.Generator().manual_seed(10 + bits)
+    codes = torch.randint(0, 1 << bits, (37, 64), generator=g, dtype=torch.uint8)
+    whole = pack_bits(codes, bits)
+    monkeypatch.setattr(artifact, "PACK_ROWS_ELEMS", 5 * 64)
+    assert torch.equal(pack_bits(codes, bits), whole)
+
+
 @pytest.mark.parametrize("name", ["w4g32", "w4g32a", "w3g32", "w2g64", "w8", "w8g32", "nf4g64", "kmeansg64", "kmeans"])
 def test_stored_bits_per_weight_match_the_formula(name):
     W = torch.randn(48, 128)
