@@ -118,6 +118,8 @@ class PackedWeight:
 class PackedInt(PackedWeight):
     """Int8 (per-channel or group), Int4/Int3/Int2 (sym or asym, group 32/64/128)."""
 
+    _V3 = torch.arange(3, dtype=torch.uint8).view(3, 1)  # int3: vector v carries bit v of quads 6, 7
+
     def __init__(self, fmt):
         if isinstance(fmt, Int8Weight):
             q = fmt.q.view(torch.uint8)
@@ -163,7 +165,6 @@ class PackedInt(PackedWeight):
         bits, asym, group = self.bits, self.asym, self.group
         T = (N + NR - 1) // NR
         Np, nb, ng = T * NR, K // QK, K // group
-        dev = q.device
         # codes -> [T, nb, quad j, row r, t]: vector j of a block = 8 rows x 4 consecutive k
         c = _pad_rows(q.to(torch.uint8), Np).view(T, NR, nb, 8, 4).permute(0, 2, 3, 1, 4)
         c = c.reshape(T, nb, 8, 32)
@@ -171,16 +172,14 @@ class PackedInt(PackedWeight):
             blocks = c.reshape(T, nb, 256)
         elif bits == 4:
             blocks = (c[:, :, :4] | (c[:, :, 4:] << 4)).reshape(T, nb, 128)
+        elif bits == 3:  # vector v: quads 2v, 2v+1 in bits 0-2, 4-6; bit v of quads 6, 7 in bits 3, 7
+            v = (c[:, :, 0:6:2] | (c[:, :, 1:6:2] << 4)
+                 | (((c[:, :, 6:7] >> self._V3) & 1) << 3) | (((c[:, :, 7:8] >> self._V3) & 1) << 7))
+            blocks = v.reshape(T, nb, 96)
         else:
             lo = c & 3
             v = lo[:, :, 0:2] | (lo[:, :, 2:4] << 2) | (lo[:, :, 4:6] << 4) | (lo[:, :, 6:8] << 6)
             blocks = v.reshape(T, nb, 64)
-            if bits == 3:
-                hb = (c >> 2) & 1
-                h = torch.zeros((T, nb, 32), dtype=torch.uint8, device=dev)
-                for j in range(8):
-                    h |= hb[:, :, j] << j
-                blocks = torch.cat([blocks, h], 2)
         del c
         blocks = blocks.reshape(T, ng, -1)
         parts = []
@@ -214,12 +213,14 @@ class PackedInt(PackedWeight):
         elif self.bits == 4:
             v = blocks.view(T, nb, 4, 32)
             c = torch.cat([v & 15, v >> 4], 2).to(torch.int32)
+        elif self.bits == 3:
+            v = blocks.reshape(T, nb, 3, 32).to(torch.int32)
+            q6 = (((v >> 3) & 1) << self._V3.to(torch.int32)).sum(2, keepdim=True)
+            q7 = (((v >> 7) & 1) << self._V3.to(torch.int32)).sum(2, keepdim=True)
+            c = torch.cat([torch.stack([v & 7, (v >> 4) & 7], 3).reshape(T, nb, 6, 32), q6, q7], 2)
         else:
             v = blocks[:, :, :64].reshape(T, nb, 2, 32)
             c = torch.cat([v & 3, (v >> 2) & 3, (v >> 4) & 3, v >> 6], 2).to(torch.int32)
-            if self.bits == 3:
-                h = blocks[:, :, 64:].to(torch.int32)
-                c = c | torch.stack([((h >> j) & 1) << 2 for j in range(8)], 2)
         # [T, nb, j, r, t] -> [T, r, nb, j, t] -> [Np, K]
         codes = c.view(T, nb, 8, NR, 4).permute(0, 3, 1, 2, 4).reshape(T * NR, self.K)
         codes = codes[: self.N].to(torch.float32)

@@ -29,8 +29,10 @@ constexpr int NR = 8;
 //     bits 8: 8 vectors of int8 (256 B)
 //     bits 4: 4 vectors; vector v holds quad v in low nibbles, quad v+4 in high (128 B)
 //     bits 2: 2 vectors; vector v holds quads v, v+2, v+4, v+6 at bits 0,2,4,6 (64 B)
-//     bits 3: the bits-2 layout of the low 2 bits (64 B) + one vector whose byte
-//             (4r+t) has bit j = bit 2 of code (r, 4j+t)  (32 B)
+//     bits 3: 3 vectors (96 B); byte (4r+t) of vector v holds the code of quad 2v in
+//             bits 0-2, of quad 2v+1 in bits 4-6, and bit v of the codes of quads 6
+//             and 7 in bits 3 and 7: two shifts and masks per vector unpack quads 0-5,
+//             and quads 6/7 gather one bit from each vector (20 AVX2 ops per block).
 //
 // CODEBOOK (4-bit index into a per-row 16-entry table, optional group scale):
 //   tile = [8 rows x (16 B table low bytes, 16 B table high bytes)] then per group:
@@ -62,6 +64,21 @@ struct PackedDesc {
 // Bytes of one 8-row x 32-code block for an INT format.
 static inline int64_t int_block_bytes(int bits) {
   return bits == 8 ? 256 : bits == 4 ? 128 : bits == 3 ? 96 : 64;
+}
+
+// Code of (row r, k in 0..31) in one 8-row INT block (the reference decoding of the layouts above).
+static inline int int_code(const uint8_t* blk, int bits, int r, int k) {
+  const int j = k >> 2, t = k & 3, lane = 4 * r + t;
+  switch (bits) {
+    case 8: return (int8_t)blk[j * 32 + lane];
+    case 4: return (blk[(j & 3) * 32 + lane] >> ((j >> 2) * 4)) & 15;
+    case 2: return (blk[(j & 1) * 32 + lane] >> ((j >> 1) * 2)) & 3;
+    default: {  // 3
+      if (j < 6) return (blk[(j >> 1) * 32 + lane] >> ((j & 1) * 4)) & 7;
+      const int sh = j == 6 ? 3 : 7;
+      return ((blk[lane] >> sh) & 1) | (((blk[32 + lane] >> sh) & 1) << 1) | (((blk[64 + lane] >> sh) & 1) << 2);
+    }
+  }
 }
 
 // Quantized activations for M rows (filled by quantize_act of the active ISA).

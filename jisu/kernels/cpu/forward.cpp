@@ -149,17 +149,7 @@ void dequant_row(const PackedDesc& W, int64_t n, float* out) {
       const uint8_t* b = gp + sbytes + i * bb;
       float* o = out + (g * bpg + i) * QK;
       for (int k = 0; k < QK; k++) {
-        const int j = k / 4, tt = k % 4, lane = 4 * (int)r + tt;
-        int code;
-        if (bits == 8) {
-          code = (int8_t)b[32 * j + lane];
-        } else if (bits == 4) {
-          code = j < 4 ? (b[32 * j + lane] & 15) : (b[32 * (j - 4) + lane] >> 4);
-        } else {
-          code = (b[32 * (j % 2) + lane] >> (2 * (j / 2))) & 3;
-          if (bits == 3) code |= ((b[64 + lane] >> j) & 1) << 2;
-        }
-        const float q = (float)code;
+        const float q = (float)int_code(b, bits, (int)r, k);
         if (W.asym)
           o[k] = q * s + mn;
         else if (bits == 8)

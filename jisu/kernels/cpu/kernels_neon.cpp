@@ -27,23 +27,32 @@ static inline void quad_codes(const uint8_t* blk, int j, int8x16_t& lo, int8x16_
       lo = vreinterpretq_s8_u8(vshrq_n_u8(a, 4));
       hi = vreinterpretq_s8_u8(vshrq_n_u8(b, 4));
     }
+  } else if constexpr (BITS == 3) {
+    const uint8x16_t m7 = vdupq_n_u8(7);
+    if (j < 6) {
+      const int8x16_t s = vdupq_n_s8((int8_t)(-(j & 1) * 4));  // right shift by 0 or 4
+      lo = vreinterpretq_s8_u8(vandq_u8(vshlq_u8(vld1q_u8(blk + 32 * (j >> 1)), s), m7));
+      hi = vreinterpretq_s8_u8(vandq_u8(vshlq_u8(vld1q_u8(blk + 32 * (j >> 1) + 16), s), m7));
+    } else {  // bit v of the code is bit 3 (quad 6) or 7 (quad 7) of vector v
+      const int sh = j == 6 ? 3 : 7;
+      uint8x16_t a = vdupq_n_u8(0), b = a;
+      for (int v = 0; v < 3; v++) {
+        const int8x16_t s = vdupq_n_s8((int8_t)(v - sh));  // bit sh -> bit v
+        const uint8x16_t mv = vdupq_n_u8((uint8_t)(1 << v));
+        a = vorrq_u8(a, vandq_u8(vshlq_u8(vld1q_u8(blk + 32 * v), s), mv));
+        b = vorrq_u8(b, vandq_u8(vshlq_u8(vld1q_u8(blk + 32 * v + 16), s), mv));
+      }
+      lo = vreinterpretq_s8_u8(a);
+      hi = vreinterpretq_s8_u8(b);
+    }
   } else {
     const int sh = (j >> 1) * 2;
     const int8x16_t s = vdupq_n_s8((int8_t)-sh);  // right shift by sh
     const uint8x16_t m = vdupq_n_u8(3);
     const uint8x16_t a = vandq_u8(vshlq_u8(vld1q_u8(blk + 32 * (j & 1)), s), m);
     const uint8x16_t b = vandq_u8(vshlq_u8(vld1q_u8(blk + 32 * (j & 1) + 16), s), m);
-    if constexpr (BITS == 3) {
-      const int8x16_t hs = vdupq_n_s8((int8_t)(2 - j));  // bit j -> bit 2
-      const uint8x16_t m4 = vdupq_n_u8(4);
-      const uint8x16_t ha = vandq_u8(vshlq_u8(vld1q_u8(blk + 64), hs), m4);
-      const uint8x16_t hb = vandq_u8(vshlq_u8(vld1q_u8(blk + 80), hs), m4);
-      lo = vreinterpretq_s8_u8(vorrq_u8(a, ha));
-      hi = vreinterpretq_s8_u8(vorrq_u8(b, hb));
-    } else {
-      lo = vreinterpretq_s8_u8(a);
-      hi = vreinterpretq_s8_u8(b);
-    }
+    lo = vreinterpretq_s8_u8(a);
+    hi = vreinterpretq_s8_u8(b);
   }
 }
 

@@ -44,19 +44,6 @@ void quantize_act(const float* x, int64_t m0, int64_t m1, ActQ& A, bool need_q16
   }
 }
 
-// Code of (row r, k in 0..31) in one INT block.
-inline int int_code(const uint8_t* blk, int bits, int r, int k) {
-  const int j = k >> 2, t = k & 3, lane = 4 * r + t;
-  switch (bits) {
-    case 8: return (int8_t)blk[j * 32 + lane];
-    case 4: return (blk[(j & 3) * 32 + lane] >> ((j >> 2) * 4)) & 15;
-    case 2: return (blk[(j & 1) * 32 + lane] >> ((j >> 1) * 2)) & 3;
-    default:  // 3
-      return ((blk[(j & 1) * 32 + lane] >> ((j >> 1) * 2)) & 3) |
-             (((blk[64 + lane] >> j) & 1) << 2);
-  }
-}
-
 void int_gemm(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t t1,
               float* out, int64_t ldo, const float* bias, uint8_t*) {
   const int64_t K = W.K, nb = K / QK, G = W.group, bpg = G / QK, ng = K / G;
