@@ -85,13 +85,22 @@ class _IntGrid:
     def params(self, wg: torch.Tensor, h: torch.Tensor, search: bool):
         """Best (scale [N], min [N] or None) for group wg [N, g] under column weights h [g]."""
         s, m = self.candidates(wg, search)
+        best_s, best_m = s[0], (None if m is None else m[0])
         if s.shape[0] == 1:
-            return s[0], (None if m is None else m[0])
-        _, deq = self.round(wg[None], s[..., None], None if m is None else m[..., None])
-        err = ((wg[None] - deq) ** 2 * h).sum(-1)          # [C, N]
-        best = err.argmin(0)
-        pick = lambda t: t.gather(0, best[None]).squeeze(0)  # noqa: E731
-        return pick(s), (None if m is None else pick(m))
+            return best_s, best_m
+        best = None
+        for c in range(s.shape[0]):  # one candidate at a time: [N, g] temporaries, not [C, N, g]
+            _, deq = self.round(wg, s[c, :, None], None if m is None else m[c, :, None])
+            err = ((wg - deq) ** 2 * h).sum(-1)             # [N]
+            if best is None:
+                best = err
+                continue
+            better = err < best                               # ties keep the earlier candidate
+            best = torch.where(better, err, best)
+            best_s = torch.where(better, s[c], best_s)
+            if m is not None:
+                best_m = torch.where(better, m[c], best_m)
+        return best_s, best_m
 
 
 class _CodebookGrid:
@@ -168,20 +177,23 @@ def gptq_quantize(w: torch.Tensor, H, spec: FormatSpec, *, damp: float = 0.01, a
 
 
 def _gptq(w, prep: Prepared, spec, block, search):
-    W = w.detach().to(torch.float32).clone()
-    N, K = W.shape
+    N, K = w.shape
     if prep.U.shape != (K, K):
         raise ValueError(f"gptq: H is {tuple(prep.U.shape)}, weight has K={K}")
     g = spec.group_size or K
     if K % g:
         raise ValueError(f"gptq: K={K} is not a multiple of the group size {g}")
-    W[:, prep.dead] = 0.0
+    # the only copy of the weights: transposed ([K, N]), so that a column is a contiguous row
+    WT = w.detach().T.to(torch.float32).contiguous()
+    if WT.data_ptr() == w.data_ptr():
+        WT = WT.clone()
+    WT[prep.dead] = 0.0
     hdiag = prep.hdiag
     ng = K // g
     if spec.kind == "int":
         grid = _IntGrid(spec)
     else:
-        table, _ = codebook.tables(W, spec, weight=hdiag[None])
+        table, _ = codebook.tables(WT.T.contiguous(), spec, weight=hdiag[None])
         grid = _CodebookGrid(spec, table)
     scales = torch.zeros(N, ng)
     mins = torch.zeros(N, ng) if (spec.kind == "int" and not spec.sym and spec.bits != 8) else None
@@ -198,13 +210,13 @@ def _gptq(w, prep: Prepared, spec, block, search):
         raise ValueError(f"gptq: block {block} is not a multiple of the group size {g}")
     if static:  # every group's parameters from the original weights
         for j in range(ng):
-            set_group(j, W[:, j * g:(j + 1) * g], hdiag[j * g:(j + 1) * g])
+            set_group(j, WT[j * g:(j + 1) * g].T.contiguous(), hdiag[j * g:(j + 1) * g])
     if perm is not None:
-        W = W[:, perm]
+        WT = WT[perm]
         group_of = (perm // g).tolist()
     else:
         group_of = [c // g for c in range(K)]
-    codes, losses = _columns(W, prep.U, block, g, group_of, static, set_group, grid, scales, mins, hdiag)
+    codes, losses = _columns(WT, prep.U, block, g, group_of, static, set_group, grid, scales, mins, hdiag)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return _build(spec, codes, scales, mins, grid), losses
@@ -220,11 +232,10 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def _columns(W, U, block, g, group_of, static, set_group, grid, scales, mins, hdiag):
-    """The column loop with lazy block updates; returns (codes [N, K] in W's order, losses [N]).
-    Works on W transposed ([K, N]) so that a column is a contiguous row."""
-    N, K = W.shape
-    WT = W.T.contiguous()
+def _columns(WT, U, block, g, group_of, static, set_group, grid, scales, mins, hdiag):
+    """The column loop with lazy block updates over WT [K, N] (the weights transposed, updated in
+    place); returns (codes [N, K] in WT's row order, losses [N])."""
+    K, N = WT.shape
     codes = torch.zeros(K, N, dtype=torch.int16)
     losses = torch.zeros(N, dtype=torch.float64)
     have = [static] * (K // g)

@@ -241,15 +241,13 @@ def _gptq_layer(cfg, weights, w, runner, i, X, specs, out, batch, method, q):
         acc(runner.mlp_in(i, X[sl]))
     del A
     _quantize_group(cfg, weights, w, i, ("gate", "up"), acc.H, specs, out, method, q)
-    # down
-    D = torch.empty(n, X.shape[1], cfg.intermediate_size)
+    # down (its input is computed again for the layer's output rather than kept: [n, T, F] floats)
     acc = _Acc()
     for sl in _batches(n, batch):
-        D[sl] = runner.mlp_core(i, runner.mlp_in(i, X[sl]))
-        acc(D[sl])
+        acc(runner.mlp_core(i, runner.mlp_in(i, X[sl])))
     _quantize_group(cfg, weights, w, i, ("down",), acc.H, specs, out, method, q)
     for sl in _batches(n, batch):
-        X[sl] = runner.mlp_out(i, X[sl], D[sl])
+        X[sl] = runner.mlp_out(i, X[sl], runner.mlp_core(i, runner.mlp_in(i, X[sl])))
 
 
 def _awq_layer(cfg, weights, w, runner, i, X, specs, out, changed, batch):
