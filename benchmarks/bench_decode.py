@@ -2,7 +2,8 @@
 shipped, plus Q4_0 / Q8_0 GGUFs found next to it, in --quant-dir, or GGUFs and jisu artifact folders
 given by --model), measured end to end, optionally against llama.cpp's llama-bench in the same run
 (an artifact, which llama.cpp cannot read, is set beside llama.cpp on the Q4_0 file). Peak RSS is the
-process's maximum resident set above its size after importing torch and jisu, against file + KV cache.
+process's maximum resident set above its size after importing torch, jisu and the libraries a load
+imports, against file + KV cache.
 
   decode tok/s  = (256 - 16) / (wall time of 256 new tokens - wall time of 16 new tokens)
                   (LLM.generate, greedy, EOS ignored, a short chat prompt)
@@ -156,7 +157,15 @@ def bench_model(path: str, args) -> dict:
     import jisu
     from jisu.kernels.native_model import NativeLlama
 
-    rss0 = psutil.Process().memory_info().rss  # after importing jisu and torch
+    # the runtime first: torch, jisu and the libraries a load imports (tokenizers, safetensors, the
+    # kernels' module...), so that what is measured above rss0 is the model's own memory
+    import importlib
+
+    for mod in ("tokenizers", "jinja2.sandbox", "safetensors.torch", "tqdm", "jisu.io.gguf", "jisu.io.tokenizer",
+                "jisu.io.sources", "jisu.io.gguf_packed", "jisu.io.artifact", "jisu.kernels.native_model",
+                "jisu.engine.generate"):
+        importlib.import_module(mod)
+    rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     llm = jisu.load(path, threads=args.threads)
     load_s = time.perf_counter() - t0
@@ -240,9 +249,9 @@ def bench_model(path: str, args) -> dict:
     llm.model = real
     ctx = len(ids) + (SHORT + LONG) / 2
     bpt = bytes_per_token(llm.model, ctx)
-    import resource
+    from jisu.memory import peak_rss_bytes
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0  # Linux: KiB
+    peak = peak_rss_bytes() - rss0
     cfg = llm.config
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * max(len(long_prompt) + 1, len(ids) + LONG)
     res = {"model": path, "file_mb": model_bytes(path) / 1e6, "peak_rss_mb": peak / 1e6, "kv_mb": kv / 1e6, "native": native, "load_s": load_s,

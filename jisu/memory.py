@@ -72,3 +72,39 @@ def peak_rss_bytes() -> int:
         import psutil
 
         return psutil.Process().memory_info().peak_wset
+
+
+def file_mapping(path: str) -> tuple[int, int] | None:
+    """(start, end) address of this process's mapping of the file `path` (the first one found in
+    /proc/self/maps), or None."""
+    import os
+
+    try:
+        st = os.stat(path)
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[4] == str(st.st_ino) and os.path.realpath(parts[5]) == os.path.realpath(path):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    return lo, hi
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def release_mapped(ptr: int, nbytes: int, mapping: tuple[int, int]) -> None:
+    """Drop the resident pages of [ptr, ptr + nbytes) inside the read-only file mapping `mapping`
+    (from file_mapping): they count in RSS once read, and touched again they come back from the
+    page cache. Ranges outside the mapping are left alone (on anonymous memory this would zero it)."""
+    import mmap
+
+    libc = _libc()
+    if libc is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo, hi = max(ptr, mapping[0]), min(ptr + nbytes, mapping[1])
+    a, b = -(-lo // page) * page, hi // page * page     # whole pages inside the range only
+    if b > a:
+        import ctypes
+
+        libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), mmap.MADV_DONTNEED)

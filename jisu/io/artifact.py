@@ -64,19 +64,26 @@ def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     p = packed.view(torch.uint8)
     if bits == 8:
         return p.reshape(N, K)
+    out = torch.empty(N, K, dtype=torch.uint8)
+    rows = max(1, PACK_ROWS_ELEMS // max(K, 1))   # row slices: the temporaries stay small
+    for r0 in range(0, N, rows):
+        _unpack_rows(p[r0:r0 + rows], bits, K, out[r0:r0 + rows])
+    return out
+
+
+def _unpack_rows(p: torch.Tensor, bits: int, K: int, out: torch.Tensor) -> None:
+    n = p.shape[0]
     if bits in (2, 4):
         per = 8 // bits
-        mask = (1 << bits) - 1
-        out = torch.empty(N, K // per, per, dtype=torch.uint8)
+        o = out.view(n, K // per, per)
         for i in range(per):
-            torch.bitwise_and(p >> (bits * i), mask, out=out[:, :, i])
-        return out.view(N, K)
-    b = p.view(N, K // 8, bits).to(torch.int32)
-    v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) if bits == 3 else None
-    out = torch.empty(N, K // 8, 8, dtype=torch.uint8)
+            torch.bitwise_and(p >> (bits * i), (1 << bits) - 1, out=o[:, :, i])
+        return
+    b = p.reshape(n, K // 8, bits).to(torch.int32)
+    v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)   # 3 bits: 8 codes in 3 bytes
+    o = out.view(n, K // 8, 8)
     for i in range(8):
-        out[:, :, i] = (v >> (bits * i)) & ((1 << bits) - 1)
-    return out.view(N, K)
+        o[:, :, i] = (v >> (bits * i)) & ((1 << bits) - 1)
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -362,14 +369,20 @@ def iter_formats(folder: str, manifest: Optional[dict] = None):
     if not os.path.isfile(path):
         raise ModelFormatError(f"{folder}: artifact has no {MODEL_FILE}")
     check_safetensors(path)
+    from ..memory import file_mapping, release_mapped
+
     try:
         with safe_open(path, framework="pt") as f:
             keys = set(f.keys())
+            read: list[torch.Tensor] = []
+            mapping = None
 
             def get(key):
                 if key not in keys:
                     raise ModelFormatError(f"{path}: tensor {key!r} named in the manifest is missing")
-                return f.get_tensor(key)
+                t = f.get_tensor(key)
+                read.append(t)
+                return t
 
             for name, entry in m["tensors"].items():
                 if not isinstance(entry, dict):
@@ -379,6 +392,12 @@ def iter_formats(folder: str, manifest: Optional[dict] = None):
                     # a plain tensor is kept as it is: its own memory, not a view that would keep
                     # the file's whole mapping (and every page read from it) resident
                     yield name, (obj.clone() if isinstance(obj, torch.Tensor) else obj)
+                    # the caller has converted it: the file pages it read leave this process's RSS
+                    mapping = mapping or file_mapping(path)
+                    if mapping is not None:
+                        for t in read:
+                            release_mapped(t.data_ptr(), t.numel() * t.element_size(), mapping)
+                    read.clear()
     except (ModelFormatError, UnsupportedError):
         raise
     except Exception as e:  # safetensors errors
@@ -412,12 +431,15 @@ def load_artifact(folder: str, progress: bool = False, verify: bool = False, pac
     m = verify_artifact(folder) if verify else read_manifest(folder)
     cfg = config_from_dict(read_json(os.path.join(folder, CONFIG)), os.path.join(folder, CONFIG))
     same_as = _same_as(folder, m)
+    # the tokenizer first: the garbage of building it is reused by the weights' temporaries
+    # instead of adding to the peak on top of them
+    tokenizer = load_tokenizer(folder)
     weights = {}
     for name, obj in iter_formats(folder, m):
         weights[name] = obj if isinstance(obj, torch.Tensor) else runtime(obj)
     for name, target in same_as.items():
         weights[name] = weights[target]  # one object: a tied head streams the embedding's packed bytes
-    return cfg, weights, load_tokenizer(folder)
+    return cfg, weights, tokenizer
 
 
 def load_tokenizer(folder: str):
