@@ -46,11 +46,39 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed):
         ctx.packed = packed
-        return F.linear(x, packed.dequantize())
+        blocks = _row_blocks(packed)
+        if blocks is None:
+            return F.linear(x, packed.dequantize())
+        out = x.new_empty(*x.shape[:-1], packed.N)
+        for r0, r1, w in blocks:
+            out[..., r0:r1] = F.linear(x, w)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        return g @ ctx.packed.dequantize(), None
+        blocks = _row_blocks(ctx.packed)
+        if blocks is None:
+            return g @ ctx.packed.dequantize(), None
+        gx = None
+        for r0, r1, w in blocks:
+            part = g[..., r0:r1] @ w
+            gx = part if gx is None else gx.add_(part)
+        return gx, None
+
+
+BLOCK_ELEMS = 1 << 22  # a packed matrix larger than this (an LM head) is decoded a block of rows at a time
+
+
+def _row_blocks(packed):
+    """(r0, r1, float32 rows) over a large packed int matrix, or None (decode it whole)."""
+    from ..kernels.packed import NR, PackedInt
+
+    if not isinstance(packed, PackedInt) or packed.N * packed.K <= BLOCK_ELEMS:
+        return None
+    T = (packed.N + NR - 1) // NR
+    step = max(1, BLOCK_ELEMS // packed.K // NR)
+    return ((t0 * NR, min((t0 + step) * NR, packed.N), packed._dequant_tiles(t0, min(T, t0 + step)))
+            for t0 in range(0, T, step))
 
 
 class Runner:

@@ -203,10 +203,22 @@ class PackedInt(PackedWeight):
         return T, nb, ng, bb, sbytes
 
     def dequantize(self) -> torch.Tensor:
-        """Effective float32 weights [N, K], decoded from the packed bytes."""
-        T, nb, ng, bb, sb = self._layout()
-        bpg = self.group // QK
-        d = self.data.view(T, ng, -1)
+        """Effective float32 weights [N, K], decoded from the packed bytes (a slice of tiles at a
+        time: the integer temporaries stay a few MB even for an embedding)."""
+        T = (self.N + NR - 1) // NR
+        out = torch.empty(self.N, self.K)
+        step = max(1, PACK_CHUNK_BYTES // max(self.K, 1) // NR)
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            out[t0 * NR:min(t1 * NR, self.N)] = self._dequant_tiles(t0, t1)
+        return out
+
+    def _dequant_tiles(self, t0: int, t1: int) -> torch.Tensor:
+        """Rows [8 t0, min(8 t1, N)) in float32."""
+        _, nb, ng, bb, sb = self._layout()
+        T = t1 - t0
+        n = min(t1 * NR, self.N) - t0 * NR
+        d = self.data.view(-1, ng, self.data.numel() // ((self.N + NR - 1) // NR) // ng)[t0:t1]
         blocks = d[:, :, sb:].reshape(T, nb, bb)
         if self.bits == 8:
             c = blocks.view(T, nb, 8, 32).view(torch.int8).to(torch.int32)
@@ -221,15 +233,15 @@ class PackedInt(PackedWeight):
         else:
             v = blocks[:, :, :64].reshape(T, nb, 2, 32)
             c = torch.cat([v & 3, (v >> 2) & 3, (v >> 4) & 3, v >> 6], 2).to(torch.int32)
-        # [T, nb, j, r, t] -> [T, r, nb, j, t] -> [Np, K]
+        # [T, nb, j, r, t] -> [T, r, nb, j, t] -> [rows, K]
         codes = c.view(T, nb, 8, NR, 4).permute(0, 3, 1, 2, 4).reshape(T * NR, self.K)
-        codes = codes[: self.N].to(torch.float32)
+        codes = codes[:n].to(torch.float32)
         if self.per_channel:
-            return codes * self.chan_scale[: self.N, None]
+            return codes * self.chan_scale[t0 * NR:t0 * NR + n, None]
 
         def scales(off):
             s = d[:, :, off:off + 16].contiguous().view(torch.float16).to(torch.float32)
-            return s.permute(0, 2, 1).reshape(T * NR, ng)[: self.N].repeat_interleave(self.group, 1)
+            return s.permute(0, 2, 1).reshape(T * NR, ng)[:n].repeat_interleave(self.group, 1)
 
         s = scales(0)
         if self.asym:
