@@ -125,6 +125,7 @@ def main() -> int:
 
     recipes = [r for r in args.recipes.split(";") if r]
     work = args.work or tempfile.mkdtemp(prefix="jisu-bench-compress-")
+    os.makedirs(work, exist_ok=True)
     rows = []
     meta = {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)", "cpu": cpu_name(),
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
