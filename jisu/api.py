@@ -129,6 +129,7 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     native: run Llama-family models through the native forward step (default: when supported)."""
     from .kernels import ops
     from .kernels.native_model import accelerate
+    from .memory import loading_heap
 
     if threads:
         torch.set_num_threads(threads)
@@ -137,10 +138,12 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     t0 = time.perf_counter()
     if packed is None:
         packed = ops.native_available()
-    cfg, weights, tokenizer = load_weights(source, progress=progress, packed=packed)
-    net = build_model(cfg, weights)
-    if native is not False:
-        net = accelerate(net)
+    with loading_heap():  # conversion temporaries do not add to the peak RSS
+        cfg, weights, tokenizer = load_weights(source, progress=progress, packed=packed)
+        net = build_model(cfg, weights)
+        del weights
+        if native is not False:
+            net = accelerate(net)
     llm = LLM(net, tokenizer, source)
     llm.load_s = time.perf_counter() - t0
     return llm

@@ -52,6 +52,34 @@ def fixed_mmap_threshold(nbytes: int = 1 << 20) -> bool:
         return False
 
 
+DYNAMIC_MAX = 32 << 20  # the largest mmap threshold glibc's own adjustment reaches (64-bit)
+
+
+class loading_heap:
+    """While loading a model: allocations of `nbytes` or more are mmapped, so conversion
+    temporaries leave RSS when freed instead of raising the peak; on exit the thresholds go to
+    where glibc's own adjustment ends up after such frees (mmap 32 MB, trim 64 MB), so the
+    steady-state loop reuses heap memory without page faults, and the heap is trimmed."""
+
+    def __init__(self, nbytes: int = 256 << 10):
+        self.nbytes = nbytes
+
+    def __enter__(self):
+        fixed_mmap_threshold(self.nbytes)
+        return self
+
+    def __exit__(self, *exc):
+        libc = _libc()
+        if libc is not None:
+            try:
+                libc.mallopt(M_MMAP_THRESHOLD, DYNAMIC_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, 2 * DYNAMIC_MAX)
+            except AttributeError:
+                pass
+        trim_heap()
+        return False
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far. On Linux VmHWM, because getrusage's ru_maxrss
     carries over across exec the RSS of the parent that spawned this process. (jisu/eval/speed.py

@@ -32,6 +32,21 @@ def check_context(num_prompt: int, max_tokens: int, max_context: int) -> None:
 _LAST = torch.tensor([-1])
 
 
+def prefill(model, prompt_ids: list[int], cache) -> torch.Tensor:
+    """Run the prompt through the model; returns the last position's logits [V]. A model with a
+    `prefill_chunk` (the native step, whose rows do not depend on how many are computed together)
+    takes a long prompt that many tokens at a time, so its scratch memory stays bounded."""
+    chunk = getattr(model, "prefill_chunk", None) or len(prompt_ids)
+    for p0 in range(0, len(prompt_ids), chunk):
+        part = prompt_ids[p0:p0 + chunk]
+        last = p0 + chunk >= len(prompt_ids)
+        out = model.forward(torch.tensor([part]), cache, logits_index=_LAST if last else _NONE)
+    return out[0, -1]
+
+
+_NONE = torch.tensor([], dtype=torch.long)
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: Sequence[int],
                     max_context: int) -> Iterator[TokenEvent]:
@@ -50,7 +65,7 @@ def generate_tokens(model, prompt_ids: Sequence[int], params: SamplingParams, eo
         prompt_seen[torch.tensor(list(prompt_ids))] = True
 
     t0 = time.perf_counter()
-    logits = model.forward(torch.tensor([list(prompt_ids)]), cache, logits_index=_LAST)[0, -1]
+    logits = prefill(model, list(prompt_ids), cache)
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(params.max_tokens):

@@ -188,15 +188,18 @@ class GGUFFile:
             self._spans[name] = (start, nbytes)
         self.arch = str(self.metadata.get("general.architecture", ""))
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, part: tuple[int, int] | None = None) -> None:
         """Unmap the pages of a tensor that has been copied or converted from this process (they
-        count in its RSS once read; touched again, they come back from the page cache)."""
+        count in its RSS once read; touched again, they come back from the page cache). part:
+        (offset, bytes) within the tensor, to release as a large tensor is consumed."""
         import mmap
 
         m = getattr(self._mm, "_mmap", None)
         if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start, n = self._spans[name]
+        if part is not None:
+            start, n = start + part[0], min(part[1], n - part[0])
         page = mmap.PAGESIZE
         a, b = start // page * page, min(-(-(start + n) // page) * page, len(m))
         if b > a:

@@ -30,6 +30,9 @@ _LAYOUT = {  # one block of each type as a numpy record
 }
 
 
+SLICED_ELEMS = 1 << 23  # matrices larger than this are packed a slice of rows at a time
+
+
 def _blocks(t: GGUFTensor) -> np.ndarray:
     """The tensor's blocks as a record array [N, K / 32] viewing the memmap (no copy)."""
     N, K = t.shape
@@ -53,20 +56,41 @@ def _nibbles(qs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out.reshape(N, nb * 32))
 
 
-def gguf_format(t: GGUFTensor):
-    """The lossless jisu format (formats.Int8Weight / Int4Weight) of a Q8_0 / Q4_0 / Q4_1 matrix.
-    Reads the blocks straight from the memmap: the codes are the only full-size copy made."""
+def gguf_format(t: GGUFTensor, rows: tuple[int, int] | None = None):
+    """The lossless jisu format (formats.Int8Weight / Int4Weight) of a Q8_0 / Q4_0 / Q4_1 matrix
+    (or of its rows [r0, r1)). Reads the blocks straight from the memmap: the codes are the only
+    full-size copy made."""
     from ..kernels.formats import Int4Weight, Int8Weight
 
     if t.qtype not in PACKABLE or len(t.shape) != 2:
         raise ValueError(f"{t.name}: {t.qtype.name} {t.shape} is not a packable matrix")
     b = _blocks(t)
-    N, K = t.shape
+    if rows is not None:
+        b = b[rows[0]:rows[1]]
+    N, K = b.shape[0], t.shape[1]
     if t.qtype == T.Q8_0:
         return Int8Weight(torch.from_numpy(np.ascontiguousarray(b["q"]).reshape(N, K)), _f16(b["d"]), 32)
     if t.qtype == T.Q4_0:
         return Int4Weight(_nibbles(b["qs"]), _f16(b["d"]), 32, None)
     return Int4Weight(_nibbles(b["qs"]), _f16(b["d"]), 32, _f16(b["m"]))
+
+
+def _pack_in_slices(g: GGUFFile, name: str, t: GGUFTensor):
+    """A large matrix (an embedding) packed a slice of rows at a time, each slice's file pages
+    released once packed: the file's copy and the packed copy never both sit in memory whole."""
+    from ..kernels.packed import PACK_CHUNK_BYTES, NR, PackedInt
+
+    N, K = t.shape
+    row_bytes = (K // 32) * GGML_QUANT_SIZES[t.qtype][1]
+    step = max(NR, PACK_CHUNK_BYTES // max(K, 1) // NR * NR)
+
+    def slices():
+        for r0 in range(0, N, step):
+            r1 = min(N, r0 + step)
+            yield gguf_format(t, (r0, r1))
+            g.release(name, (r0 * row_bytes, (r1 - r0) * row_bytes))
+
+    return PackedInt.from_slices(N, slices())
 
 
 def _permute_rows(fmt, n_heads: int):
@@ -100,6 +124,11 @@ def iter_gguf_weights_packed(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[st
             continue
         heads = qk_heads(cfg, target)
         if t.qtype in PACKABLE and len(t.shape) == 2:
+            if not heads and t.shape[0] * t.shape[1] > SLICED_ELEMS:
+                packed = _pack_in_slices(g, name, t)
+                g.release(name)
+                yield target, packed
+                continue
             fmt = gguf_format(t)
             if heads:
                 fmt = _permute_rows(fmt, heads)

@@ -106,6 +106,8 @@ def load_weights(source: ModelSource, progress: bool = False,
         g = GGUFFile(source.path)
         cfg = gguf_config(g)
         tokenizer = gguf_tokenizer(g.metadata, source.path)
+        for key in TOKENIZER_ARRAYS:  # ~10 MB of Python strings that nothing needs any more
+            g.metadata.pop(key, None)
         if packed:
             from .gguf_packed import iter_gguf_weights_packed
 
@@ -129,6 +131,10 @@ def load_weights(source: ModelSource, progress: bool = False,
                 else tensor.float()
     _check_weights(cfg, weights, source)
     return cfg, weights, tokenizer
+
+
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                    "tokenizer.ggml.token_type")
 
 
 def _check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: ModelSource) -> None:

@@ -119,6 +119,11 @@ def supported(model) -> Optional[str]:
 class NativeLlama:
     """A LlamaModel run by jisu._kernels.NativeModel (see the module docstring)."""
 
+    # generate() feeds a prompt this many tokens per step: the step's scratch grows with the tokens
+    # in it (a 4k-token prompt in one call would take ~100 MB), and GEMM throughput is already flat
+    # from M = 64; rows never depend on how many are computed together, so results are unchanged
+    prefill_chunk = 128
+
     def __init__(self, model):
         why = supported(model)
         if why:

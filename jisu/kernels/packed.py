@@ -115,49 +115,92 @@ class PackedWeight:
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+def _rows_of(fmt, r0: int, r1: int):
+    """The same format restricted to rows [r0, r1) (views)."""
+    import copy
+
+    part = copy.copy(fmt)
+    for field in ("q", "scale", "min"):
+        t = getattr(part, field, None)
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == fmt.shape[0]:
+            setattr(part, field, t[r0:r1])
+    return part
+
+
 class PackedInt(PackedWeight):
     """Int8 (per-channel or group), Int4/Int3/Int2 (sym or asym, group 32/64/128)."""
 
     _V3 = torch.arange(3, dtype=torch.uint8).view(3, 1)  # int3: vector v carries bit v of quads 6, 7
 
     def __init__(self, fmt):
+        self._setup(fmt, fmt.shape[0])
+        # tiles are independent and stored one after another: a large matrix (an embedding) is
+        # laid out a slice of rows at a time, so the temporaries stay a few MB
+        step = self._slice_rows()
+        self.data = None
+        for r0 in range(0, self.N, step):
+            self._put(r0, fmt if self.N <= step else _rows_of(fmt, r0, r0 + step))
+        self._attach()
+
+    @classmethod
+    def from_slices(cls, N: int, slices) -> "PackedInt":
+        """Packs a matrix of N rows given as consecutive row slices (formats of the same kind whose
+        row counts are multiples of 8, except the last): the caller can produce each slice, and free
+        what it read, one at a time."""
+        self = cls.__new__(cls)
+        self.data, r0 = None, 0
+        for part in slices:
+            if r0 == 0:
+                self._setup(part, N)
+            elif r0 % NR:
+                raise ValueError("row slices must hold a multiple of 8 rows (except the last)")
+            self._put(r0, part)
+            r0 += part.shape[0]
+        if r0 != N:
+            raise ValueError(f"row slices hold {r0} rows, expected {N}")
+        self._attach()
+        return self
+
+    def _slice_rows(self) -> int:
+        return max(NR, PACK_CHUNK_BYTES // max(self.K, 1) // NR * NR)
+
+    @staticmethod
+    def _fields(fmt):
+        """(codes uint8 [n, K], scale, min) of an Int8Weight / IntWeight."""
         if isinstance(fmt, Int8Weight):
-            q = fmt.q.view(torch.uint8)
+            return fmt.q.view(torch.uint8), fmt.scale, None
+        return fmt.q, fmt.scale, fmt.min
+
+    def _setup(self, fmt, N: int) -> None:
+        if isinstance(fmt, Int8Weight):
             bits, asym = 8, False
             per_channel = fmt.group_size is None
             group = fmt.q.shape[1] if per_channel else fmt.group_size
-            scale, mn = fmt.scale, None
         elif isinstance(fmt, IntWeight):
-            q, bits, asym, per_channel = fmt.q, fmt.bits, fmt.asym, False
-            group, scale, mn = fmt.group_size, fmt.scale, fmt.min
+            bits, asym, per_channel, group = fmt.bits, fmt.asym, False, fmt.group_size
         else:
             raise TypeError(f"PackedInt cannot pack {type(fmt).__name__}")
-        N, K = q.shape
+        K = fmt.shape[1]
         if group % QK or K % group:
             raise ValueError(f"K={K} must be a multiple of the group size {group} (a multiple of 32)")
         self.N, self.K, self.bits, self.asym = N, K, bits, asym
         self.per_channel, self.group = per_channel, group
         self.chan_scale = None
         if per_channel:
-            T = (N + NR - 1) // NR
-            self.chan_scale = _pad_rows(scale.to(torch.float32).reshape(N), T * NR).contiguous()
-        # tiles are independent and stored one after another: a large matrix (an embedding) is
-        # laid out a slice of rows at a time, so the temporaries stay a few MB
-        step = max(NR, PACK_CHUNK_BYTES // max(K, 1) // NR * NR)
-        if N <= step:
-            self.data = self._tiles(q, scale, mn)
-        else:
-            self.data = None
-            off = 0
-            for r0 in range(0, N, step):
-                part = self._tiles(q[r0:r0 + step], None if per_channel else scale[r0:r0 + step],
-                                   None if mn is None else mn[r0:r0 + step])
-                if self.data is None:  # every tile takes the same bytes
-                    per_tile = part.numel() // (step // NR)
-                    self.data = torch.empty(((N + NR - 1) // NR) * per_tile, dtype=torch.uint8)
-                self.data[off:off + part.numel()] = part
-                off += part.numel()
-        self._attach()
+            self.chan_scale = torch.zeros(((N + NR - 1) // NR) * NR)
+
+    def _put(self, r0: int, part) -> None:
+        """Packs rows [r0, r0 + n) given as a format of n rows into self.data."""
+        q, scale, mn = self._fields(part)
+        n = q.shape[0]
+        if self.per_channel:
+            self.chan_scale[r0:r0 + n] = scale.to(torch.float32).reshape(n)
+        tiles = self._tiles(q, None if self.per_channel else scale, mn)
+        if self.data is None:  # every tile takes the same bytes
+            per_tile = tiles.numel() // ((n + NR - 1) // NR)
+            self.data = torch.empty(((self.N + NR - 1) // NR) * per_tile, dtype=torch.uint8)
+        off = (r0 // NR) * (self.data.numel() // ((self.N + NR - 1) // NR))
+        self.data[off:off + tiles.numel()] = tiles
 
     def _tiles(self, q: torch.Tensor, scale, mn) -> torch.Tensor:
         """The packed bytes of the tiles holding rows q [n, K] (n a multiple of NR, or the last rows)."""
