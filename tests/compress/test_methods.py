@@ -165,3 +165,29 @@ def test_mixed_allocation_upgrades_the_most_sensitive_and_avoids_2_bits():
     assert sorted(choice.values()) == [2, 2, 3] and choice["a"] == 3  # the largest drop from 2 bits
     with pytest.raises(JisuError, match="below the smallest"):
         mixed.allocate(items, 3 * 2000)
+
+
+def test_dequant_linear_in_row_blocks_matches_whole(monkeypatch):
+    """The Fisher pass runs a large packed matrix (an LM head) a block of rows at a time, forward
+    and backward; the result is the whole matrix's up to float summation order."""
+    from jisu.compress import forward as fw
+    from jisu.kernels.formats import Int8Weight
+    from jisu.kernels.packed import pack
+
+    g = torch.Generator().manual_seed(7)
+    p = pack(Int8Weight.quantize_rtn(torch.randn(501, 64, generator=g), 32))
+    x = torch.randn(2, 5, 64, generator=g, requires_grad=True)
+    gy = torch.randn(2, 5, 501, generator=g)
+
+    def run():
+        x.grad = None
+        y = fw._DequantLinear.apply(x, p)
+        y.backward(gy)
+        return y.detach(), x.grad.clone()
+
+    y0, g0 = run()
+    monkeypatch.setattr(fw, "BLOCK_ELEMS", 64 * 8 * 5)  # 40 rows a block: 13 blocks
+    y1, g1 = run()
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y0, x.detach() @ p.dequantize().T, rtol=1e-5, atol=1e-5)

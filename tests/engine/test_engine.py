@@ -262,3 +262,19 @@ def test_default_model_batched_greedy_equals_alone(default_llm):
     for p, b in zip(ps, batched):
         assert Engine.from_llm(default_llm, kv_memory_mb=16).generate([p], params)[0]["token_ids"] == b["token_ids"]
     assert_pool_empty(engine)
+
+
+@invariant
+def test_generate_prefill_chunk_does_not_change_tokens(llm, monkeypatch):
+    """generate() feeds a long prompt prefill_chunk tokens per native step; any chunk size gives the
+    tokens of one whole-prompt step."""
+    from jisu.kernels.native_model import NativeLlama
+
+    if not isinstance(llm.model, NativeLlama):
+        pytest.skip("the reference model takes the prompt in one call")
+    prompt = prompts(45, seed=3)[0]
+    out = {}
+    for chunk in (None, 7, 16):
+        monkeypatch.setattr(NativeLlama, "prefill_chunk", chunk)
+        out[chunk] = llm.generate(prompt, temperature=0, max_tokens=10, ignore_eos=True).token_ids
+    assert out[None] == out[7] == out[16] and len(out[None]) == 10

@@ -210,3 +210,25 @@ def test_quantized_model_loads_and_runs(qtype, tmp_path):
     np.testing.assert_array_equal(up.numpy(), want.reshape(64, 32))
     out = llm.generate("the", temperature=0, max_tokens=4, ignore_eos=True)
     assert len(out.token_ids) == 4
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+def test_large_gguf_matrices_packed_in_slices_load_the_same(qtype, tmp_path, monkeypatch):
+    """Matrices above SLICED_ELEMS are packed (and their file pages released) a slice of rows at a
+    time: the packed bytes equal the one-pass packing."""
+    from jisu.io import gguf_packed
+    from jisu.io.sources import load_weights, resolve
+    from jisu.kernels import packed as packed_mod
+    from tests.tiny import write_gguf_llama
+
+    path = write_gguf_llama(str(tmp_path / "q.gguf"), tensor_type=qtype)
+    _, whole, _ = load_weights(resolve(path), packed=True)
+    monkeypatch.setattr(gguf_packed, "SLICED_ELEMS", 0)
+    monkeypatch.setattr(packed_mod, "PACK_CHUNK_BYTES", 32 * 16)  # 16 rows a slice
+    _, sliced, _ = load_weights(resolve(path), packed=True)
+    n = 0
+    for name, w in whole.items():
+        if isinstance(w, packed_mod.PackedInt):
+            assert torch.equal(w.data, sliced[name].data), name
+            n += 1
+    assert n > 0

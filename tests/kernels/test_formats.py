@@ -129,3 +129,21 @@ def test_large_matrices_pack_a_slice_at_a_time_to_the_same_bytes(fmt, monkeypatc
     assert torch.equal(whole.data, sliced.data)
     if whole.chan_scale is not None:
         assert torch.equal(whole.chan_scale, sliced.chan_scale)
+    # decoding a slice of tiles at a time gives the same floats
+    monkeypatch.setattr(packed_mod, "PACK_CHUNK_BYTES", 256 * 24)
+    assert torch.equal(sliced.dequantize(), f.dequantize())
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "int8_pc", "int3_g32"])
+def test_packing_from_row_slices_gives_the_same_bytes(fmt):
+    from jisu.kernels.packed import _rows_of
+
+    w = torch.randn(203, 256, generator=torch.Generator().manual_seed(4))
+    f = FORMATS[fmt](w)
+    whole = pack(f)
+    sliced = PackedInt.from_slices(203, (_rows_of(f, r0, r0 + 40) for r0 in range(0, 203, 40)))
+    assert torch.equal(whole.data, sliced.data)
+    if whole.chan_scale is not None:
+        assert torch.equal(whole.chan_scale, sliced.chan_scale)
+    with pytest.raises(ValueError):  # slices must hold whole tiles
+        PackedInt.from_slices(203, (_rows_of(f, r0, r0 + 41) for r0 in range(0, 203, 41)))
