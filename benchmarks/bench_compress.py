@@ -8,7 +8,7 @@ corpus; calibration uses the first half), the top-1 agreement of the two models'
 the quantized model's perplexity on the same tokens. Peak RSS is the compress process's maximum
 resident set (os.wait4), time its wall clock (load, quantize, write, verify, measure).
 
-  python benchmarks/bench_compress.py [--recipes rtn:w4g32,gptq:w4g32,...] [--samples 64] [--seq-len 256]
+  python benchmarks/bench_compress.py [--recipes "rtn:w4g32;gptq:w4g32;..."] [--samples 64] [--seq-len 256] [--merge]
                                       [--threads 2] [--out benchmarks/results/compress]
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 
 DEFAULT_RECIPES = ["rtn:w8", "rtn:w4g32", "gptq:w4g32", "awq:w4g32", "rtn:w3g32", "gptq:w3g32", "rtn:w2g32a",
                    "gptq:w2g32a", "nf4:g64", "gptq:nf4g64", "mixed:bpw=4.5", "mixed:bpw=4.5:w4",
-                   "gptq:w4g64+embed=w4g64+head=w4g64"]
+                   "gptq:w4g64+embed=w4g64+head=w4g64", "gptq:w3g32+embed=w4g32+head=w4g32",
+                   "mixed:bpw=4.15+embed=w4g32+head=w4g32"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,6 +97,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"| {r['artifact_bytes'] / 1e6:.1f} | {r['kld_mean']:.4f} | {r['kld_p99']:.3f} "
                      f"| {r['top1_agreement']:.3f} | {r['perplexity']:.3f} | {r['compress_s']:.0f} "
                      f"| {r['peak_rss_bytes'] / 1e6:.0f} |")
+    dates = sorted({r["date"] for r in rows if r.get("date")})
+    if len(dates) > 1 or any(not r.get("date") for r in rows):
+        lines += ["", "Rows measured at different times (code changes between them move compress time and peak "
+                  "RSS, and slightly KLD): " + "; ".join(f"{r['recipe']} {r.get('date', 'earlier')}" for r in rows) + "."]
     ref = next((r["reference_perplexity"] for r in rows if "reference_perplexity" in r), None)
     if ref is not None:
         lines += ["", f"Reference (fp32) perplexity on the same tokens: {ref:.3f}."]
@@ -120,6 +125,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress"),
                     help="writes OUT.json and OUT.md")
     ap.add_argument("--work", default=None, help="folder for the artifacts (default: a temporary folder)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows already in OUT.json for recipes not run now (each row records its date)")
     args = ap.parse_args()
     import torch
 
@@ -130,10 +137,17 @@ def main() -> int:
     meta = {"model": args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF)", "cpu": cpu_name(),
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
             "samples": args.samples, "seq_len": args.seq_len, "tokens_scored": None, "work": work}
+    old, new_rows = [], []
+    if args.merge and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            old = json.load(f)["rows"]
     for recipe in recipes:
         print(f"[{time.strftime('%H:%M:%S')}] {recipe} ...", file=sys.stderr, flush=True)
         row = run_one(recipe, os.path.join(work, slug(recipe)), args)
-        rows.append(row)
+        row["date"] = time.strftime("%Y-%m-%d")
+        new_rows.append(row)
+        done = {r["recipe"]: r for r in new_rows}  # earlier rows in their order, replaced by the ones run now
+        rows = [done.pop(r["recipe"], r) for r in old] + list(done.values())
         meta["tokens_scored"] = meta["tokens_scored"] or row.get("tokens_scored")
         print(json.dumps(row), file=sys.stderr, flush=True)
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
