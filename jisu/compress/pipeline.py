@@ -124,8 +124,12 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
                 and recipe.embed == recipe.head)
     if recipe.head is not None:
         head_fp = as_float(weights[head_src])
-        if head_h is not None:
-            fmt, _ = gptq.gptq_quantize(head_fp, head_h, recipe.head, damp=q.damp, act_order=q.act_order)
+        if head_h is not None:  # GPTQ updates the head's columns in a transposed copy it may overwrite
+            wt = head_fp.T.contiguous()
+            del head_fp
+            fmt, _ = gptq.gptq_quantize(wt.T, head_h, recipe.head, damp=q.damp, act_order=q.act_order,
+                                        overwrite=True)
+            del wt
         else:
             fmt = rtn.quantize(head_fp, recipe.head)
         out.tensors[HEAD] = fmt
