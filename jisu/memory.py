@@ -82,8 +82,8 @@ class loading_heap:
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far. On Linux VmHWM, because getrusage's ru_maxrss
-    carries over across exec the RSS of the parent that spawned this process. (jisu/eval/speed.py
-    has a copy: peers' measurement processes run that file without importing jisu.)"""
+    carries over across exec the RSS of the parent that spawned this process. (Peers' measurement
+    processes load this file by path, without the jisu package: it imports nothing from jisu.)"""
     try:
         with open("/proc/self/status") as f:
             for line in f:

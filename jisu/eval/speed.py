@@ -84,25 +84,9 @@ def path_bytes(path: str) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far. On Linux VmHWM, because getrusage's ru_maxrss
-    carries over across exec the RSS of the parent that spawned this process. (jisu.memory has the
-    same function; this file keeps its own because a peer's process runs it without importing jisu.)"""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-    except ImportError:  # Windows
-        import psutil
-
-        return psutil.Process().memory_info().peak_wset
+    """Peak resident set size of this process so far (jisu.memory's, loaded so that a peer's
+    measurement process does not import the jisu package, hence torch)."""
+    return _sibling_module("memory.py", "_jisu_memory", "..memory").peak_rss_bytes()
 
 
 # ---- the measurement --------------------------------------------------------------------------
@@ -232,15 +216,22 @@ def make_engine(name: str, model: str, threads: int | None, n_ctx: int) -> Engin
 
 
 def _peers_module():
+    return _sibling_module("eval/peers.py", "_jisu_eval_peers", ".peers")
+
+
+def _sibling_module(path: str, name: str, relative: str):
+    """A jisu module by its path under jisu/. Run by file path, this file loads such a module on its
+    own, because importing the jisu package imports torch, which would add ~200 MB to a peer's
+    peak RSS."""
     if __package__:
-        from . import peers
-        return peers
-    # Run by file path: load peers.py on its own, because importing the jisu package imports torch,
-    # which would add ~200 MB to llama.cpp's peak RSS.
-    spec = importlib.util.spec_from_file_location(
-        "_jisu_eval_peers", os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+        return importlib.import_module(relative, __package__)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
     return module
 
 
