@@ -41,15 +41,20 @@ def trim_heap(collect: bool = False) -> None:
 def fixed_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     """Allocations of nbytes or more are mmapped (and unmapped when freed) from now on, in the whole
     process; returns False where this is not glibc."""
+    global _pinned
     libc = _libc()
     if libc is None:
         return False
     try:
         ok = libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1
         libc.mallopt(M_TRIM_THRESHOLD, 4 * int(nbytes))
-        return ok
     except AttributeError:
         return False
+    _pinned = int(nbytes) if ok else _pinned
+    return ok
+
+
+_pinned = None  # the threshold fixed_mmap_threshold last set (glibc offers no way to read it)
 
 
 DYNAMIC_MAX = 32 << 20  # the largest mmap threshold glibc's own adjustment reaches (64-bit)
@@ -57,25 +62,32 @@ DYNAMIC_MAX = 32 << 20  # the largest mmap threshold glibc's own adjustment reac
 
 class loading_heap:
     """While loading a model: allocations of `nbytes` or more are mmapped, so conversion
-    temporaries leave RSS when freed instead of raising the peak; on exit the thresholds go to
-    where glibc's own adjustment ends up after such frees (mmap 32 MB, trim 64 MB), so the
-    steady-state loop reuses heap memory without page faults, and the heap is trimmed."""
+    temporaries leave RSS when freed instead of raising the peak; on exit the thresholds go back to
+    a pin set for the whole process (compress), else to where glibc's own adjustment ends up after
+    such frees (mmap 32 MB, trim 64 MB), so the steady-state loop reuses heap memory without page
+    faults; then the heap is trimmed."""
 
     def __init__(self, nbytes: int = 256 << 10):
         self.nbytes = nbytes
 
     def __enter__(self):
+        self.before = _pinned
         fixed_mmap_threshold(self.nbytes)
         return self
 
     def __exit__(self, *exc):
-        libc = _libc()
-        if libc is not None:
-            try:
-                libc.mallopt(M_MMAP_THRESHOLD, DYNAMIC_MAX)
-                libc.mallopt(M_TRIM_THRESHOLD, 2 * DYNAMIC_MAX)
-            except AttributeError:
-                pass
+        global _pinned
+        if self.before is not None:  # a threshold pinned for the whole process (compress): keep it
+            fixed_mmap_threshold(self.before)
+        else:
+            libc = _libc()
+            if libc is not None:
+                try:
+                    libc.mallopt(M_MMAP_THRESHOLD, DYNAMIC_MAX)
+                    libc.mallopt(M_TRIM_THRESHOLD, 2 * DYNAMIC_MAX)
+                except AttributeError:
+                    pass
+            _pinned = None
         trim_heap()
         return False
 

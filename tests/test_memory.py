@@ -44,3 +44,16 @@ def test_pinned_threshold_returns_freed_temporaries():
 
 def test_peak_rss_is_positive():
     assert peak_rss_bytes() > 10 * 2**20
+
+
+def test_loading_keeps_a_threshold_pinned_for_the_process(monkeypatch):
+    """jisu.load inside a compress run (which pins the threshold for its whole process) leaves the
+    process's pin in place afterwards."""
+    from jisu import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "fixed_mmap_threshold", lambda n=1 << 20: calls.append(n) or True)
+    monkeypatch.setattr(memory, "_pinned", 1 << 20)
+    with memory.loading_heap(256 << 10):
+        pass
+    assert calls == [256 << 10, 1 << 20]
