@@ -357,9 +357,14 @@ def _runtime(fmt):
         return fmt.dequantize()
 
 
-def iter_formats(folder: str, manifest: Optional[dict] = None):
+SLICED_ELEMS = 1 << 23  # integer matrices larger than this load a slice of rows at a time (packed=True)
+
+
+def iter_formats(folder: str, manifest: Optional[dict] = None, packed: bool = False):
     """(name, format object or float tensor) for every stored tensor, one at a time (entries
-    stored once under another name, "same_as", are skipped: see _same_as)."""
+    stored once under another name, "same_as", are skipped: see _same_as). packed: a large
+    integer matrix comes already packed for the kernels, decoded and packed a slice of rows at a
+    time with each slice's file pages released (its codes are never whole in memory)."""
     from safetensors import safe_open
 
     from .hf import check_safetensors
@@ -388,7 +393,8 @@ def iter_formats(folder: str, manifest: Optional[dict] = None):
                 if not isinstance(entry, dict):
                     raise ModelFormatError(f"{folder}: manifest entry for {name} is malformed")
                 if "same_as" not in entry:
-                    obj = decode(name, entry, get)
+                    obj = (_sliced(name, entry, get, lambda t: _release(t, path)) if packed and _sliceable(entry)
+                           else decode(name, entry, get))
                     # a plain tensor is kept as it is: its own memory, not a view that would keep
                     # the file's whole mapping (and every page read from it) resident
                     yield name, (obj.clone() if isinstance(obj, torch.Tensor) else obj)
@@ -402,6 +408,44 @@ def iter_formats(folder: str, manifest: Optional[dict] = None):
         raise
     except Exception as e:  # safetensors errors
         raise ModelFormatError(f"{path}: corrupt artifact tensors ({e})") from None
+
+
+def _sliceable(entry: dict) -> bool:
+    shape = entry.get("shape")
+    return (entry.get("format") in ("int8", "int2", "int3", "int4") and isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(d, int) and d > 0 for d in shape) and shape[0] * shape[1] > SLICED_ELEMS)
+
+
+def _sliced(name: str, entry: dict, get, release):
+    """The packed weight of a large integer matrix, decoded a slice of rows at a time."""
+    from ..kernels.packed import NR, PACK_CHUNK_BYTES, PackedInt
+
+    N, K = entry["shape"]
+    step = max(NR, PACK_CHUNK_BYTES // K // NR * NR)
+
+    def slices():
+        for r0 in range(0, N, step):
+            r1 = min(N, r0 + step)
+            read = []
+
+            def rows(key):
+                t = get(key)[r0:r1]
+                read.append(t)
+                return t
+
+            yield decode(name, {**entry, "shape": [r1 - r0, K]}, rows)
+            for t in read:
+                release(t)
+
+    return PackedInt.from_slices(N, slices())
+
+
+def _release(t: torch.Tensor, path: str) -> None:
+    from ..memory import file_mapping, release_mapped
+
+    mapping = file_mapping(path)
+    if mapping is not None:
+        release_mapped(t.data_ptr(), t.numel() * t.element_size(), mapping)
 
 
 def _same_as(folder: str, m: dict) -> dict:
@@ -435,7 +479,7 @@ def load_artifact(folder: str, progress: bool = False, verify: bool = False, pac
     # instead of adding to the peak on top of them
     tokenizer = load_tokenizer(folder)
     weights = {}
-    for name, obj in iter_formats(folder, m):
+    for name, obj in iter_formats(folder, m, packed=packed):
         weights[name] = obj if isinstance(obj, torch.Tensor) else runtime(obj)
     for name, target in same_as.items():
         weights[name] = weights[target]  # one object: a tied head streams the embedding's packed bytes
