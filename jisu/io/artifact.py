@@ -380,7 +380,14 @@ def iter_formats(folder: str, manifest: Optional[dict] = None, packed: bool = Fa
         with safe_open(path, framework="pt") as f:
             keys = set(f.keys())
             read: list[torch.Tensor] = []
-            mapping = None
+            mapping = []  # the file's mapping, found once (after the first tensor is read)
+
+            def release(t: torch.Tensor) -> None:
+                """The file pages under t leave this process's RSS (the caller has converted it)."""
+                if not mapping:
+                    mapping.append(file_mapping(path))
+                if mapping[0] is not None:
+                    release_mapped(t.data_ptr(), t.numel() * t.element_size(), mapping[0])
 
             def get(key):
                 if key not in keys:
@@ -393,16 +400,13 @@ def iter_formats(folder: str, manifest: Optional[dict] = None, packed: bool = Fa
                 if not isinstance(entry, dict):
                     raise ModelFormatError(f"{folder}: manifest entry for {name} is malformed")
                 if "same_as" not in entry:
-                    obj = (_sliced(name, entry, get, lambda t: _release(t, path)) if packed and _sliceable(entry)
+                    obj = (_sliced(name, entry, get, release) if packed and _sliceable(entry)
                            else decode(name, entry, get))
                     # a plain tensor is kept as it is: its own memory, not a view that would keep
                     # the file's whole mapping (and every page read from it) resident
                     yield name, (obj.clone() if isinstance(obj, torch.Tensor) else obj)
-                    # the caller has converted it: the file pages it read leave this process's RSS
-                    mapping = mapping or file_mapping(path)
-                    if mapping is not None:
-                        for t in read:
-                            release_mapped(t.data_ptr(), t.numel() * t.element_size(), mapping)
+                    for t in read:
+                        release(t)
                     read.clear()
     except (ModelFormatError, UnsupportedError):
         raise
@@ -438,14 +442,6 @@ def _sliced(name: str, entry: dict, get, release):
                 release(t)
 
     return PackedInt.from_slices(N, slices())
-
-
-def _release(t: torch.Tensor, path: str) -> None:
-    from ..memory import file_mapping, release_mapped
-
-    mapping = file_mapping(path)
-    if mapping is not None:
-        release_mapped(t.data_ptr(), t.numel() * t.element_size(), mapping)
 
 
 def _same_as(folder: str, m: dict) -> dict:

@@ -71,3 +71,17 @@ def threads(n: int):
     finally:
         K.set_num_threads(old)
         K.set_min_bytes_per_thread(old_min)
+
+
+def assert_same_packed_ints(whole: dict, sliced: dict) -> None:
+    """Every packed integer weight of `whole` has the same bytes in `sliced` (two loads of a model)."""
+    import torch
+
+    from jisu.kernels.packed import PackedInt
+
+    n = 0
+    for name, w in whole.items():
+        if isinstance(w, PackedInt):
+            assert torch.equal(w.data, sliced[name].data), name
+            n += 1
+    assert n > 0
