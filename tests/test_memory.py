@@ -57,3 +57,46 @@ def test_loading_keeps_a_threshold_pinned_for_the_process(monkeypatch):
     with memory.loading_heap(256 << 10):
         pass
     assert calls == [256 << 10, 1 << 20]
+
+
+KV_SCRIPT = r"""
+import gc
+import torch
+from jisu.models.layers import zeroed_tensors
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+base = rss()
+kv = zeroed_tensors(8, (1, 4, 4096, 64))          # 8 x 4 MB, one mapping
+untouched = rss() - base
+for t in kv:
+    t[:, :, :16] = 1.0                              # a few positions written: a few pages resident
+written = rss() - base
+assert all(not t[:, :, 16:32].any() and bool((t[:, :, :16] == 1).all()) for t in kv)
+keep = torch.ones(50_000)                           # a live block after the cache ...
+del kv, t
+gc.collect()
+print(untouched / 2**20, written / 2**20, (rss() - base) / 2**20)   # ... does not keep it resident
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mappings")
+def test_kv_cache_memory_is_resident_only_where_written_and_freed_whole():
+    out = subprocess.run([sys.executable, "-c", KV_SCRIPT], capture_output=True, text=True, check=True).stdout
+    untouched, written, after = (float(v) for v in out.split())
+    assert untouched < 4 and written < 8 and after < 4   # of the 32 MB the cache spans
+
+
+def test_zeroed_tensors_are_independent_zero_views():
+    import torch
+
+    from jisu.models.layers import zeroed_tensors
+
+    for shape in [(2, 3, 5, 4), (1, 2, 4096, 64)]:      # below and above the mapping's size
+        ts = zeroed_tensors(3, shape)
+        assert [tuple(t.shape) for t in ts] == [shape] * 3
+        assert all(t.is_contiguous() and t.dtype == torch.float32 and not t.any() for t in ts)
+        ts[1].fill_(2.0)
+        assert not ts[0].any() and not ts[2].any() and bool((ts[1] == 2).all())

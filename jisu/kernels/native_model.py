@@ -122,7 +122,7 @@ class NativeLlama:
     # generate() feeds a prompt this many tokens per step: the step's scratch grows with the tokens
     # in it (a 4k-token prompt in one call would take ~100 MB), and GEMM throughput is already flat
     # from M = 64; rows never depend on how many are computed together, so results are unchanged
-    prefill_chunk = 128
+    prefill_chunk = 64
 
     def __init__(self, model):
         why = supported(model)
@@ -205,20 +205,11 @@ class NativeLlama:
         return getattr(self.__dict__["model"], name)
 
     def new_cache(self, batch: int, max_len: int):
-        """A static KVCache whose tensors are left uninitialized: the native step never reads a
-        position before writing it, and torch's zero fill runs on its OpenMP pool (milliseconds
-        per layer on a busy machine, ~0.5 s per generate call for the default model)."""
-        from ..models.layers import KVCache
-
-        cache = self.model.new_cache(batch, 0)
-        if type(cache) is not KVCache:
-            return self.model.new_cache(batch, max_len)
-        cfg = self.cfg
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        cache.k = [torch.empty(shape, dtype=_F32) for _ in range(cfg.num_layers)]
-        cache.v = [torch.empty(shape, dtype=_F32) for _ in range(cfg.num_layers)]
-        cache.max_len = max_len
-        return cache
+        """The wrapped model's static KVCache. On the CPU its tensors are views of one anonymous
+        mapping (layers.zeroed_tensors): zero pages the kernel hands out as positions are written,
+        so there is no fill to pay for (torch's zero fill runs on its OpenMP pool: ~0.5 s per
+        generate call on a busy machine) and the cache's memory leaves RSS when it is freed."""
+        return self.model.new_cache(batch, max_len)
 
     def profile(self, on: bool = True) -> None:
         """Time the native step's parts (see stats())."""

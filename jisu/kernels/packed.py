@@ -17,7 +17,7 @@ from .formats import CodebookWeight, Int8Weight, IntWeight
 _F32 = torch.float32
 NR = 8   # rows per tile
 QK = 32  # values per block
-PACK_CHUNK_BYTES = 4 << 20  # codes laid out per slice of a large matrix
+PACK_CHUNK_BYTES = 1 << 20  # codes laid out per slice of a large matrix
 
 
 def _pad_rows(t: torch.Tensor, Np: int) -> torch.Tensor:

@@ -10,14 +10,33 @@ from ..config import ModelConfig
 from ..kernels import ops
 
 
+def zeroed_tensors(n: int, shape: tuple, dtype=torch.float32) -> list[torch.Tensor]:
+    """n zero-filled CPU tensors of `shape`, views of one anonymous memory mapping: its pages become
+    resident only as positions are written, and all of them go back to the OS when the last view is
+    freed (a cache taken from the heap instead leaves its freed pages there, and caches of other
+    sizes fragment it: RSS then grows by several MB over a few generate calls)."""
+    import mmap
+
+    per = math.prod(shape)
+    nbytes = max(1, n * per * torch.empty(0, dtype=dtype).element_size())
+    if nbytes < (1 << 20):  # small caches: the heap is cheaper than a mapping
+        return [torch.zeros(shape, dtype=dtype) for _ in range(n)]
+    flat = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)  # the tensor keeps the mapping alive
+    return [flat[i * per:(i + 1) * per].view(shape) for i in range(n)]
+
+
 class KVCache:
     """Static per-layer K/V tensors for a batch of sequences that advance together.
     k[layer], v[layer]: [B, Hkv, max_len, D]; `length` positions are filled."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        if torch.device(device).type == "cpu":
+            kv = zeroed_tensors(2 * cfg.num_layers, shape, dtype)
+            self.k, self.v = kv[:cfg.num_layers], kv[cfg.num_layers:]
+        else:
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.max_len = max_len
         self.length = 0
 
