@@ -73,7 +73,13 @@ def sensitivity(F: torch.Tensor, row_err: torch.Tensor) -> float:
 
 def fisher(runner, ids: torch.Tensor, names: list[str], batch: int = 1, progress: bool = False) -> dict:
     """Mean squared gradient of the summed next-token NLL w.r.t. each named linear's output,
-    per output channel: name -> [N] (float64)."""
+    per output channel: name -> [N] (float64).
+
+    Backpropagation is done a layer at a time: a forward pass without autograd keeps only each
+    layer's input hidden states, then the head's gradient flows back through one layer at a time,
+    each recomputed from its stored input with autograd on. The gradients are those of one whole
+    backward pass; the memory is one layer's activations instead of the whole model's (for a
+    135M model at 256 tokens, ~0.5 GB less)."""
     from tqdm import tqdm
 
     sums = {n: None for n in names}
@@ -89,19 +95,34 @@ def fisher(runner, ids: torch.Tensor, names: list[str], batch: int = 1, progress
             sums[name] = s if sums[name] is None else sums[name] + s
         y.register_hook(grad_hook)
 
-    runner.hooks = hook
+    L = runner.cfg.num_layers
     try:
         for b0 in tqdm(range(0, ids.shape[0], batch), desc="mixed: fisher", unit="batch", disable=not progress,
                        leave=False):
             tok = ids[b0:b0 + batch]
-            with torch.enable_grad():
-                x = runner.embed(tok).detach().requires_grad_(True)
-                for i in range(runner.cfg.num_layers):
+            inputs = []
+            with torch.no_grad():
+                x = runner.embed(tok)
+                for i in range(L):
+                    inputs.append(x)
                     x = runner.layer(i, x)
+            runner.hooks = hook
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
                 logits = runner.head(runner.final_hidden(x))[:, :-1]
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                          tok[:, 1:].reshape(-1), reduction="sum")
+                del logits
                 loss.backward()
+                g = x.grad
+                del x, loss
+                for i in reversed(range(L)):
+                    xi = inputs.pop().detach().requires_grad_(True)
+                    y = runner.layer(i, xi)
+                    y.backward(g)
+                    g = xi.grad
+                    del y, xi
+            runner.hooks = None
             count += tok[:, 1:].numel()
     finally:
         runner.hooks = None

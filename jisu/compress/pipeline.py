@@ -20,6 +20,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import JisuError
+from ..memory import trim_heap
 from . import awq, gptq, mixed, rtn
 from .forward import EMBED, HEAD, LINEARS, Runner, as_float, linear_name, linear_names, model_form, source_form
 from .recipe import FormatSpec, Recipe
@@ -123,15 +124,13 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
     tie_same = (recipe.embed is not None and recipe.head is not None and head_src == EMBED
                 and recipe.embed == recipe.head)
     if recipe.head is not None:
-        head_fp = as_float(weights[head_src])
         if head_h is not None:  # GPTQ updates the head's columns in a transposed copy it may overwrite
-            wt = head_fp.T.contiguous()
-            del head_fp
+            wt = _transposed_float(weights[head_src])
             fmt, _ = gptq.gptq_quantize(wt.T, head_h, recipe.head, damp=q.damp, act_order=q.act_order,
                                         overwrite=True)
             del wt
         else:
-            fmt = rtn.quantize(head_fp, recipe.head)
+            fmt = rtn.quantize(as_float(weights[head_src]), recipe.head)
         out.tensors[HEAD] = fmt
         out.specs[HEAD] = recipe.head
     if recipe.embed is not None:
@@ -150,6 +149,20 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
     out.info.pop("changed", None)
     out.info["quantize_s"] = time.perf_counter() - t0
     return out
+
+
+def _transposed_float(t) -> torch.Tensor:
+    """The float32 [K, N] transpose of a weight [N, K]; a large packed matrix (an LM head) is decoded
+    into it a block of rows at a time, so its float32 values are never held twice."""
+    from .forward import _row_blocks
+
+    blocks = None if isinstance(t, torch.Tensor) else _row_blocks(t)
+    if blocks is None:
+        return as_float(t).T.to(torch.float32).contiguous()
+    wt = torch.empty(t.K, t.N)
+    for r0, r1, rows in blocks:
+        wt[:, r0:r1] = rows.T
+    return wt
 
 
 def _rtn_all(cfg, weights, spec, out, progress):
@@ -334,6 +347,7 @@ def _mixed_allocation(cfg, weights, w, runner, q, ids, out, progress, batch, fis
     names = linear_names(cfg)
     t0 = time.perf_counter()
     F = mixed.fisher(Runner(cfg, w, exact=True), ids[:fisher_samples], names, batch=1, progress=progress)
+    trim_heap(collect=True)  # the backward pass's temporaries: hundreds of blocks below the mmap threshold
     t_fisher = time.perf_counter() - t0
     choices = q.mixed_choices()
     items = []

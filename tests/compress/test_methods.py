@@ -191,3 +191,54 @@ def test_dequant_linear_in_row_blocks_matches_whole(monkeypatch):
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(y0, x.detach() @ p.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_fisher_layer_by_layer_equals_one_backward_pass(tiny_hf):
+    """mixed.fisher backpropagates a layer at a time (each layer recomputed from its stored input);
+    the squared output gradients are those of one backward pass through the whole model."""
+    from jisu.compress import mixed
+    from jisu.compress.forward import Runner, linear_names, model_form
+    from jisu.io.sources import load_weights, resolve
+
+    cfg, weights, _ = load_weights(resolve(tiny_hf), packed=False)
+    runner = Runner(cfg, model_form(cfg, weights), exact=True)
+    names = linear_names(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 24), generator=torch.Generator().manual_seed(3))
+    got = mixed.fisher(runner, ids, names, batch=2)
+
+    want = {n: torch.zeros(runner.w[n].shape[0], dtype=torch.float64) for n in names}
+    outs = {}
+    runner.hooks = lambda name, y: outs.__setitem__(name, y) if name in want else None
+    for b0 in range(0, 3, 2):
+        tok = ids[b0:b0 + 2]
+        outs.clear()
+        x = runner.embed(tok).requires_grad_(True)
+        for i in range(cfg.num_layers):
+            x = runner.layer(i, x)
+        logits = runner.head(runner.final_hidden(x))[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        grads = torch.autograd.grad(loss, [outs[n] for n in names])
+        for n, g in zip(names, grads):
+            want[n] += (g.double() ** 2).reshape(-1, g.shape[-1]).sum(0)
+    runner.hooks = None
+    count = 3 * 23
+    assert set(got) == set(names)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n] / count, rtol=1e-4, atol=1e-12)
+
+
+def test_transposed_float_of_a_packed_head_in_blocks(monkeypatch):
+    """The LM head's transposed float32 copy for GPTQ is filled a block of rows at a time."""
+    from jisu.compress import forward as fw
+    from jisu.compress.pipeline import _transposed_float
+    from jisu.kernels.formats import Int8Weight
+    from jisu.kernels.packed import pack
+
+    w = torch.randn(203, 64, generator=torch.Generator().manual_seed(5))
+    p = pack(Int8Weight.quantize_rtn(w, 32))
+    monkeypatch.setattr(fw, "BLOCK_ELEMS", 64 * 8 * 3)  # 24 rows a block
+    wt = _transposed_float(p)
+    assert wt.shape == (64, 203) and wt.is_contiguous()
+    assert torch.equal(wt, p.dequantize().T)
+    assert torch.equal(_transposed_float(w), w.T)
