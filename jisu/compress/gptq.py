@@ -257,7 +257,7 @@ def one_thread():
 
 def _columns(WT, U, block, g, group_of, static, set_group, grid, scales, mins, hdiag, code_dtype=torch.int16):
     """The column loop with lazy block updates over WT [K, N] (the weights transposed, updated in
-    place); returns (codes [N, K] in WT's row order, losses [N])."""
+    place: the caller gives it up); returns (codes [N, K] in WT's row order, losses [N])."""
     K, N = WT.shape
     codes = torch.zeros(K, N, dtype=code_dtype)
     losses = torch.zeros(N, dtype=torch.float64)
@@ -266,9 +266,9 @@ def _columns(WT, U, block, g, group_of, static, set_group, grid, scales, mins, h
     diag = torch.diagonal(U).tolist()
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
-        W1 = WT[i1:i2].clone()
+        W1 = WT[i1:i2]  # WT is this function's own copy and these rows are not read after the block
         E1 = torch.zeros_like(W1)
-        Q1 = torch.zeros_like(W1)
+        C1 = codes[i1:i2]
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -280,11 +280,10 @@ def _columns(WT, U, block, g, group_of, static, set_group, grid, scales, mins, h
                 params[j] = grid.prepared(scales[:, j].contiguous(), None if mins is None else mins[:, j].contiguous())
             w_col = W1[i]
             q, deq = grid.round_fast(w_col, params[j])
-            Q1[i] = q
+            C1[i] = q
             err = (w_col - deq).div_(diag[col])
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
             E1[i] = err
-        codes[i1:i2] = Q1.to(code_dtype)
         losses += (E1.double() ** 2).sum(0) / 2
         if i2 < K:
             WT[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
