@@ -121,12 +121,16 @@ class LLM:
 
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, progress: bool = False,
-         packed: bool | None = None, native: bool | None = None) -> LLM:
+         packed: bool | None = None, native: bool | None = None, precise: bool | None = None) -> LLM:
     """Load MODEL (a GGUF file, an HF folder, a short name; None = the default model).
 
     packed: keep a GGUF's Q8_0 / Q4_0 / Q4_1 matrices quantized for the native kernels (default:
     when jisu._kernels is built); False dequantizes every tensor to fp32 (the reference path).
-    native: run Llama-family models through the native forward step (default: when supported)."""
+    native: run Llama-family models through the native forward step (default: when supported).
+    precise: True makes the packed kernels carry every int8 activation block's rounding residual
+    (~15-bit activations: the output of the plain fp32 path on the same weights, greedy tokens
+    included, at about half the prefill speed); False restores plain int8 blocks (the default, as
+    llama.cpp). The setting is process-wide; None leaves it as it is."""
     from .kernels import ops
     from .kernels.native_model import accelerate
     from .memory import loading_heap
@@ -134,6 +138,8 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     if threads:
         torch.set_num_threads(threads)
         ops.set_num_threads(threads)
+    if precise is not None:
+        ops.set_act_refine(ops.PRECISE if precise else 0.0)
     source = resolve(model)
     t0 = time.perf_counter()
     if packed is None:

@@ -22,6 +22,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--precise", action="store_true",
+                   help="~15-bit activations in the quantized kernels: the fp32 path's output on the same "
+                        "weights (greedy tokens included), at about half the prefill speed")
 
 
 def _params(args):
@@ -38,7 +41,8 @@ def _load(args):
 
     if args.threads is not None and args.threads < 1:
         raise JisuError(f"--threads must be >= 1 (got {args.threads})")
-    return load(args.model, threads=args.threads, progress=sys.stderr.isatty())
+    return load(args.model, threads=args.threads, progress=sys.stderr.isatty(),
+                precise=True if getattr(args, "precise", False) else None)
 
 
 def cmd_run(args) -> int:
@@ -183,6 +187,7 @@ def _serve_parser(sub) -> None:
     s.add_argument("--kv-memory", type=float, default=None, metavar="MB", help="KV cache size in MB (default 256)")
     s.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    s.add_argument("--precise", action="store_true", help="~15-bit activations in the quantized kernels (see jisu run)")
     s.set_defaults(func=cmd_serve)
 
 

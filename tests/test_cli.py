@@ -66,3 +66,21 @@ def test_context_overflow_names_both_numbers(model):
 def test_models_lists_default():
     r = jisu("models")
     assert r.returncode == 0 and "smollm2" in r.stdout and "SmolLM2-135M-Instruct" in r.stdout
+
+
+def test_run_precise(model):
+    """--precise runs the quantized kernels with refined activations; load(precise=...) sets it."""
+    r = jisu("run", model, "-p", "hello", "-n", "5", "--temp", "0", "--ignore-eos", "--json", "--precise")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["token_ids"]) == 5
+    import jisu as api
+    from jisu.kernels import ops
+
+    before = ops.get_act_refine()
+    try:
+        api.load(model, precise=True)
+        assert ops.get_act_refine() == pytest.approx(ops.PRECISE if ops.native_available() else 0.0, rel=1e-6)
+        api.load(model, precise=False)
+        assert ops.get_act_refine() == 0.0
+    finally:
+        ops.set_act_refine(before)

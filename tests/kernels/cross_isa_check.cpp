@@ -9,9 +9,19 @@
 using namespace jisu;
 static uint16_t f2h(float f){ // crude float->half for normal values
   uint32_t b; memcpy(&b,&f,4); uint32_t s=(b>>16)&0x8000; int e=((b>>23)&0xff)-127+15; uint32_t m=(b>>13)&0x3ff; return s|(e<<10)|m; }
+static int check(const KernelTable* S, const KernelTable* V);
 int main(){
   const KernelTable* S = scalar_table();
-  const KernelTable* V = neon_table() ? neon_table() : avx2_table();
+  int fails = 0;
+  if (neon_table()) fails += check(S, neon_table());
+  if (avx2_table()) fails += check(S, avx2_table());
+#if defined(__x86_64__)
+  if (avx512_table() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni")) fails += check(S, avx512_table());
+#endif
+  printf("%d failures in all\n", fails); return fails!=0;
+}
+static int check(const KernelTable* S, const KernelTable* V){
   printf("testing %s vs scalar\n", V->name);
   int fails=0; srand(1);
   int combos[][3]={{4,0,0},{4,1,0},{8,0,0},{8,0,1},{8,1,0},{3,0,0},{3,1,0},{2,0,0},{2,1,0}};
@@ -23,16 +33,23 @@ int main(){
     if(!pc) for(int64_t t=0;t<W.ntiles;t++) for(int64_t g=0;g<K/G;g++){ uint16_t* s=(uint16_t*)(data.data()+t*W.tile_bytes+g*W.group_bytes); for(int r=0;r<8*(1+asym);r++) s[r]=f2h((rand()/(float)RAND_MAX+0.1f)*0.01f*(r>=8?-1:1)); }
     std::vector<float> cs(W.ntiles*8); for(auto& v: cs) v=rand()/(float)RAND_MAX;
     W.data=data.data(); W.chan_scale=cs.data();
-    for(int64_t M: {1,2,7,11,16}){
+    for(float refine: {0.f, 1.5f}) for(int64_t M: {1,2,7,11,16}){
       std::vector<float> x(M*K); for(auto& v: x) v=rand()/(float)RAND_MAX-0.5f;
-      std::vector<int8_t> q(M*K); std::vector<float> d(M*K/32), sd(M*K/32); std::vector<int32_t> s(M*K/32); std::vector<int16_t> q16(M*K);
-      ActQ A; A.K=K; A.q=q.data(); A.d=d.data(); A.s=s.data(); A.sd=sd.data(); A.q16=q16.data();
+      for(int64_t i=0;i<M*K;i+=97) x[i]*=40.f;  // outlier channels: some blocks get refined
+      std::vector<int8_t> q(M*K), q2(M*K); std::vector<float> d(M*K/32), sd(M*K/32), dr(M*K/32), sdr(M*K/32);
+      std::vector<int32_t> s(M*K/32), sr(M*K/32); std::vector<int16_t> q16(M*K); std::vector<uint8_t> rf(M*K/32);
+      ActQ A; A.K=K; A.refine=refine; A.q=q.data(); A.d=d.data(); A.s=s.data(); A.sd=sd.data(); A.q16=q16.data();
+      A.q2=q2.data(); A.rf=rf.data(); A.dr=dr.data(); A.sr=sr.data(); A.sdr=sdr.data();
       std::vector<float> bias(N); for(auto& v: bias) v=rand()/(float)RAND_MAX;
       std::vector<float> o1(M*N), o2(M*N);
       uint8_t* scrp=(uint8_t*)aligned_alloc(64,(gemm_scratch_bytes(W)+64+63)/64*64); struct Fr{uint8_t* p; ~Fr(){free(p);}} fr{scrp};
       S->quantize_act(x.data(),0,M,A,true); S->int_gemm(W,A,M,0,W.ntiles,o1.data(),N,bias.data(),scrp);
+      std::vector<int8_t> qs=q, q2s=q2; std::vector<uint8_t> rfs=rf; std::vector<float> drs=dr;
       V->quantize_act(x.data(),0,M,A,true); V->int_gemm(W,A,M,0,W.ntiles,o2.data(),N,bias.data(),scrp);
-      for(int64_t i=0;i<M*N;i++) if(memcmp(&o1[i],&o2[i],4)){ if(fails<10) printf("MISMATCH bits=%d asym=%d pc=%d G=%ld N=%ld M=%ld i=%ld %g %g\n",bits,asym,pc,G,N,M,i,o1[i],o2[i]); fails++; break; }
+      int nrf=0; for(auto v: rf) nrf+=v;
+      if(refine>0 && nrf==0){ printf("NO REFINED BLOCKS\n"); fails++; }
+      if(qs!=q || rfs!=rf || drs!=dr || (refine>0 && q2s!=q2)){ printf("ACT MISMATCH refine=%g M=%ld\n",refine,M); fails++; }
+      for(int64_t i=0;i<M*N;i++) if(memcmp(&o1[i],&o2[i],4)){ if(fails<10) printf("MISMATCH bits=%d asym=%d pc=%d G=%ld N=%ld M=%ld refine=%g i=%ld %g %g\n",bits,asym,pc,G,N,M,refine,i,o1[i],o2[i]); fails++; break; }
     }
   }
   // fp32
@@ -49,5 +66,5 @@ int main(){
     std::vector<float> w(D); for(auto& v: w) v=rand()/(float)RAND_MAX;
     S->rms_norm(x.data(),w.data(),o1.data(),0,T*H,D,1e-5f); V->rms_norm(x.data(),w.data(),o2.data(),0,T*H,D,1e-5f);
     for(size_t i=0;i<T*H*D;i++) if(fabsf(o1[i]-o2[i])>1e-5f){ printf("RMS MISMATCH %g %g\n",o1[i],o2[i]); fails++; break; } }
-  printf("%d failures\n", fails); return fails!=0;
+  printf("%d failures\n", fails); return fails;
 }

@@ -31,6 +31,19 @@ def test_neon_matches_scalar_under_qemu(tmp_path):
     assert "testing neon" in r.stdout and r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.skipif(not (shutil.which("g++") and os.uname().machine == "x86_64"), reason="needs g++ on x86-64")
+def test_x86_paths_match_scalar_natively(tmp_path):
+    """The same C++ check on this CPU: AVX2, and AVX-512 (VNNI) where the CPU has it, bitwise
+    against scalar, with refined activation blocks on and off."""
+    exe = tmp_path / "cross_isa_check"
+    srcs = [os.path.join(SRC, f) for f in ("kernels_scalar.cpp", "kernels_neon.cpp",
+                                           "kernels_avx2.cpp", "kernels_avx512.cpp")]
+    subprocess.run(["g++", "-O1", "-std=c++20", "-ffp-contract=off", "-I", SRC,
+                    os.path.join(HERE, "cross_isa_check.cpp"), *srcs, "-o", str(exe)], check=True)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert "testing avx2" in r.stdout and r.returncode == 0, r.stdout + r.stderr
+
+
 @needs_native
 def test_isa_self_check_keeps_agreeing_paths(monkeypatch):
     # Pretend the paths on this machine are untested: each must pass the check and stay.

@@ -142,3 +142,81 @@ def test_cuda_dequantize_matmul():
     p.to("cuda")
     out = ops.linear(x.cuda(), p).cpu()
     assert (out.double() - ref).abs().max() < 1e-3
+
+
+@pytest.fixture
+def act_refine():
+    """Sets ops.set_act_refine for a test and restores it afterwards."""
+    before = ops.get_act_refine()
+    yield ops.set_act_refine
+    ops.set_act_refine(before)
+
+
+def _x_outliers(M, K, seed):
+    x = _x(M, K, seed)
+    x[:, 5::97] *= 40.0  # outlier channels, as in the default model's down_proj inputs
+    return x
+
+
+def quantize_act_refined_ref(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The kernels' activations with refined blocks, dequantized: a block whose amax exceeds
+    threshold x the row's mean block amax is d * (q + q2 / 128), q2 = round(128 (x/d - q))."""
+    shp = x.shape
+    xb = x.reshape(-1, shp[-1] // 32, 32).to(torch.float32)
+    amax = xb.abs().amax(-1)
+    d = amax / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    v = xb * inv[..., None]
+    q = torch.round(v)
+    q2 = torch.round((v - q) * 128.0)
+    refined = amax > threshold * amax.mean(-1, keepdim=True)
+    y = torch.where(refined[..., None], (q + q2 / 128.0), q) * d[..., None]
+    return y.reshape(shp)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8_pc", "int3_g64_asym", "int2_g32_asym"])
+def test_refined_activations_all_isas(fmt, act_refine):
+    """With refinement on, every INT kernel computes dot(w, d (q + q2/128)) on the refined blocks:
+    bitwise equal across ISAs and batch sizes, and equal to the torch reference of that math."""
+    N, K = 67, 256
+    p = pack(FORMATS[fmt](_weight(N, K, 11)))
+    wd = p.dequantize().double()
+    act_refine(1.5)
+    for M in (1, 2, 7, 33):
+        x = _x_outliers(M, K, M)
+        xr = quantize_act_refined_ref(x, 1.5).double()
+        ref = xr @ wd.T
+        outs = {}
+        for name in ISAS:
+            with isa(name):
+                outs[name] = ops.linear(x, p)
+            check_close(outs[name], ref, xr.abs() @ wd.abs().T, what=f"{fmt} {name} M={M}")
+        for name in ISAS:
+            assert torch.equal(outs[name], outs["scalar"]), f"{fmt} {name} != scalar (M={M})"
+        for i in range(M):  # each row as computed alone
+            assert torch.equal(ops.linear(x[i:i + 1], p), outs[ISAS[0]][i:i + 1])
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "int3_g32"])
+def test_precise_activations_match_the_fp32_product(fmt, act_refine):
+    """ops.PRECISE refines every block: the packed linear is the float product with the dequantized
+    weights to ~1e-4 of its magnitude (plain int8 blocks: ~1e-2), on outlier-heavy inputs too."""
+    N, K = 200, 576
+    p = pack(FORMATS[fmt](_weight(N, K, 3)))
+    wd = p.dequantize().double()
+    x = _x_outliers(9, K, 4)
+    ref = x.double() @ wd.T
+    mag = (x.double().abs() @ wd.abs().T).max()
+    act_refine(0.0)
+    plain = float((ops.linear(x, p).double() - ref).abs().max() / mag)
+    act_refine(ops.PRECISE)
+    for name in ISAS:
+        with isa(name):
+            err = float((ops.linear(x, p).double() - ref).abs().max() / mag)
+        assert err < 2e-4 and err < plain / 30, (name, err, plain)
+
+
+def test_act_refine_rejects_bad_thresholds(act_refine):
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            act_refine(bad)

@@ -82,14 +82,66 @@ static inline int int_code(const uint8_t* blk, int bits, int r, int k) {
 }
 
 // Quantized activations for M rows (filled by quantize_act of the active ISA).
+//
+// Refined blocks: a block whose absolute maximum exceeds `refine` times the mean of its row's
+// block maxima (an outlier channel: it would round the block's other values to a few levels)
+// also carries its rounding residual, q2 = round(128 * (x/d - q)) in [-64, 64], so that
+// x ~ d * (q + q2 / 128) (error <= d/256 instead of d/2). The INT kernels then use the exact
+// integer sum 128 * dot(w, q) + dot(w, q2) with the block scale dr = d / 128 and sum
+// sr = 128 * s + sum(q2); an unrefined block has rf = 0, dr = d, sr = s, sdr = sd, and q2 = 0
+// (written only when refinement is on). The codebook kernels read q16 / d / s / sd (unrefined).
+// `refine` = 0 turns it off; every ISA decides the same blocks (block maxima are exact and the
+// mean is one scalar sum in block order).
 struct ActQ {
   int64_t K = 0;
+  float refine = 0.f;      // threshold (x mean block max); 0 = off
   int8_t* q = nullptr;     // [M][K] int8, natural order
   float* d = nullptr;      // [M][K/32] block scale
   int32_t* s = nullptr;    // [M][K/32] sum of the block's int8 values
   float* sd = nullptr;     // [M][K/32] d * s (float), used by asym mins
   int16_t* q16 = nullptr;  // [M][K] int16, codebook order (see quantize_act)
+  int8_t* q2 = nullptr;    // [M][K] residual codes of refined blocks (0 elsewhere), natural order
+  uint8_t* rf = nullptr;   // [M][K/32] 1 = refined block
+  float* dr = nullptr;     // [M][K/32] INT kernels' block scale (d / 128 when refined)
+  int32_t* sr = nullptr;   // [M][K/32] INT kernels' block sum (128 s + sum(q2) when refined)
+  float* sdr = nullptr;    // [M][K/32] dr * sr (float)
 };
+
+// The refinement of one quantized block (shared by every ISA's quantize_act): given the
+// block's values x, its scale inverse id and codes q, writes q2 and returns sum(q2).
+static inline int32_t refine_block(const float* x, float id, const int8_t* q, int8_t* q2) {
+  int32_t s2 = 0;
+  for (int i = 0; i < QK; i++) {
+    const float v = x[i] * id;                          // the value q was rounded from
+    const float r = (v - (float)q[i]) * 128.f;          // exact: |v - q| <= 1/2, a power-of-2 scale
+    const int c = (int)std::nearbyint(r);
+    q2[i] = (int8_t)(c > 127 ? 127 : c < -127 ? -127 : c);
+    s2 += q2[i];
+  }
+  return s2;
+}
+
+// The per-row threshold on block maxima amax[0..nb) (+inf when refinement is off).
+static inline float refine_threshold(const float* amax, int64_t nb, float refine) {
+  if (!(refine > 0.f) || nb <= 0) return INFINITY;
+  float sum = 0.f;
+  for (int64_t b = 0; b < nb; b++) sum = sum + amax[b];
+  return refine * (sum / (float)nb);
+}
+
+// Writes the INT kernels' fields of block b of row m (after d, s, sd and, if refined, q2).
+static inline void refine_fields(ActQ& A, int64_t i, bool refined, float d, int32_t s, float sd, int32_t s2) {
+  A.rf[i] = refined ? 1 : 0;
+  if (refined) {
+    A.dr[i] = d * (1.f / 128.f);
+    A.sr[i] = 128 * s + s2;
+    A.sdr[i] = A.dr[i] * (float)A.sr[i];
+  } else {
+    A.dr[i] = d;
+    A.sr[i] = s;
+    A.sdr[i] = sd;
+  }
+}
 
 // Work functions each ISA provides. Tiles [t0, t1) of W for activation rows [0, M).
 // out is [M][ldo] (first N columns written); bias may be null.

@@ -88,9 +88,11 @@ static void int_gemm_t(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0
     const uint8_t* tile = W.data + t * W.tile_bytes;
     for (int64_t m = 0; m < M; m++) {
       const int8_t* xq = A.q + m * K;
-      const float* dx = A.d + m * nb;
-      const int32_t* sx = A.s + m * nb;
-      const float* sd = A.sd + m * nb;
+      const float* dx = A.dr + m * nb;   // the INT kernels' refined scale / sums (common.h)
+      const int32_t* sx = A.sr + m * nb;
+      const float* sd = A.sdr + m * nb;
+      const uint8_t* rf = A.rf + m * nb;
+      const int8_t* xq2 = A.q2 + m * K;
       float32x4_t acc0 = vdupq_n_f32(0.f), acc1 = acc0, d0 = acc0, d1 = acc0, m0 = acc0, m1 = acc0;
       for (int64_t g = 0; g < ng; g++) {
         const uint8_t* gp = tile + g * W.group_bytes;
@@ -107,6 +109,12 @@ static void int_gemm_t(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0
           const int64_t b = g * bpg + i;
           int32x4_t s03, s47;
           block_isum<BITS>(gp + i * bb, xq + b * QK, s03, s47);
+          if (rf[b]) {  // refined block: 128 * dot(w, q) + dot(w, q2)
+            int32x4_t r03, r47;
+            block_isum<BITS>(gp + i * bb, xq2 + b * QK, r03, r47);
+            s03 = vaddq_s32(vshlq_n_s32(s03, 7), r03);
+            s47 = vaddq_s32(vshlq_n_s32(s47, 7), r47);
+          }
           if (off) {
             const int32x4_t o = vdupq_n_s32(off * sx[b]);
             s03 = vsubq_s32(s03, o);

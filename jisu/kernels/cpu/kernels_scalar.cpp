@@ -15,10 +15,16 @@ void quantize_act(const float* x, int64_t m0, int64_t m1, ActQ& A, bool need_q16
   const int64_t K = A.K, nb = K / QK;
   for (int64_t m = m0; m < m1; m++) {
     const float* xr = x + m * K;
+    float* amax_b = A.dr + m * nb;  // block maxima first (dr is overwritten below)
+    for (int64_t b = 0; b < nb; b++) {
+      float amax = 0.f;
+      for (int i = 0; i < QK; i++) amax = std::max(amax, std::fabs(xr[b * QK + i]));
+      amax_b[b] = amax;
+    }
+    const float thr = refine_threshold(amax_b, nb, A.refine);
     for (int64_t b = 0; b < nb; b++) {
       const float* xb = xr + b * QK;
-      float amax = 0.f;
-      for (int i = 0; i < QK; i++) amax = std::max(amax, std::fabs(xb[i]));
+      const float amax = amax_b[b];
       const float d = amax / 127.f;
       const float id = d != 0.f ? 1.f / d : 0.f;
       int8_t* q = A.q + m * K + b * QK;
@@ -30,6 +36,14 @@ void quantize_act(const float* x, int64_t m0, int64_t m1, ActQ& A, bool need_q16
       A.d[m * nb + b] = d;
       A.s[m * nb + b] = s;
       A.sd[m * nb + b] = d * (float)s;
+      const bool refined = amax > thr;
+      int32_t s2 = 0;
+      if (refined) {
+        s2 = refine_block(xb, id, q, A.q2 + m * K + b * QK);
+      } else if (thr != INFINITY) {
+        std::memset(A.q2 + m * K + b * QK, 0, QK);
+      }
+      refine_fields(A, m * nb + b, refined, d, s, A.sd[m * nb + b], s2);
       if (need_q16) {
         // Order used by the SIMD codebook kernel: [0..7,16..23] then [8..15,24..31].
         int16_t* o = A.q16 + m * K + b * QK;
@@ -56,7 +70,7 @@ void int_gemm(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t
       if (n >= W.N) break;
       for (int64_t m = 0; m < M; m++) {
         const int8_t* xq = A.q + m * K;
-        const float* dx = A.d + m * nb;
+        const float* dx = A.dr + m * nb;
         float acc = 0.f;
         for (int64_t g = 0; g < ng; g++) {
           const uint8_t* gp = tile + g * W.group_bytes;
@@ -71,14 +85,20 @@ void int_gemm(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t
             const uint8_t* blk = gp + i * bb;
             int32_t isum = 0;
             for (int k = 0; k < QK; k++) isum += int_code(blk, W.bits, r, k) * xq[b * QK + k];
-            isum -= off * A.s[m * nb + b];
+            if (A.rf[m * nb + b]) {  // refined block: 128 * dot(w, q) + dot(w, q2)
+              const int8_t* x2 = A.q2 + m * K + b * QK;
+              int32_t i2 = 0;
+              for (int k = 0; k < QK; k++) i2 += int_code(blk, W.bits, r, k) * x2[k];
+              isum = 128 * isum + i2;
+            }
+            isum -= off * A.sr[m * nb + b];
             // std::fma: the SIMD kernels use FMA here; results stay bitwise equal.
             if (W.per_channel) {
               acc = std::fma(dx[b], (float)isum, acc);
             } else {
               const float ds = d * dx[b];
               acc = std::fma(ds, (float)isum, acc);
-              if (W.asym) acc = std::fma(mn, A.sd[m * nb + b], acc);
+              if (W.asym) acc = std::fma(mn, A.sdr[m * nb + b], acc);
             }
           }
         }

@@ -86,18 +86,27 @@ struct AlignedBuf {
 AlignedBuf g_act;                  // quantized activations
 std::vector<AlignedBuf> g_thread;  // per-thread scratch
 
+// Outlier-block refinement threshold of the activations (ActQ::refine; 0 = off).
+std::atomic<float> g_act_refine{0.f};
+
 ActQ act_buffers(int64_t M, int64_t K, bool need_q16) {
   const int64_t nb = K / QK;
   auto up = [](int64_t b) { return (b + 63) & ~(int64_t)63; };
-  const int64_t bq = up(M * K), bf = up(M * nb * 4), bq16 = need_q16 ? up(M * K * 2) : 0;
-  uint8_t* p = g_act.get(bq + 3 * bf + bq16);
+  const int64_t bq = up(M * K), bf = up(M * nb * 4), bq16 = need_q16 ? up(M * K * 2) : 0, brf = up(M * nb);
+  uint8_t* p = g_act.get(2 * bq + 6 * bf + bq16 + brf);
   ActQ A;
   A.K = K;
+  A.refine = g_act_refine.load();
   A.q = (int8_t*)p;
   A.d = (float*)(p + bq);
   A.s = (int32_t*)(p + bq + bf);
   A.sd = (float*)(p + bq + 2 * bf);
-  A.q16 = need_q16 ? (int16_t*)(p + bq + 3 * bf) : nullptr;
+  A.dr = (float*)(p + bq + 3 * bf);
+  A.sr = (int32_t*)(p + bq + 4 * bf);
+  A.sdr = (float*)(p + bq + 5 * bf);
+  A.q2 = (int8_t*)(p + bq + 6 * bf);
+  A.rf = p + 2 * bq + 6 * bf;
+  A.q16 = need_q16 ? (int16_t*)(p + 2 * bq + 6 * bf + brf) : nullptr;
   return A;
 }
 
@@ -403,6 +412,12 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("get_num_threads", []() { return pool_max_threads(); });
   m.def("set_spin_us", [](int us) { pool_set_spin_us(us); }, "How long idle workers spin before sleeping.");
   m.def("get_spin_us", []() { return pool_get_spin_us(); });
+  m.def("set_act_refine", [](float r) {
+    if (!(r >= 0.f) || std::isinf(r)) throw std::invalid_argument("set_act_refine: threshold must be finite and >= 0");
+    g_act_refine.store(r);
+  }, "Blocks of int8 activations whose max exceeds r x the row's mean block max also carry their "
+     "rounding residual (0 = off).");
+  m.def("get_act_refine", []() { return g_act_refine.load(); });
   m.def("set_min_bytes_per_thread", [](int64_t b) { g_min_bytes_per_thread.store(b); },
         "Smallest work (weight bytes) per thread before an op is split across threads.");
   m.def("get_min_bytes_per_thread", []() { return g_min_bytes_per_thread.load(); });
