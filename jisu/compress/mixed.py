@@ -96,6 +96,7 @@ def fisher(runner, ids: torch.Tensor, names: list[str], batch: int = 1, progress
         y.register_hook(grad_hook)
 
     L = runner.cfg.num_layers
+    runner.hooks = hook  # fires only on outputs that require grad: the recomputed layers and the head
     try:
         for b0 in tqdm(range(0, ids.shape[0], batch), desc="mixed: fisher", unit="batch", disable=not progress,
                        leave=False):
@@ -106,7 +107,6 @@ def fisher(runner, ids: torch.Tensor, names: list[str], batch: int = 1, progress
                 for i in range(L):
                     inputs.append(x)
                     x = runner.layer(i, x)
-            runner.hooks = hook
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
                 logits = runner.head(runner.final_hidden(x))[:, :-1]
@@ -122,7 +122,6 @@ def fisher(runner, ids: torch.Tensor, names: list[str], batch: int = 1, progress
                     y.backward(g)
                     g = xi.grad
                     del y, xi
-            runner.hooks = None
             count += tok[:, 1:].numel()
     finally:
         runner.hooks = None

@@ -129,14 +129,21 @@ static inline float refine_threshold(const float* amax, int64_t nb, float refine
   return refine * (sum / (float)nb);
 }
 
-// Writes the INT kernels' fields of block b of row m (after d, s, sd and, if refined, q2).
-static inline void refine_fields(ActQ& A, int64_t i, bool refined, float d, int32_t s, float sd, int32_t s2) {
+// Finishes one block for the INT kernels (shared by every ISA's quantize_act), after d, s and sd:
+// block i = m * nb + b with values xb, scale inverse id and codes q; refined when amax > thr (thr
+// from refine_threshold). q2 is computed for a refined block and zeroed for the others only when
+// refinement is on (the kernels read it only then).
+static inline void refine_fields(ActQ& A, int64_t i, const float* xb, float id, const int8_t* q, int8_t* q2,
+                                 float amax, float thr, float d, int32_t s, float sd) {
+  const bool refined = amax > thr;
   A.rf[i] = refined ? 1 : 0;
   if (refined) {
+    const int32_t s2 = refine_block(xb, id, q, q2);
     A.dr[i] = d * (1.f / 128.f);
     A.sr[i] = 128 * s + s2;
     A.sdr[i] = A.dr[i] * (float)A.sr[i];
   } else {
+    if (thr != INFINITY) std::memset(q2, 0, QK);
     A.dr[i] = d;
     A.sr[i] = s;
     A.sdr[i] = sd;

@@ -36,14 +36,7 @@ void quantize_act(const float* x, int64_t m0, int64_t m1, ActQ& A, bool need_q16
       A.d[m * nb + b] = d;
       A.s[m * nb + b] = s;
       A.sd[m * nb + b] = d * (float)s;
-      const bool refined = amax > thr;
-      int32_t s2 = 0;
-      if (refined) {
-        s2 = refine_block(xb, id, q, A.q2 + m * K + b * QK);
-      } else if (thr != INFINITY) {
-        std::memset(A.q2 + m * K + b * QK, 0, QK);
-      }
-      refine_fields(A, m * nb + b, refined, d, s, A.sd[m * nb + b], s2);
+      refine_fields(A, m * nb + b, xb, id, q, A.q2 + m * K + b * QK, amax, thr, d, s, A.sd[m * nb + b]);
       if (need_q16) {
         // Order used by the SIMD codebook kernel: [0..7,16..23] then [8..15,24..31].
         int16_t* o = A.q16 + m * K + b * QK;
