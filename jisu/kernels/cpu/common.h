@@ -178,7 +178,7 @@ struct KernelTable {
 
 // Scratch bytes int_gemm / cb_gemm need per thread for M > 1 (unpacked tile).
 static inline int64_t gemm_scratch_bytes(const PackedDesc& W) {
-  return (W.K / 32) * 512 + (W.K / W.group + 1) * 2 * NR * 4 + 1024;
+  return (W.K / 32) * 512 + (W.K / W.group + 1) * 4 * NR * 4 + 1024;  // pair scales: 2 x 16 floats per group
 }
 
 const KernelTable* scalar_table();
