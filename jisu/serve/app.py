@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -182,19 +184,55 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 # ----------------------------------------------------------------------------- engine bridge
+class _Mailbox:
+    """Carries engine outputs into one event loop with one wakeup per batch: the engine thread posts
+    every output of a step, and only the first one since the last delivery calls
+    `call_soon_threadsafe` (each call writes to the loop's self-pipe: 16 streams made 16 writes and
+    wakeups per step). Outputs are delivered in the order they were posted."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list = []
+
+    def post(self, fn, arg) -> None:                   # any thread
+        with self._lock:
+            self._items.append((fn, arg))
+            first = len(self._items) == 1
+        if first:
+            with contextlib.suppress(RuntimeError):    # loop closed: nobody is listening any more
+                self.loop.call_soon_threadsafe(self._deliver_all)
+
+    def _deliver_all(self) -> None:                    # event loop
+        with self._lock:
+            items, self._items = self._items, []
+        for fn, arg in items:
+            fn(arg)
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = _Mailbox(loop)
+    return box
+
+
 class Group:
     """The engine requests of one HTTP request and the queue their outputs arrive on."""
 
     def __init__(self, state: ServerState):
         self.state = state
         self.loop = asyncio.get_running_loop()
+        self.mailbox = _mailbox(self.loop)
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.ids: list[str] = []
         self.done: set[str] = set()
 
     def _callback(self, out: RequestOutput) -> None:   # engine thread
-        with contextlib.suppress(RuntimeError):        # loop closed: nobody is listening any more
-            self.loop.call_soon_threadsafe(self._deliver, out)
+        self.mailbox.post(self._deliver, out)
 
     def _deliver(self, out: RequestOutput) -> None:    # event loop, even when nobody reads the queue
         if out.finished:
