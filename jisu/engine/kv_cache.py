@@ -218,8 +218,21 @@ class PagedBatch:
 
     def __init__(self, kv: PagedKVCache, seqs: list[SeqBlocks], starts: list[int], q_lens: list[int]):
         self.kv, self.seqs, self.starts, self.q_lens = kv, seqs, starts, q_lens
-        self._slots = [kv.slots(s, a, a + n) for s, a, n in zip(seqs, starts, q_lens)]
-        self._tables = [torch.tensor(s.block_table, dtype=torch.long) for s in seqs]
+        self._slot_list = self._table_list = None
+
+    # Built on first use by the reference attention (the native forward reads the block tables
+    # itself: a decode step of 16 sequences spent ~1 ms building these tensors).
+    @property
+    def _slots(self) -> list:
+        if self._slot_list is None:
+            self._slot_list = [self.kv.slots(s, a, a + n) for s, a, n in zip(self.seqs, self.starts, self.q_lens)]
+        return self._slot_list
+
+    @property
+    def _tables(self) -> list:
+        if self._table_list is None:
+            self._table_list = [torch.tensor(s.block_table, dtype=torch.long) for s in self.seqs]
+        return self._table_list
 
     def positions(self, num_new: int) -> torch.Tensor:
         assert num_new == sum(self.q_lens)
