@@ -200,6 +200,11 @@ class HugePageArena:
         self._used += (n + self.ALIGN - 1) // self.ALIGN * self.ALIGN
         return out
 
+    def holds(self, t) -> bool:
+        """Whether tensor t's bytes lie in this arena."""
+        a = self._buf.data_ptr()
+        return a <= t.data_ptr() < a + self.nbytes
+
     def take(self, t):
         """A copy of tensor t in the arena."""
         out = self.empty(t.shape, t.dtype)

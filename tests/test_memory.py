@@ -100,3 +100,21 @@ def test_zeroed_tensors_are_independent_zero_views():
         assert all(t.is_contiguous() and t.dtype == torch.float32 and not t.any() for t in ts)
         ts[1].fill_(2.0)
         assert not ts[0].any() and not ts[2].any() and bool((ts[1] == 2).all())
+
+
+def test_huge_page_arena_carves_aligned_copies():
+    import torch
+
+    from jisu.memory import HUGE_PAGE, HugePageArena
+
+    a = torch.randn(100, 7)
+    b = torch.arange(10, dtype=torch.int64)
+    arena = HugePageArena(HugePageArena.size_of(a) + HugePageArena.size_of(b))
+    ca, cb = arena.take(a), arena.take(b)
+    assert torch.equal(ca, a) and torch.equal(cb, b) and ca.dtype == a.dtype and cb.shape == b.shape
+    assert ca.data_ptr() % HUGE_PAGE == 0 and cb.data_ptr() % HugePageArena.ALIGN == 0
+    assert arena.holds(ca) and arena.holds(cb) and not arena.holds(a)
+    ca[0, 0] = 123.0  # a copy, not a view of the source
+    assert a[0, 0] != 123.0
+    with pytest.raises(MemoryError):
+        arena.take(torch.zeros(1))

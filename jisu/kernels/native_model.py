@@ -130,6 +130,8 @@ class NativeLlama:
     # in it (a 4k-token prompt in one call would take ~100 MB), and GEMM throughput is already flat
     # from M = 64; rows never depend on how many are computed together, so results are unchanged
     prefill_chunk = 64
+    # fp32 weight matrices totalling at least this many bytes go into a huge-page arena
+    arena_min_bytes = 8 << 20
 
     def __init__(self, model):
         why = supported(model)
@@ -213,7 +215,7 @@ class NativeLlama:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and id(t) not in seen:
                 seen.add(id(t))
                 total += HugePageArena.size_of(torch.empty(t.shape, dtype=_F32, device="meta"))
-        return HugePageArena(total) if total >= (8 << 20) else None
+        return HugePageArena(total) if total and total >= self.arena_min_bytes else None
 
     def _packed(self, w: dict, name: str) -> PackedWeight:
         """w[name] as a packed weight; an fp32 tensor is first moved into the arena (and w[name]

@@ -436,3 +436,28 @@ def test_default_model_precise_fast_path_gives_the_reference_greedy_tokens(defau
             assert float(kl.mean()) < 1e-4 and float(kl.max()) < 1e-3
     finally:
         ops.set_act_refine(before)
+
+
+def test_fp32_weights_in_the_huge_page_arena(tiny, monkeypatch):
+    """An fp32 model's matrices are moved into one arena (the model's own dict then points there,
+    tied embedding and head stay one tensor) and the outputs are bitwise those without it."""
+    cfg, w = tiny
+    tokens = prompt()
+    with torch.inference_mode():
+        plain = nm.NativeLlama(build_model(cfg, dict(w)))
+        assert plain._arena is None  # below the threshold
+        want = plain.forward(tokens, plain.new_cache(1, SEQ))
+        monkeypatch.setattr(nm.NativeLlama, "arena_min_bytes", 1)
+        model = build_model(cfg, dict(w))
+        nat = nm.NativeLlama(model)
+        assert nat._arena is not None
+        got = nat.forward(tokens, nat.new_cache(1, SEQ))
+    assert torch.equal(got, want)
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        assert nat._arena.holds(model.w[name]), name
+    if w["lm_head.weight"] is w["model.embed_tokens.weight"]:
+        assert model.w["lm_head.weight"] is model.w["model.embed_tokens.weight"]
+    ref = build_model(cfg, dict(w))
+    with torch.inference_mode():
+        assert rel_err(ref.forward(tokens, ref.new_cache(1, SEQ)), got) <= RTOL
