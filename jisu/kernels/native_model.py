@@ -77,7 +77,6 @@ def fuse_rows(parts: list[PackedWeight], arena: Optional[HugePageArena] = None) 
         fused.data = torch.cat(datas, 0, out=out)
     else:
         fused.data = torch.cat(datas, 0)
-    del datas
     cs = getattr(a, "chan_scale", None)
     if cs is not None:
         fused.chan_scale = torch.cat([p.chan_scale for p in parts], 0)
@@ -214,7 +213,7 @@ class NativeLlama:
             t = w.get(n)
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and id(t) not in seen:
                 seen.add(id(t))
-                total += HugePageArena.size_of(torch.empty(t.shape, dtype=_F32, device="meta"))
+                total += HugePageArena.round_up(t.numel() * 4)  # as fp32
         return HugePageArena(total) if total and total >= self.arena_min_bytes else None
 
     def _packed(self, w: dict, name: str) -> PackedWeight:

@@ -191,7 +191,7 @@ class _Mailbox:
     wakeups per step). Outputs are delivered in the order they were posted."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self._loop = weakref.ref(loop)  # not a strong reference: the registry below is keyed weakly by it
         self._lock = threading.Lock()
         self._items: list = []
 
@@ -199,9 +199,10 @@ class _Mailbox:
         with self._lock:
             self._items.append((fn, arg))
             first = len(self._items) == 1
-        if first:
+        loop = self._loop()
+        if first and loop is not None:
             with contextlib.suppress(RuntimeError):    # loop closed: nobody is listening any more
-                self.loop.call_soon_threadsafe(self._deliver_all)
+                loop.call_soon_threadsafe(self._deliver_all)
 
     def _deliver_all(self) -> None:                    # event loop
         with self._lock:
@@ -225,8 +226,7 @@ class Group:
 
     def __init__(self, state: ServerState):
         self.state = state
-        self.loop = asyncio.get_running_loop()
-        self.mailbox = _mailbox(self.loop)
+        self.mailbox = _mailbox(asyncio.get_running_loop())
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.ids: list[str] = []
         self.done: set[str] = set()
