@@ -25,7 +25,7 @@ from pathlib import Path
 DEFAULT_RECIPES = ["rtn:w8", "rtn:w4g32", "gptq:w4g32", "awq:w4g32", "rtn:w3g32", "gptq:w3g32", "rtn:w2g32a",
                    "gptq:w2g32a", "nf4:g64", "gptq:nf4g64", "mixed:bpw=4.5", "mixed:bpw=4.5:w4",
                    "gptq:w4g64+embed=w4g64+head=w4g64", "gptq:w3g32+embed=w4g32+head=w4g32",
-                   "mixed:bpw=4.15+embed=w4g32+head=w4g32"]
+                   "mixed:bpw=4.15+embed=w4g32+head=w4g32", "gptq:w3g32+embed=w4g32+head=w4g32+tune"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

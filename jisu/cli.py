@@ -144,7 +144,7 @@ def _compress_parser(sub) -> None:
     c.add_argument("-o", "--output", required=True, help="artifact folder to write (must not exist unless --force)")
     c.add_argument("--recipe", required=True,
                    help="e.g. rtn:w8, rtn:w4g32, rtn:w4g32a, gptq:w4g32, gptq:w3g32, awq:w4g64, nf4:g64, kmeans:g64, "
-                        "mixed:bpw=3.5; options +embed, +head (README: Compression recipes)")
+                        "mixed:bpw=3.5; options +embed, +head, +tune (README: Compression recipes)")
     c.add_argument("--calib", default=None, help="calibration text (.txt, or .jsonl with a \"text\" field); "
                                                  "default: first half of the built-in pydoc corpus")
     c.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")

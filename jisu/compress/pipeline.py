@@ -102,8 +102,13 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
     t0 = time.perf_counter()
     head_src = HEAD if (HEAD in weights and not cfg.tie_embeddings) else EMBED
     out = Quantized(cfg, {}, {})
-    if q.needs_calibration and calib_ids is None:
+    if recipe.needs_calibration and calib_ids is None:
         raise JisuError(f"recipe {recipe.text!r} needs calibration data")
+    targets = None
+    if recipe.tune:  # the source's next-token distribution, before its weights are consumed
+        from . import tune
+
+        targets = tune.teacher_targets(cfg, weights, calib_ids, progress=progress)
 
     if q.method == "rtn":
         _rtn_all(cfg, weights, q.fmt, out, progress)
@@ -147,6 +152,8 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
         if name in out.info.get("changed", {}):
             out.tensors[name] = out.info["changed"][name]
     out.info.pop("changed", None)
+    if targets is not None:
+        out.info["tune"] = tune.tune(out, targets, calib_ids, recipe.tune, progress=progress)
     out.info["quantize_s"] = time.perf_counter() - t0
     return out
 

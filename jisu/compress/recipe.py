@@ -3,7 +3,7 @@
 Grammar (whitespace is ignored, case-insensitive):
 
     RECIPE  := STEP ("," STEP)* OPTION*
-    OPTION  := "+embed" ["=" FORMAT] | "+head" ["=" FORMAT]
+    OPTION  := "+embed" ["=" FORMAT] | "+head" ["=" FORMAT] | "+tune" ["=" STEPS]
     STEP    := "rtn:" FORMAT                      round to nearest
              | "gptq:" FORMAT (":" GPTQOPT)*      GPTQ error compensation (calibration data)
              | "awq:" FORMAT                      activation-aware scaling, then RTN (calibration data)
@@ -24,7 +24,9 @@ Grammar (whitespace is ignored, case-insensitive):
 Only one quantization step is allowed per recipe; the comma is reserved for later steps (e.g.
 pruning: "gptq:w4g32,prune:2:4"), which are rejected as unknown for now. "+embed" / "+head" also
 quantize the token embedding / LM head (default: kept as in the source); without "=FORMAT" they
-take the step's format (w8 for mixed). The embedding is stored quantized and dequantized to
+take the step's format (w8 for mixed). "+tune" (calibration data) trains every scale and norm of
+the result end to end against the source's next-token distribution, codes fixed
+(jisu.compress.tune), for STEPS steps (default 64). The embedding is stored quantized and dequantized to
 float32 when loaded (a row lookup, not a matmul); the head runs as a packed weight.
 """
 from __future__ import annotations
@@ -40,7 +42,9 @@ MIXED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "awq", "nf4", "kmeans", "mixed")
 VALID_FORMS = ("rtn:w8 | rtn:w8g32 | rtn:wBgG[a] (B=2,3,4; G=32,64,128; a=asymmetric) | gptq:FORMAT[:noact][:damp=F] "
                "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn][:w4] "
-               "| options +embed[=FORMAT] +head[=FORMAT]")
+               "| options +embed[=FORMAT] +head[=FORMAT] +tune[=STEPS]")
+TUNE_STEPS = 64
+MAX_TUNE_STEPS = 10000
 
 
 class RecipeError(JisuError):
@@ -113,6 +117,7 @@ class Recipe:
     steps: tuple = field(default_factory=tuple)
     embed: Optional[FormatSpec] = None
     head: Optional[FormatSpec] = None
+    tune: int = 0                        # end-to-end tuning steps after quantizing (0: none)
 
     @property
     def quant(self) -> QuantStep:
@@ -120,7 +125,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(s.needs_calibration for s in self.steps)
+        return self.tune > 0 or any(s.needs_calibration for s in self.steps)
 
     def to_dict(self) -> dict:
         q = self.quant
@@ -134,6 +139,7 @@ class Recipe:
                   "choices": [spec.name for spec in q.mixed_choices().values()]}
         d["embed"] = self.embed.name if self.embed else None
         d["head"] = self.head.name if self.head else None
+        d["tune"] = self.tune
         return d
 
 
@@ -243,7 +249,7 @@ def parse_recipe(text) -> Recipe:
     if not isinstance(text, str) or not text.strip():
         raise _fail(str(text), "empty recipe")
     s = "".join(text.split()).lower()
-    steps, embed, head = [], None, None
+    steps, embed, head, tune = [], None, None, 0
     for part in s.split(","):
         if not part:
             raise _fail(text, "empty step")
@@ -254,6 +260,9 @@ def parse_recipe(text) -> Recipe:
             raise _fail(text, "an option comes before any step")
         for opt in opts:
             name, eq, value = opt.partition("=")
+            if name == "tune":
+                tune = _steps(value, text) if eq else TUNE_STEPS
+                continue
             if name not in ("embed", "head"):
                 raise _fail(text, f"unknown option +{opt}")
             fmt = parse_format(value, text) if eq else "default"
@@ -269,4 +278,10 @@ def parse_recipe(text) -> Recipe:
     default = q.fmt if q.fmt is not None else FormatSpec("int", 8, None)
     embed = default if embed == "default" else embed
     head = default if head == "default" else head
-    return Recipe(text, tuple(steps), embed, head)
+    return Recipe(text, tuple(steps), embed, head, tune)
+
+
+def _steps(s: str, text: str) -> int:
+    if not re.fullmatch(r"\d+", s) or not 1 <= int(s) <= MAX_TUNE_STEPS:
+        raise _fail(text, f"+tune={s!r}: STEPS must be a whole number from 1 to {MAX_TUNE_STEPS}")
+    return int(s)
