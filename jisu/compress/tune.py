@@ -23,22 +23,16 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from ..kernels.formats import CodebookWeight, Int8Weight, IntWeight
+from ..kernels.formats import CodebookWeight, Int8Weight, IntWeight, _f16
 from .forward import EMBED, HEAD, Runner, model_form, source_form
 
 TOP_K = 64
 LR = 2e-3          # Adam step on the relative corrections of the scales
 NORM_LR = 1e-3     # ... and of the RMSNorm weights
 BATCH = 4          # calibration samples per step
-
-
-def _f16(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float16).to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
