@@ -13,16 +13,18 @@ by gradient descent against the source model's distribution on the calibration t
   the full KL), K = 64; the targets are computed once, before quantizing, in full precision;
 - Adam over multiplicative corrections (scale = s0 * (1 + r)), cosine learning-rate decay;
   each layer is recomputed in the backward pass (activation checkpointing) and each matrix is
-  decoded from its codes when used, so memory stays near the packed model plus one layer's work;
+  decoded from its codes when used, a block of rows at a time, so no float copy of the model is
+  kept (about 1 GB peak on a 135M model);
 - the tuned scales are rounded to the format's float16 at the end; a result whose calibration KL
   came out worse than where it started is discarded (the untuned scales are kept).
 
-Pure PyTorch (autograd), CPU or CUDA.
+Pure PyTorch (autograd), on the CPU.
 """
 from __future__ import annotations
 
 import math
 import time
+
 import torch
 import torch.nn.functional as F
 
@@ -206,7 +208,10 @@ class TuneRunner(Runner):
 
     def refresh(self) -> None:
         """Scales at the current corrections (once per step, shared by every use of a matrix)."""
-        self._cur = {id(t): t.scales() for t in {id(t): t for t in self.tunables.values()}.values()}
+        self._cur = {}
+        for t in self.tunables.values():
+            if id(t) not in self._cur:  # a tied embedding / head is one Tunable under two names
+                self._cur[id(t)] = t.scales()
 
     def lin(self, x, name, taps=None, short=""):
         t = self.tunables.get(name)
