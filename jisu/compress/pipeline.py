@@ -357,6 +357,13 @@ def _mixed_allocation(cfg, weights, w, runner, q, ids, out, progress, batch, fis
     trim_heap(collect=True)  # the backward pass's temporaries: hundreds of blocks below the mmap threshold
     t_fisher = time.perf_counter() - t0
     choices = q.mixed_choices()
+    # widths below mixed.MIN_WIDE_BITS are taken only when the budget cannot hold every linear at the
+    # narrowest wider choice; otherwise their (GPTQ) errors are not worth computing
+    ks = {cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size}  # in-features of the linears
+    narrowest_wide = max(min(spec.bits_per_weight(K) for b, spec in choices.items() if b >= mixed.MIN_WIDE_BITS)
+                         for K in ks)
+    if q.bpw >= narrowest_wide:
+        choices = {b: spec for b, spec in choices.items() if b >= mixed.MIN_WIDE_BITS}
     items = []
     X = _embed_all(runner, ids, batch)
     n = X.shape[0]

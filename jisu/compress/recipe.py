@@ -20,6 +20,8 @@ Grammar (whitespace is ignored, case-insensitive):
     GPTQOPT := "noact" (no act-order) | "damp=" F (dampening, fraction of mean diag(H); default 0.01)
     MIXOPT  := "g" G (group of the 2/3/4-bit choices, default 32) | "rtn" | "gptq" (default gptq)
              | "w4" (choices 4-bit at groups 64/32 and int8 instead of 2/3/4/8 bits)
+             | "groups" (choices 3- and 4-bit at groups 64 and 32, int8, and 2-bit group 32 only when
+               the budget cannot hold 3-bit group 64 everywhere)
 
 Only one quantization step is allowed per recipe; the comma is reserved for later steps (e.g.
 pruning: "gptq:w4g32,prune:2:4"), which are rejected as unknown for now. "+embed" / "+head" also
@@ -41,7 +43,7 @@ GROUPS = (32, 64, 128)
 MIXED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "awq", "nf4", "kmeans", "mixed")
 VALID_FORMS = ("rtn:w8 | rtn:w8g32 | rtn:wBgG[a] (B=2,3,4; G=32,64,128; a=asymmetric) | gptq:FORMAT[:noact][:damp=F] "
-               "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn][:w4] "
+               "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn][:w4|:groups] "
                "| options +embed[=FORMAT] +head[=FORMAT] +tune[=STEPS]")
 TUNE_STEPS = 64
 MAX_TUNE_STEPS = 10000
@@ -96,6 +98,7 @@ class QuantStep:
     group_size: int = 32                 # mixed: group of the 2/3/4-bit choices
     base: str = "gptq"                   # mixed: "gptq" | "rtn"
     four_bit_groups: bool = False        # mixed ":w4": 4-bit at groups 64/32, or int8
+    both_groups: bool = False            # mixed ":groups": 3/4-bit at groups 64 and 32, or int8
 
     @property
     def needs_calibration(self) -> bool:
@@ -104,7 +107,11 @@ class QuantStep:
     def mixed_choices(self) -> dict[float, FormatSpec]:
         """width -> format for mixed precision, widths ordered by size: symmetric wBgG for 2/3/4 and
         int8 per channel for 8; with ":w4", symmetric 4-bit at groups 64 / 32 (keyed by their bits
-        per weight) and int8 per channel."""
+        per weight) and int8 per channel; with ":groups", 2-bit group 32 and 3- and 4-bit at groups 64
+        and 32 (keyed by their bits per weight) and int8 per channel."""
+        if self.both_groups:
+            pairs = ((2, 32), (3, 64), (3, 32), (4, 64), (4, 32))
+            return {**{b + 16 / g: FormatSpec("int", b, g) for b, g in pairs}, 8: FormatSpec("int", 8, None)}
         if self.four_bit_groups:
             return {**{4 + 16 / g: FormatSpec("int", 4, g) for g in (64, 32)}, 8: FormatSpec("int", 8, None)}
         return {b: (FormatSpec("int", 8, None) if b == 8 else FormatSpec("int", b, self.group_size))
@@ -211,12 +218,14 @@ def _parse_step(s: str, text: str) -> QuantStep:
             raise _fail(text, f"step {s!r}: kmeans takes an optional group size (kmeans:g64)")
         return QuantStep("rtn", parse_format("kmeans" + (fields[0] if fields else ""), text))
     if method == "mixed":
-        bpw, group, base, w4 = None, 32, "gptq", False
+        bpw, group, base, w4, both = None, 32, "gptq", False, False
         for opt in fields:
             if opt.startswith("bpw="):
                 bpw = _number(opt[4:], text, "bpw")
             elif opt == "w4":
                 w4 = True
+            elif opt == "groups":
+                both = True
             elif re.fullmatch(r"g\d+", opt):
                 group = _group(opt[1:], text, opt)
             elif opt in ("rtn", "gptq"):
@@ -227,7 +236,9 @@ def _parse_step(s: str, text: str) -> QuantStep:
             raise _fail(text, "mixed needs a budget (mixed:bpw=4.0)")
         if not 2 <= bpw <= 9:
             raise _fail(text, f"bpw={bpw} is outside 2..9 bits per weight")
-        return QuantStep("mixed", None, bpw=bpw, group_size=group, base=base, four_bit_groups=w4)
+        if w4 and both:
+            raise _fail(text, "mixed takes one of :w4 and :groups")
+        return QuantStep("mixed", None, bpw=bpw, group_size=group, base=base, four_bit_groups=w4, both_groups=both)
     known = ", ".join(METHODS)
     raise _fail(text, f"unknown step {method!r} (known steps: {known})")
 

@@ -35,7 +35,7 @@ def quantize(path, recipe):
 
 @pytest.mark.parametrize("recipe", ["rtn:w4g32", "rtn:w4g32a", "gptq:w3g32", "rtn:w2g64", "rtn:w8", "gptq:w8g32",
                                     "nf4:g64", "kmeans:g64", "kmeans", "awq:w4g32a", "gptq:w4g64+embed+head",
-                                    "mixed:bpw=3.5"])
+                                    "mixed:bpw=3.5", "mixed:bpw=3.9:groups"])
 def test_round_trip_bit_exact(tiny_hf, tmp_path, recipe):
     source, qz = quantize(tiny_hf, recipe)
     expected = logits(pipeline.build_quantized_model(qz))
@@ -154,3 +154,20 @@ def test_large_matrices_load_a_slice_of_rows_at_a_time(tiny_hf, tmp_path, monkey
     monkeypatch.setattr(packed_mod, "PACK_CHUNK_BYTES", 64 * 16)  # 16 rows a slice
     _, sliced, _ = artifact.load_artifact(folder)
     assert_same_packed_ints(whole, sliced)
+
+
+@pytest.mark.parametrize("bpw, narrow", [(3.9, False), (3.0, True)])
+def test_mixed_groups_allocation_within_budget(tiny_hf, bpw, narrow):
+    """mixed ":groups" chooses per linear among 3/4-bit at groups 64 and 32 and int8, within the
+    budget; 2-bit is only considered (its errors only computed) when 3-bit group 64 cannot fit."""
+    _, qz = quantize(tiny_hf, f"mixed:bpw={bpw}:groups")
+    info = qz.info["mixed"]
+    assert info["allocated_bpw"] <= bpw + 1e-9
+    assert ("2.5" in info["linears_per_bits"]) == narrow
+    used = {float(b) for b, c in info["linears_per_bits"].items() if c}
+    if not narrow:
+        assert used <= {3.25, 3.5, 4.25, 4.5, 8} and len(used) >= 2
+    names = set(info["bits"])
+    for name in names:
+        f = qz.tensors[name]
+        assert (f.bits, f.group_size) in {(2, 32), (3, 64), (3, 32), (4, 64), (4, 32), (8, None)}, name

@@ -44,6 +44,12 @@ def test_options_and_mixed():
     assert [s.name for s in choices.values()] == ["w4g64", "w4g32", "w8"]
     assert list(choices) == sorted(choices)  # widths ordered by size, as the allocation needs
     assert m.to_dict()["choices"] == ["w4g64", "w4g32", "w8"]
+    m = parse_recipe("mixed:bpw=4.2:groups")
+    choices = m.quant.mixed_choices()
+    assert [s.name for s in choices.values()] == ["w2g32", "w3g64", "w3g32", "w4g64", "w4g32", "w8"]
+    assert list(choices) == [2.5, 3.25, 3.5, 4.25, 4.5, 8]  # keyed by bits per weight, ordered by size
+    with pytest.raises(RecipeError, match="one of :w4 and :groups"):
+        parse_recipe("mixed:bpw=4:w4:groups")
 
 
 @pytest.mark.parametrize("text, problem", [
