@@ -22,6 +22,7 @@ Grammar (whitespace is ignored, case-insensitive):
              | "w4" (choices 4-bit at groups 64/32 and int8 instead of 2/3/4/8 bits)
              | "groups" (choices 3- and 4-bit at groups 64 and 32, int8, and 2-bit group 32 only when
                the budget cannot hold 3-bit group 64 everywhere)
+             | "max=" B (only the choices of at most B bits per weight, e.g. ":groups:max=4.5": no int8)
 
 Only one quantization step is allowed per recipe; the comma is reserved for later steps (e.g.
 pruning: "gptq:w4g32,prune:2:4"), which are rejected as unknown for now. "+embed" / "+head" also
@@ -43,7 +44,7 @@ GROUPS = (32, 64, 128)
 MIXED_BITS = (2, 3, 4, 8)
 METHODS = ("rtn", "gptq", "awq", "nf4", "kmeans", "mixed")
 VALID_FORMS = ("rtn:w8 | rtn:w8g32 | rtn:wBgG[a] (B=2,3,4; G=32,64,128; a=asymmetric) | gptq:FORMAT[:noact][:damp=F] "
-               "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn][:w4|:groups] "
+               "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn][:w4|:groups][:max=B] "
                "| options +embed[=FORMAT] +head[=FORMAT] +tune[=STEPS]")
 TUNE_STEPS = 64
 MAX_TUNE_STEPS = 10000
@@ -99,6 +100,7 @@ class QuantStep:
     base: str = "gptq"                   # mixed: "gptq" | "rtn"
     four_bit_groups: bool = False        # mixed ":w4": 4-bit at groups 64/32, or int8
     both_groups: bool = False            # mixed ":groups": 3/4-bit at groups 64 and 32, or int8
+    max_bits: Optional[float] = None     # mixed ":max=B": only choices of at most B bits per weight
 
     @property
     def needs_calibration(self) -> bool:
@@ -108,7 +110,13 @@ class QuantStep:
         """width -> format for mixed precision, widths ordered by size: symmetric wBgG for 2/3/4 and
         int8 per channel for 8; with ":w4", symmetric 4-bit at groups 64 / 32 (keyed by their bits
         per weight) and int8 per channel; with ":groups", 2-bit group 32 and 3- and 4-bit at groups 64
-        and 32 (keyed by their bits per weight) and int8 per channel."""
+        and 32 (keyed by their bits per weight) and int8 per channel; ":max=B" keeps the widths <= B."""
+        choices = self._all_mixed_choices()
+        if self.max_bits is None:
+            return choices
+        return {b: spec for b, spec in choices.items() if b <= self.max_bits + 1e-9}
+
+    def _all_mixed_choices(self) -> dict[float, FormatSpec]:
         if self.both_groups:
             pairs = ((2, 32), (3, 64), (3, 32), (4, 64), (4, 32))
             return {**{b + 16 / g: FormatSpec("int", b, g) for b, g in pairs}, 8: FormatSpec("int", 8, None)}
@@ -218,7 +226,7 @@ def _parse_step(s: str, text: str) -> QuantStep:
             raise _fail(text, f"step {s!r}: kmeans takes an optional group size (kmeans:g64)")
         return QuantStep("rtn", parse_format("kmeans" + (fields[0] if fields else ""), text))
     if method == "mixed":
-        bpw, group, base, w4, both = None, 32, "gptq", False, False
+        bpw, group, base, w4, both, top = None, 32, "gptq", False, False, None
         for opt in fields:
             if opt.startswith("bpw="):
                 bpw = _number(opt[4:], text, "bpw")
@@ -226,6 +234,8 @@ def _parse_step(s: str, text: str) -> QuantStep:
                 w4 = True
             elif opt == "groups":
                 both = True
+            elif opt.startswith("max="):
+                top = _number(opt[4:], text, "max")
             elif re.fullmatch(r"g\d+", opt):
                 group = _group(opt[1:], text, opt)
             elif opt in ("rtn", "gptq"):
@@ -238,7 +248,11 @@ def _parse_step(s: str, text: str) -> QuantStep:
             raise _fail(text, f"bpw={bpw} is outside 2..9 bits per weight")
         if w4 and both:
             raise _fail(text, "mixed takes one of :w4 and :groups")
-        return QuantStep("mixed", None, bpw=bpw, group_size=group, base=base, four_bit_groups=w4, both_groups=both)
+        step = QuantStep("mixed", None, bpw=bpw, group_size=group, base=base, four_bit_groups=w4, both_groups=both,
+                         max_bits=top)
+        if top is not None and len(step.mixed_choices()) < 2:
+            raise _fail(text, f"max={top} leaves fewer than two widths to choose from")
+        return step
     known = ", ".join(METHODS)
     raise _fail(text, f"unknown step {method!r} (known steps: {known})")
 

@@ -48,6 +48,11 @@ def test_options_and_mixed():
     choices = m.quant.mixed_choices()
     assert [s.name for s in choices.values()] == ["w2g32", "w3g64", "w3g32", "w4g64", "w4g32", "w8"]
     assert list(choices) == [2.5, 3.25, 3.5, 4.25, 4.5, 8]  # keyed by bits per weight, ordered by size
+    m = parse_recipe("mixed:bpw=4.2:groups:max=4.5")
+    assert list(m.quant.mixed_choices()) == [2.5, 3.25, 3.5, 4.25, 4.5]
+    assert m.to_dict()["choices"] == ["w2g32", "w3g64", "w3g32", "w4g64", "w4g32"]
+    with pytest.raises(RecipeError, match="fewer than two widths"):
+        parse_recipe("mixed:bpw=3:max=2")
     with pytest.raises(RecipeError, match="one of :w4 and :groups"):
         parse_recipe("mixed:bpw=4:w4:groups")
 
