@@ -167,7 +167,7 @@ def bench_model(path: str, args) -> dict:
         importlib.import_module(mod)
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    llm = jisu.load(path, threads=args.threads)
+    llm = jisu.load(path, threads=args.threads, precise=args.precise)
     load_s = time.perf_counter() - t0
     rss = psutil.Process().memory_info().rss - rss0  # weights + tokenizer, before any KV cache
     native = isinstance(llm.model, NativeLlama)
@@ -278,6 +278,7 @@ def main() -> int:
                                                               "with llama-quantize (into --quant-dir)")
     ap.add_argument("--quant-dir", default=DEFAULT_QUANT_DIR)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
+    ap.add_argument("--precise", action="store_true", help="jisu with ~15-bit activations (jisu.load(precise=True))")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -294,7 +295,7 @@ def main() -> int:
     results = []
     for m in find_models(args):
         # each model in a fresh process, so its load time and memory are its own
-        cmd = [sys.executable, __file__, "--one", m, "--threads", str(args.threads), "--reps", str(args.reps)]
+        cmd = [sys.executable, __file__, "--one", m, "--threads", str(args.threads), "--reps", str(args.reps)] + (["--precise"] if args.precise else [])
         if args.llama_bench:
             cmd += ["--llama-bench", args.llama_bench]
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -345,7 +346,7 @@ def main() -> int:
               f"{r['file_mb']:.0f} MB + KV cache {r['kv_mb']:.0f} MB)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"threads": args.threads, "reps": args.reps, "load_avg": [load0, load1],
+        json.dump({"threads": args.threads, "reps": args.reps, "precise": args.precise, "load_avg": [load0, load1],
                    "torch": torch.__version__, "results": results}, f, indent=2)
     print(f"\nwrote {args.out}")
     return 0
