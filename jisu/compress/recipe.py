@@ -226,7 +226,7 @@ def _parse_step(s: str, text: str) -> QuantStep:
             raise _fail(text, f"step {s!r}: kmeans takes an optional group size (kmeans:g64)")
         return QuantStep("rtn", parse_format("kmeans" + (fields[0] if fields else ""), text))
     if method == "mixed":
-        bpw, group, base, w4, both, top = None, 32, "gptq", False, False, None
+        bpw, group, base, w4, both, top = None, None, "gptq", False, False, None
         for opt in fields:
             if opt.startswith("bpw="):
                 bpw = _number(opt[4:], text, "bpw")
@@ -248,6 +248,9 @@ def _parse_step(s: str, text: str) -> QuantStep:
             raise _fail(text, f"bpw={bpw} is outside 2..9 bits per weight")
         if w4 and both:
             raise _fail(text, "mixed takes one of :w4 and :groups")
+        if group is not None and (w4 or both):
+            raise _fail(text, "mixed :w4 and :groups choose the group sizes themselves (drop :g" + str(group) + ")")
+        group = 32 if group is None else group
         step = QuantStep("mixed", None, bpw=bpw, group_size=group, base=base, four_bit_groups=w4, both_groups=both,
                          max_bits=top)
         if top is not None and len(step.mixed_choices()) < 2:

@@ -53,6 +53,8 @@ def test_options_and_mixed():
     assert m.to_dict()["choices"] == ["w2g32", "w3g64", "w3g32", "w4g64", "w4g32"]
     with pytest.raises(RecipeError, match="fewer than two widths"):
         parse_recipe("mixed:bpw=3:max=2")
+    with pytest.raises(RecipeError, match="choose the group sizes themselves"):
+        parse_recipe("mixed:bpw=4:groups:g64")
     with pytest.raises(RecipeError, match="one of :w4 and :groups"):
         parse_recipe("mixed:bpw=4:w4:groups")
 
