@@ -200,20 +200,31 @@ def test_refined_activations_all_isas(fmt, act_refine):
 @pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "int3_g32"])
 def test_precise_activations_match_the_fp32_product(fmt, act_refine):
     """ops.PRECISE refines every block: the packed linear is the float product with the dequantized
-    weights to ~1e-4 of its magnitude (plain int8 blocks: ~1e-2), on outlier-heavy inputs too."""
+    weights to ~1e-4 of its magnitude (plain int8 blocks: ~1e-2), on outlier-heavy inputs too; every
+    ISA gives the scalar kernel's result bit for bit, and each row what it gives alone (the GEMM's
+    fused residual pass against the GEMV's; 19 rows: full passes and a tail; a zero row and a zero
+    block, which are not refined, among them)."""
     N, K = 200, 576
     p = pack(FORMATS[fmt](_weight(N, K, 3)))
     wd = p.dequantize().double()
-    x = _x_outliers(9, K, 4)
+    x = _x_outliers(19, K, 4)
+    x[5] = 0.0
+    x[7, 64:96] = 0.0
     ref = x.double() @ wd.T
     mag = (x.double().abs() @ wd.abs().T).max()
     act_refine(0.0)
     plain = float((ops.linear(x, p).double() - ref).abs().max() / mag)
     act_refine(ops.PRECISE)
+    outs = {}
     for name in ISAS:
         with isa(name):
-            err = float((ops.linear(x, p).double() - ref).abs().max() / mag)
-        assert err < 2e-4 and err < plain / 30, (name, err, plain)
+            outs[name] = ops.linear(x, p)
+            err = float((outs[name].double() - ref).abs().max() / mag)
+            assert err < 2e-4 and err < plain / 30, (name, err, plain)
+            for i in range(x.shape[0]):
+                assert torch.equal(ops.linear(x[i:i + 1], p), outs[name][i:i + 1]), (name, i)
+    for name in ISAS:
+        assert torch.equal(outs[name], outs["scalar"]), name
 
 
 def test_act_refine_rejects_bad_thresholds(act_refine):
