@@ -158,12 +158,14 @@ def bench_model(path: str, args) -> dict:
     from jisu.kernels.native_model import NativeLlama
 
     # the runtime first: torch, jisu and the libraries a load imports (tokenizers, safetensors, the
-    # kernels' module...), so that what is measured above rss0 is the model's own memory
+    # kernels' module and jisu.kernels.ops, whose import-time check of the SIMD paths starts the
+    # kernels' thread pool and torch's CPU runtime: ~10 MB), so that what is measured above rss0 is
+    # the model's own memory
     import importlib
 
     for mod in ("tokenizers", "jinja2.sandbox", "safetensors.torch", "tqdm", "jisu.io.gguf", "jisu.io.tokenizer",
-                "jisu.io.sources", "jisu.io.gguf_packed", "jisu.io.artifact", "jisu.kernels.native_model",
-                "jisu.engine.generate"):
+                "jisu.io.sources", "jisu.io.gguf_packed", "jisu.io.artifact", "jisu.kernels.ops",
+                "jisu.kernels.native_model", "jisu.models.llama", "jisu.engine.generate"):
         importlib.import_module(mod)
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
