@@ -103,7 +103,8 @@ def bytes_per_token(model, ctx: float) -> int:
             total += t.numel() * t.element_size()
     emb = w["model.embed_tokens.weight"]
     total += (emb.nbytes if isinstance(emb, PackedWeight) else emb.numel() * 4) // cfg.vocab_size
-    total += int(2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * ctx)
+    kv_item = getattr(model, "kv_dtype", torch.float32).itemsize  # the cache the model gets by default
+    total += int(2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_item * ctx)
     return total
 
 
@@ -255,7 +256,8 @@ def bench_model(path: str, args) -> dict:
 
     peak = peak_rss_bytes() - rss0
     cfg = llm.config
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * max(len(long_prompt) + 1, len(ids) + LONG)
+    kv_item = getattr(llm.model, "kv_dtype", torch.float32).itemsize
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_item * max(len(long_prompt) + 1, len(ids) + LONG)
     res = {"model": path, "file_mb": model_bytes(path) / 1e6, "peak_rss_mb": peak / 1e6, "kv_mb": kv / 1e6, "native": native, "load_s": load_s,
            "rss_mb": rss / 1e6, "decode_tok_s": statistics.median(dec), "prefill_tok_s": statistics.median(pre),
            "decode_runs": dec, "prefill_runs": pre, "bytes_per_token": bpt,

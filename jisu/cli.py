@@ -173,7 +173,8 @@ def cmd_serve(args) -> int:
     llm = _load(args)
     print(f"jisu: serving {llm.source.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     return serve(llm, args.host, args.port, api_key=api_key, max_concurrency=args.max_concurrency,
-                 max_queue=args.max_queue, kv_memory_mb=args.kv_memory, served_model_name=args.served_model_name)
+                 max_queue=args.max_queue, kv_memory_mb=args.kv_memory, served_model_name=args.served_model_name,
+                 kv_dtype=args.kv_dtype)
 
 
 def _serve_parser(sub) -> None:
@@ -185,6 +186,9 @@ def _serve_parser(sub) -> None:
     s.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together (default 64)")
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those; more get 429 (default 256)")
     s.add_argument("--kv-memory", type=float, default=None, metavar="MB", help="KV cache size in MB (default 256)")
+    s.add_argument("--kv-dtype", choices=("auto", "f16", "f32"), default="auto",
+                   help="KV cache storage (default auto: f16 on the native CPU step, f32 with --precise "
+                        "or on the reference path)")
     s.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     s.add_argument("--precise", action="store_true", help="~15-bit activations in the quantized kernels (see jisu run)")

@@ -77,8 +77,8 @@ class InvariantPagedBatch(PagedBatch):
             kv.write(layer, blocks, offsets, k[0, :, off:off + n].transpose(0, 1), v[0, :, off:off + n].transpose(0, 1))
             nb = -(-(start + n) // bs)
             # [Hkv, nb * bs, D], contiguous (the gather copies)
-            kc = kv.k[layer][table[:nb]].transpose(0, 1).reshape(hkv, nb * bs, d)
-            vc = kv.v[layer][table[:nb]].transpose(0, 1).reshape(hkv, nb * bs, d)
+            kc = kv.k[layer][table[:nb]].transpose(0, 1).reshape(hkv, nb * bs, d).float()
+            vc = kv.v[layer][table[:nb]].transpose(0, 1).reshape(hkv, nb * bs, d).float()
             qp, op = qr.data_ptr() + off * row_bytes, out.data_ptr() + off * row_bytes
             for i in range(n):
                 K.attn_decode(qp + i * row_bytes, kc.data_ptr(), vc.data_ptr(), op + i * row_bytes,
@@ -164,22 +164,40 @@ def default_step_tokens(model) -> int:
     return ops.F32_NATIVE_MAX_M
 
 
+KV_DTYPES = {"f32": torch.float32, "float32": torch.float32, "f16": torch.float16, "float16": torch.float16}
+
+
+def resolve_kv_dtype(model, kv_dtype: torch.dtype | str | None) -> torch.dtype:
+    """The KV cache dtype: as given ('f16' / 'f32' / a torch dtype), or for None / 'auto' the
+    model's own preference (the native step: fp16 unless `--precise`), else fp32."""
+    if kv_dtype is None or kv_dtype == "auto":
+        return getattr(model, "kv_dtype", torch.float32)
+    if isinstance(kv_dtype, str):
+        if kv_dtype not in KV_DTYPES:
+            raise EngineError(f"unknown KV cache dtype {kv_dtype!r}: use auto, f16 or f32")
+        return KV_DTYPES[kv_dtype]
+    if kv_dtype not in (torch.float32, torch.float16):
+        raise EngineError(f"the KV cache holds float32 or float16, not {kv_dtype}")
+    return kv_dtype
+
+
 class Engine:
     def __init__(self, model, tokenizer=None, *, eos_ids: Sequence[int] = (), max_context: int | None = None,
                  kv_memory_mb: float | None = None, num_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 64, max_step_tokens: int | None = None, max_queue: int = 1024,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, kv_dtype: torch.dtype | str | None = None):
         cfg = model.cfg
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
         self.max_context = max_context or cfg.max_position
         self.vocab_size = cfg.vocab_size
+        self.kv_dtype = resolve_kv_dtype(model, kv_dtype)
         if num_blocks is None:
             mb = 256 if kv_memory_mb is None else kv_memory_mb
-            self.kv = PagedKVCache.for_memory(cfg, int(mb * 2**20), block_size)
+            self.kv = PagedKVCache.for_memory(cfg, int(mb * 2**20), block_size, dtype=self.kv_dtype)
         else:
-            self.kv = PagedKVCache(cfg, num_blocks, block_size)
+            self.kv = PagedKVCache(cfg, num_blocks, block_size, dtype=self.kv_dtype)
         if max_step_tokens is None:
             max_step_tokens = default_step_tokens(model)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_step_tokens=max_step_tokens,

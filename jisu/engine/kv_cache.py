@@ -88,7 +88,9 @@ def chain_hash(parent: int, tokens: Sequence[int]) -> int:
 
 
 class PagedKVCache:
-    """K/V storage [num_blocks, Hkv, block_size, D] per layer plus the block bookkeeping."""
+    """K/V storage [num_blocks, Hkv, block_size, D] per layer plus the block bookkeeping. The
+    storage is fp32 or fp16 (half the bytes for attention to read; values are rounded once when
+    written, the same way by the native step and the reference path)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32,
                  device="cpu"):
@@ -101,7 +103,8 @@ class PagedKVCache:
 
     @classmethod
     def for_memory(cls, cfg: ModelConfig, max_bytes: int, block_size: int = 16, **kw) -> "PagedKVCache":
-        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * 4
+        itemsize = torch.empty((), dtype=kw.get("dtype", torch.float32)).element_size()
+        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
         return cls(cfg, max(1, max_bytes // per_block), block_size, **kw)
 
     @property
@@ -197,8 +200,9 @@ class PagedKVCache:
     def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
         # k, v: [T, Hkv, D] for the positions (blocks[i], offsets[i])
-        self.k[layer][blocks, :, offsets] = k
-        self.v[layer][blocks, :, offsets] = v
+        dst_k, dst_v = self.k[layer], self.v[layer]
+        dst_k[blocks, :, offsets] = k.to(dst_k.dtype)
+        dst_v[blocks, :, offsets] = v.to(dst_v.dtype)
 
     def gather(self, layer: int, seq: SeqBlocks, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` positions of a sequence: k, v [Hkv, length, D]."""
@@ -249,7 +253,8 @@ class PagedBatch:
                           v[0, :, off:off + n].transpose(0, 1))
             kc, vc = self.kv.gather(layer, seq, start + n)
             mask = attention_mask(n, start, window)
-            outs.append(attention(q[:, :, off:off + n], kc[None], vc[None], mask, scale, softcap))
+            qi = q[:, :, off:off + n]
+            outs.append(attention(qi, kc[None].to(qi.dtype), vc[None].to(qi.dtype), mask, scale, softcap))
             off += n
         return torch.cat(outs, dim=2)
 

@@ -244,12 +244,27 @@ class NativeLlama:
     def __getattr__(self, name):  # rotary, scale, ... of the wrapped model
         return getattr(self.__dict__["model"], name)
 
-    def new_cache(self, batch: int, max_len: int):
-        """The wrapped model's static KVCache. On the CPU its tensors are views of one anonymous
-        mapping (layers.zeroed_tensors): zero pages the kernel hands out as positions are written,
-        so there is no fill to pay for (torch's zero fill runs on its OpenMP pool: ~0.5 s per
-        generate call on a busy machine) and the cache's memory leaves RSS when it is freed."""
-        return self.model.new_cache(batch, max_len)
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache dtype this model gets by default: fp16 for quantized weights (half the bytes
+        attention reads, as llama.cpp's default cache; its rounding, ~5e-4 relative, is far below
+        that of the int8 activations), fp32 for fp32 weights and under `--precise`, whose point
+        is the reference path's own numbers."""
+        from . import ops
+
+        if ops.is_precise() or not any(isinstance(x, PackedWeight) and not isinstance(x, PackedF32)
+                                       for x in self.model.w.values()):
+            return _F32
+        return torch.float16
+
+    def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None):
+        """A static KVCache in `dtype` (default: kv_dtype). On the CPU its tensors are views of one
+        anonymous mapping (layers.zeroed_tensors): zero pages the kernel hands out as positions are
+        written, so there is no fill to pay for (torch's zero fill runs on its OpenMP pool: ~0.5 s
+        per generate call on a busy machine) and the cache's memory leaves RSS when it is freed."""
+        from ..models.layers import KVCache
+
+        return KVCache(self.cfg, batch, max_len, dtype=dtype or self.kv_dtype)
 
     def profile(self, on: bool = True) -> None:
         """Time the native step's parts (see stats())."""
@@ -270,21 +285,26 @@ class NativeLlama:
         return self.model.forward(tokens, cache, logits_index)
 
     def _ptrs(self, holder, ks: list, vs: list):
-        """(k pointer array, v pointer array) for a cache's per-layer tensors, built once."""
+        """(k pointer array, v pointer array, half) for a cache's per-layer tensors (all fp32 or all
+        fp16), built once; None when the native step cannot use them."""
         got = getattr(holder, "_jisu_native_ptrs", None)
         if got is not None and got[0] == (ks[0].data_ptr(), len(ks)):
-            return got[1], got[2]
+            return got[1]
         cfg = self.cfg
         if len(ks) != cfg.num_layers or len(vs) != cfg.num_layers:
             return None
+        dtype = ks[0].dtype
+        if dtype not in (_F32, torch.float16):
+            return None
         for t in ks + vs:
-            if (t.dtype != _F32 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 4
+            if (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 4
                     or t.shape != ks[0].shape or t.shape[1] != cfg.num_kv_heads or t.shape[3] != cfg.head_dim):
                 return None
         kp = array("q", [t.data_ptr() for t in ks])
         vp = array("q", [t.data_ptr() for t in vs])
-        holder._jisu_native_ptrs = ((ks[0].data_ptr(), len(ks)), kp, vp)
-        return kp, vp
+        ptrs = (kp, vp, dtype == torch.float16)
+        holder._jisu_native_ptrs = ((ks[0].data_ptr(), len(ks)), ptrs)
+        return ptrs
 
     def _rows(self, logits_index, T: int) -> list[int]:
         idx = [int(i) for i in (logits_index.reshape(-1).tolist() if isinstance(logits_index, torch.Tensor)
@@ -317,7 +337,7 @@ class NativeLlama:
         tables = array("i", range(B))
         self.handle.forward(tok.data_ptr(), B * T, B, qlens.buffer_info()[0], starts.buffer_info()[0],
                             tables.buffer_info()[0], 1, ptrs[0].buffer_info()[0], ptrs[1].buffer_info()[0],
-                            cache.max_len, B, rows.buffer_info()[0], B * R, out.data_ptr())
+                            cache.max_len, B, rows.buffer_info()[0], B * R, out.data_ptr(), ptrs[2])
         cache.advance(T)
         return out
 
@@ -340,7 +360,7 @@ class NativeLlama:
         starts = array("i", batch.starts)
         self.handle.forward(tok.data_ptr(), N, S, qlens.buffer_info()[0], starts.buffer_info()[0],
                             tables.buffer_info()[0], maxb, ptrs[0].buffer_info()[0], ptrs[1].buffer_info()[0],
-                            kv.block_size, kv.pool.num_blocks, rows.buffer_info()[0], R, out.data_ptr())
+                            kv.block_size, kv.pool.num_blocks, rows.buffer_info()[0], R, out.data_ptr(), ptrs[2])
         batch.advance(N)
         return out
 

@@ -59,6 +59,11 @@ def get_act_refine() -> float:
     return float(_K.get_act_refine()) if _K is not None else 0.0
 
 
+def is_precise() -> bool:
+    """Whether every activation block is refined (set_act_refine(PRECISE), `--precise`)."""
+    return 0.0 < get_act_refine() <= 10 * PRECISE
+
+
 def cpu_features() -> dict:
     return _K.cpu_features() if _K is not None else {}
 

@@ -24,8 +24,8 @@ class GemmaModel:
                                                                None if cfg.rope_local_theta else cfg.rope_scaling))
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len)
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, dtype=dtype or torch.float32)
 
     def forward(self, tokens: torch.Tensor, cache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, T] appended after the cached positions (cache: KVCache or engine PagedBatch)

@@ -27,7 +27,8 @@ def zeroed_tensors(n: int, shape: tuple, dtype=torch.float32) -> list[torch.Tens
 
 class KVCache:
     """Static per-layer K/V tensors for a batch of sequences that advance together.
-    k[layer], v[layer]: [B, Hkv, max_len, D]; `length` positions are filled."""
+    k[layer], v[layer]: [B, Hkv, max_len, D] (fp32, or fp16 to halve the bytes attention reads;
+    values are rounded when stored and widened exactly when read); `length` positions are filled."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -54,7 +55,8 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         mask = attention_mask(k.shape[2], start, window)
-        return attention(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask, scale, softcap)
+        kc, vc = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return attention(q, kc.to(q.dtype), vc.to(q.dtype), mask, scale, softcap)
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -24,8 +24,8 @@ class LlamaModel:
         self.rotary = Rotary(cfg.head_dim, inv_freq)
         self.scale = cfg.head_dim ** -0.5
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len)
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, dtype=dtype or torch.float32)
 
     def forward(self, tokens: torch.Tensor, cache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, T] appended after the cached positions (cache: KVCache or engine PagedBatch)

@@ -119,12 +119,13 @@ def test_finish_reasons_stop_strings_and_eos(llm):
 
 
 def test_logprobs_and_prompt_logprobs_match_the_model(llm):
-    engine = Engine.from_llm(llm, num_blocks=64, block_size=4, max_step_tokens=8)   # prompt in 3 chunks
+    # prompt in 3 chunks; an fp32 cache like the model's own (test_kv_half covers fp16)
+    engine = Engine.from_llm(llm, num_blocks=64, block_size=4, max_step_tokens=8, kv_dtype="f32")
     p = prompts(19)[0]
     out = engine.generate([p], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), logprobs=3,
                           prompt_logprobs=2)[0]
     full = p + out["token_ids"]
-    cache = llm.model.new_cache(1, len(full))
+    cache = llm.model.new_cache(1, len(full), dtype=torch.float32)
     ref = torch.log_softmax(llm.model.forward(torch.tensor([full]), cache)[0], dim=-1)
     plp = out["prompt_logprobs"]
     assert len(plp) == len(p) and plp[0] is None

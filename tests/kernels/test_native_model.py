@@ -2,7 +2,9 @@
 reference model: fp32 and packed weights, static and paged caches, chunked prefill, Qwen2 bias,
 Qwen3 q/k norm, sliding windows, Llama 3 RoPE; batch invariance (a sequence's logits are bitwise
 the same alone or batched); GGUF Q8_0 / Q4_0 / Q4_1 files loaded packed without loss; and, on
-the default model, the fast path against the reference path (greedy tokens, KL)."""
+the default model, the fast path against the reference path (greedy tokens, KL). The tiny-model
+comparisons use fp32 caches (the reference's own); test_kv_half covers the fp16 cache that
+quantized models get by default, and the default-model checks run with it."""
 from __future__ import annotations
 
 import numpy as np
@@ -57,18 +59,18 @@ def check_incremental(ref, nat, tokens, rtol=RTOL):
     """Whole prompt, then prefill / chunk / single tokens through the cache, both models."""
     n = tokens.shape[1]
     with torch.inference_mode():
-        full = ref.forward(tokens, ref.new_cache(1, n + 2))
-        got = nat.forward(tokens, nat.new_cache(1, n + 2))
+        full = ref.forward(tokens, ref.new_cache(1, n + 2, dtype=torch.float32))
+        got = nat.forward(tokens, nat.new_cache(1, n + 2, dtype=torch.float32))
         assert got.shape == full.shape
         assert rel_err(got, full) <= rtol
-        cache = nat.new_cache(1, n + 2)
+        cache = nat.new_cache(1, n + 2, dtype=torch.float32)
         bounds = [0, 7, 11] + list(range(12, n + 1))
         for a, b in zip(bounds, bounds[1:]):
             out = nat.forward(tokens[:, a:b], cache)
             assert cache.length == b
             assert rel_err(out, full[:, a:b]) <= rtol, (a, b)
         # logits_index: only the requested rows
-        c = nat.new_cache(1, n)
+        c = nat.new_cache(1, n, dtype=torch.float32)
         last = nat.forward(tokens, c, logits_index=torch.tensor([-1, 3]))
         assert last.shape == (1, 2, full.shape[-1])
         assert torch.equal(last[0, 0], got[0, -1]) and torch.equal(last[0, 1], got[0, 3])
@@ -182,7 +184,7 @@ def paged_step(model, kv, seqs, chunks, logits_index=None):
 
 def static_logits(model, tokens):
     with torch.inference_mode():
-        return model.forward(torch.tensor([tokens]), model.new_cache(1, len(tokens)))[0]
+        return model.forward(torch.tensor([tokens]), model.new_cache(1, len(tokens), dtype=torch.float32))[0]
 
 
 @pytest.mark.parametrize("which", ["fp32", "q4_0", "mistral"])
@@ -239,7 +241,7 @@ def test_batch_invariance_greedy(tiny, which):
     # alone
     alone = []
     for p in prompts:
-        cache = nat.new_cache(1, len(p) + steps)
+        cache = nat.new_cache(1, len(p) + steps, dtype=torch.float32)
         with torch.inference_mode():
             logits = nat.forward(torch.tensor([p]), cache, logits_index=torch.tensor([-1]))[0, -1]
             seq = [logits]
@@ -264,21 +266,21 @@ def test_static_batch_of_two(tiny):
     ref, nat = pair(cfg, w)
     tokens = torch.cat([prompt(seed=1), prompt(seed=2)], 0)
     with torch.inference_mode():
-        want = ref.forward(tokens, ref.new_cache(2, SEQ))
-        got = nat.forward(tokens, nat.new_cache(2, SEQ))
+        want = ref.forward(tokens, ref.new_cache(2, SEQ, dtype=torch.float32))
+        got = nat.forward(tokens, nat.new_cache(2, SEQ, dtype=torch.float32))
         assert rel_err(got, want) <= RTOL
-        alone = nat.forward(tokens[1:], nat.new_cache(1, SEQ))
+        alone = nat.forward(tokens[1:], nat.new_cache(1, SEQ, dtype=torch.float32))
     assert torch.equal(got[1], alone[0])
 
 
 def test_cache_full_and_bad_tokens(tiny):
     cfg, w = tiny
     _, nat = pair(cfg, w)
-    cache = nat.new_cache(1, 4)
+    cache = nat.new_cache(1, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="KV cache full"):
         nat.forward(prompt(5), cache)
     with pytest.raises(ValueError, match="token id"):
-        nat.forward(torch.tensor([[0, 300]]), nat.new_cache(1, 4))
+        nat.forward(torch.tensor([[0, 300]]), nat.new_cache(1, 4, dtype=torch.float32))
 
 
 # --------------------------------------------------------------------------- selection
@@ -332,13 +334,13 @@ def test_gguf_loads_packed_losslessly(qtype, tmp_path):
     assert isinstance(fast.model, nm.NativeLlama)
     tokens = prompt()
     with torch.inference_mode():
-        a = fast.model.forward(tokens, fast.model.new_cache(1, SEQ))
-        b = slow.model.forward(tokens, slow.model.new_cache(1, SEQ))
+        a = fast.model.forward(tokens, fast.model.new_cache(1, SEQ, dtype=torch.float32))
+        b = slow.model.forward(tokens, slow.model.new_cache(1, SEQ, dtype=torch.float32))
     assert rel_err(a, b) < (0.03 if qtype == "Q8_0" else 0.1)
     # and exactly the reference model running the same packed weights
     ref = build_model(cfg, dict(packed_w))
     with torch.inference_mode():
-        c = ref.forward(tokens, ref.new_cache(1, SEQ))
+        c = ref.forward(tokens, ref.new_cache(1, SEQ, dtype=torch.float32))
     assert rel_err(a, c) <= RTOL
 
 
@@ -446,12 +448,12 @@ def test_fp32_weights_in_the_huge_page_arena(tiny, monkeypatch):
     with torch.inference_mode():
         plain = nm.NativeLlama(build_model(cfg, dict(w)))
         assert plain._arena is None  # below the threshold
-        want = plain.forward(tokens, plain.new_cache(1, SEQ))
+        want = plain.forward(tokens, plain.new_cache(1, SEQ, dtype=torch.float32))
         monkeypatch.setattr(nm.NativeLlama, "arena_min_bytes", 1)
         model = build_model(cfg, dict(w))
         nat = nm.NativeLlama(model)
         assert nat._arena is not None
-        got = nat.forward(tokens, nat.new_cache(1, SEQ))
+        got = nat.forward(tokens, nat.new_cache(1, SEQ, dtype=torch.float32))
     assert torch.equal(got, want)
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
                  "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
@@ -460,4 +462,4 @@ def test_fp32_weights_in_the_huge_page_arena(tiny, monkeypatch):
         assert model.w["lm_head.weight"] is model.w["model.embed_tokens.weight"]
     ref = build_model(cfg, dict(w))
     with torch.inference_mode():
-        assert rel_err(ref.forward(tokens, ref.new_cache(1, SEQ)), got) <= RTOL
+        assert rel_err(ref.forward(tokens, ref.new_cache(1, SEQ, dtype=torch.float32)), got) <= RTOL

@@ -210,6 +210,35 @@ static inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
+// float -> IEEE half, rounding to nearest even (torch's .half() and F16C's cvtps_ph give the same
+// bits), overflow to inf, NaN kept quiet.
+static inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  uint16_t o;
+  if (x >= (uint32_t)(127 + 16) << 23) {  // >= 65536, inf or NaN
+    o = x > 0x7f800000u ? 0x7e00 : 0x7c00;
+  } else if (x < (uint32_t)113 << 23) {  // < 2^-14: a half subnormal or zero
+    // adding 0.5 places the half's subnormal units in the float's low mantissa bits; the float
+    // addition rounds to nearest even
+    const uint32_t magic_u = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
+    float magic, v;
+    std::memcpy(&magic, &magic_u, 4);
+    std::memcpy(&v, &x, 4);
+    v += magic;
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    o = (uint16_t)(b - magic_u);
+  } else {
+    const uint32_t odd = (x >> 13) & 1u;
+    x += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;  // rebias, round half to even
+    o = (uint16_t)(x >> 13);                            // a carry into exponent 31 gives inf
+  }
+  return (uint16_t)(o | sign);
+}
+
 // Thread pool. A job is split into nchunks chunks that the caller (tid 0) and any awake
 // workers claim dynamically, so a descheduled worker never stalls the caller for long
 // (the machine may be oversubscribed). fn(ctx, chunk, nchunks, tid) runs once per chunk;

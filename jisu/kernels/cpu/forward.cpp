@@ -4,8 +4,8 @@
 // The model handle (NativeModel) holds only pointers: Python keeps the weights alive. A step
 // takes T tokens from S sequences (sequence s appends q_lens[s] tokens after its starts[s]
 // cached positions; tokens are back to back), writes their K/V into the cache
-// [num_blocks, Hkv, block_size, D] per layer through each sequence's block table, and returns
-// the logits of the requested rows. Everything per token is computed independently of the
+// [num_blocks, Hkv, block_size, D] per layer (fp32, or IEEE half) through each sequence's
+// block table, and returns the logits of the requested rows. Everything per token is computed independently of the
 // other tokens in the step (the linear kernels' per-row results do not depend on M, and
 // attention runs per (token, head) with an order of operations fixed by the token's own
 // positions only), so a sequence's logits are bitwise the same alone or in any batch, and
@@ -28,7 +28,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define JISU_FWD_X86 1
-#define JISU_AVX2_FN __attribute__((target("avx2,fma")))
+#define JISU_AVX2_FN __attribute__((target("avx2,fma,f16c")))
 #else
 #define JISU_FWD_X86 0
 #endif
@@ -89,7 +89,8 @@ inline double now_s() {
 
 bool use_simd() {
 #if JISU_FWD_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return ok && std::strcmp(active_kernels()->name, "scalar") != 0;
 #else
   return false;
@@ -223,23 +224,30 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n, bool simd) 
 // ---------------------------------------------------------------- attention
 // One token, the query heads [h0, h1) of one KV head: scores over the positions [lo, hi] of
 // its sequence (found through the block table), softmax, weighted sum of V.
+// The cache holds fp32 or IEEE half (KV = float / uint16_t); a half is widened exactly on load.
 struct AttnArgs {
-  const float* kc;       // this layer's K cache [num_blocks, Hkv, bs, D]
-  const float* vc;
+  const void* kc;        // this layer's K cache [num_blocks, Hkv, bs, D]
+  const void* vc;
   const int32_t* table;  // the sequence's block table
   int64_t bs, Hkv, D, hk, lo, hi;
   float scale;
 };
 
+inline float kv_value(float x) { return x; }
+inline float kv_value(uint16_t x) { return f16_to_f32(x); }
+
+template <class KV>
 void attn_scalar(const AttnArgs& a, const float* q, float* out, int64_t nh, float* sc) {
   const int64_t D = a.D, n = a.hi - a.lo + 1;
+  const KV* kc = (const KV*)a.kc;
+  const KV* vc = (const KV*)a.vc;
   for (int64_t j = 0; j < nh; j++) {
     const float* qh = q + j * D;
     float* s = sc + j * n;
     for (int64_t p = a.lo; p <= a.hi; p++) {
-      const float* kp = a.kc + ((a.table[p / a.bs] * a.Hkv + a.hk) * a.bs + p % a.bs) * D;
+      const KV* kp = kc + ((a.table[p / a.bs] * a.Hkv + a.hk) * a.bs + p % a.bs) * D;
       float acc = 0.f;
-      for (int64_t d = 0; d < D; d++) acc += qh[d] * kp[d];
+      for (int64_t d = 0; d < D; d++) acc += qh[d] * kv_value(kp[d]);
       s[p - a.lo] = acc * a.scale;
     }
     float mx = -INFINITY;
@@ -252,9 +260,9 @@ void attn_scalar(const AttnArgs& a, const float* q, float* out, int64_t nh, floa
     float* o = out + j * D;
     for (int64_t d = 0; d < D; d++) o[d] = 0.f;
     for (int64_t p = a.lo; p <= a.hi; p++) {
-      const float* vp = a.vc + ((a.table[p / a.bs] * a.Hkv + a.hk) * a.bs + p % a.bs) * D;
+      const KV* vp = vc + ((a.table[p / a.bs] * a.Hkv + a.hk) * a.bs + p % a.bs) * D;
       const float e = s[p - a.lo];
-      for (int64_t d = 0; d < D; d++) o[d] += e * vp[d];
+      for (int64_t d = 0; d < D; d++) o[d] += e * kv_value(vp[d]);
     }
     const float inv = 1.f / sum;
     for (int64_t d = 0; d < D; d++) o[d] *= inv;
@@ -267,16 +275,21 @@ void attn_scalar(const AttnArgs& a, const float* q, float* out, int64_t nh, floa
 #define JISU_WALK(CACHE, PTR, ...)                                                          \
   for (int64_t b_ = a.lo / a.bs, be_ = a.hi / a.bs; b_ <= be_; b_++) {                      \
     const int64_t p0_ = std::max(a.lo, b_ * a.bs), p1_ = std::min(a.hi, b_ * a.bs + a.bs - 1); \
-    const float* base_ = (CACHE) + ((int64_t)a.table[b_] * a.Hkv + a.hk) * a.bs * D;           \
+    const KV* base_ = (const KV*)(CACHE) + ((int64_t)a.table[b_] * a.Hkv + a.hk) * a.bs * D;   \
     for (int64_t p = p0_; p <= p1_; p++) {                                                  \
-      const float* PTR = base_ + (p - b_ * a.bs) * D;                                       \
+      const KV* PTR = base_ + (p - b_ * a.bs) * D;                                          \
       __VA_ARGS__                                                                           \
     }                                                                                       \
   }
 
+JISU_AVX2_FN static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+JISU_AVX2_FN static inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+}
+
 // Up to 3 heads at once (they share every K/V row load). Each head's arithmetic does not
 // depend on which heads run with it.
-template <int NH>
+template <int NH, class KV>
 JISU_AVX2_FN static void attn_heads_avx2(const AttnArgs& a, const float* q, float* out, float* sc) {
   const int64_t D = a.D, n = a.hi - a.lo + 1, lo = a.lo;
   JISU_WALK(a.kc, kp, {
@@ -284,14 +297,14 @@ JISU_AVX2_FN static void attn_heads_avx2(const AttnArgs& a, const float* q, floa
     for (int j = 0; j < NH; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d + 16 <= D; d += 16) {
-      const __m256 k0 = _mm256_loadu_ps(kp + d), k1 = _mm256_loadu_ps(kp + d + 8);
+      const __m256 k0 = load8(kp + d), k1 = load8(kp + d + 8);
       for (int j = 0; j < NH; j++) {
         acc0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), k0, acc0[j]);
         acc1[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d + 8), k1, acc1[j]);
       }
     }
     if (d < D) {
-      const __m256 k0 = _mm256_loadu_ps(kp + d);
+      const __m256 k0 = load8(kp + d);
       for (int j = 0; j < NH; j++) acc0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), k0, acc0[j]);
     }
     for (int j = 0; j < NH; j++) sc[j * n + (p - lo)] = hsum8(_mm256_add_ps(acc0[j], acc1[j])) * a.scale;
@@ -332,8 +345,8 @@ JISU_AVX2_FN static void attn_heads_avx2(const AttnArgs& a, const float* q, floa
       for (int c = 0; c < 4; c++) acc[j][c] = _mm256_setzero_ps();
     if (nv == 4) {
       JISU_WALK(a.vc, vp, {
-        const __m256 v0 = _mm256_loadu_ps(vp + d0), v1 = _mm256_loadu_ps(vp + d0 + 8);
-        const __m256 v2 = _mm256_loadu_ps(vp + d0 + 16), v3 = _mm256_loadu_ps(vp + d0 + 24);
+        const __m256 v0 = load8(vp + d0), v1 = load8(vp + d0 + 8);
+        const __m256 v2 = load8(vp + d0 + 16), v3 = load8(vp + d0 + 24);
         for (int j = 0; j < NH; j++) {
           const __m256 e = _mm256_broadcast_ss(sc + j * n + (p - lo));
           acc[j][0] = _mm256_fmadd_ps(e, v0, acc[j][0]);
@@ -346,7 +359,7 @@ JISU_AVX2_FN static void attn_heads_avx2(const AttnArgs& a, const float* q, floa
       JISU_WALK(a.vc, vp, {
         for (int j = 0; j < NH; j++) {
           const __m256 e = _mm256_broadcast_ss(sc + j * n + (p - lo));
-          for (int c = 0; c < nv; c++) acc[j][c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vp + d0 + 8 * c), acc[j][c]);
+          for (int c = 0; c < nv; c++) acc[j][c] = _mm256_fmadd_ps(e, load8(vp + d0 + 8 * c), acc[j][c]);
         }
       })
     }
@@ -360,20 +373,50 @@ JISU_AVX2_FN static void attn_heads_avx2(const AttnArgs& a, const float* q, floa
 #endif
 
 // q: the first head's query row ([nh][D]), out likewise; sc: nh * (hi - lo + 1) floats.
-void attend(const AttnArgs& a, const float* q, float* out, int64_t nh, float* sc, bool simd) {
+template <class KV>
+void attend_kv(const AttnArgs& a, const float* q, float* out, int64_t nh, float* sc, bool simd) {
 #if JISU_FWD_X86
   if (simd && a.D % 8 == 0) {
     for (int64_t j = 0; j < nh; j += 3) {
       const int64_t m = std::min<int64_t>(3, nh - j);
-      if (m == 3) attn_heads_avx2<3>(a, q + j * a.D, out + j * a.D, sc);
-      else if (m == 2) attn_heads_avx2<2>(a, q + j * a.D, out + j * a.D, sc);
-      else attn_heads_avx2<1>(a, q + j * a.D, out + j * a.D, sc);
+      if (m == 3) attn_heads_avx2<3, KV>(a, q + j * a.D, out + j * a.D, sc);
+      else if (m == 2) attn_heads_avx2<2, KV>(a, q + j * a.D, out + j * a.D, sc);
+      else attn_heads_avx2<1, KV>(a, q + j * a.D, out + j * a.D, sc);
     }
     return;
   }
 #endif
   (void)simd;
-  attn_scalar(a, q, out, nh, sc);
+  attn_scalar<KV>(a, q, out, nh, sc);
+}
+
+void attend(const AttnArgs& a, bool half, const float* q, float* out, int64_t nh, float* sc, bool simd) {
+  if (half) attend_kv<uint16_t>(a, q, out, nh, sc, simd);
+  else attend_kv<float>(a, q, out, nh, sc, simd);
+}
+
+// n values into the cache: copied, or rounded to half (bitwise what torch's .half() gives)
+#if JISU_FWD_X86
+JISU_AVX2_FN static void store_half_avx2(uint16_t* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i*)(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; i++) dst[i] = f32_to_f16(src[i]);
+}
+#endif
+
+void store_kv(void* cache, int64_t off, const float* src, int64_t n, bool half, bool simd) {
+  if (!half) {
+    std::memcpy((float*)cache + off, src, n * 4);
+    return;
+  }
+  uint16_t* dst = (uint16_t*)cache + off;
+#if JISU_FWD_X86
+  if (simd) return store_half_avx2(dst, src, n);
+#endif
+  (void)simd;
+  for (int64_t i = 0; i < n; i++) dst[i] = f32_to_f16(src[i]);
 }
 
 // ---------------------------------------------------------------- the model
@@ -467,7 +510,8 @@ class NativeModel {
 
   void forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t qlens_p, uintptr_t starts_p,
                uintptr_t tables_p, int64_t max_blocks, uintptr_t kptrs_p, uintptr_t vptrs_p,
-               int64_t block_size, int64_t num_blocks, uintptr_t rows_p, int64_t R, uintptr_t logits_p);
+               int64_t block_size, int64_t num_blocks, uintptr_t rows_p, int64_t R, uintptr_t logits_p,
+               bool kv_half);
 
   py::dict stats() const {
     py::dict d;
@@ -548,7 +592,8 @@ class NativeModel {
 
 void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t qlens_p, uintptr_t starts_p,
                           uintptr_t tables_p, int64_t max_blocks, uintptr_t kptrs_p, uintptr_t vptrs_p,
-                          int64_t bs, int64_t num_blocks, uintptr_t rows_p, int64_t R, uintptr_t logits_p) {
+                          int64_t bs, int64_t num_blocks, uintptr_t rows_p, int64_t R, uintptr_t logits_p,
+                          bool kv_half) {
   if (!head_) throw std::runtime_error("NativeModel: set_globals was not called");
   for (const Layer& L : layers_)
     if (!L.o) throw std::runtime_error("NativeModel: a layer was not set");
@@ -612,8 +657,8 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
 
   for (size_t li = 0; li < layers_.size(); li++) {
     const Layer& L = layers_[li];
-    const float* kcache = (const float*)kptrs[li];
-    const float* vcache = (const float*)vptrs[li];
+    void* kcache = (void*)kptrs[li];
+    void* vcache = (void*)vptrs[li];
     // ---- attention block
     parallel_for(T, T * E * 8, [&](int64_t a, int64_t b, int) { kt->rms_norm(x, L.attn_norm, h, a, b, E, eps_); });
     float *q, *k, *v;
@@ -647,8 +692,8 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
         const int64_t blk = tables[seq_[i] * max_blocks + p / bs];
         for (int64_t hk = 0; hk < Hkv; hk++) {
           const int64_t off = ((blk * Hkv + hk) * bs + p % bs) * D;
-          std::memcpy((float*)kcache + off, ki + hk * D, D * 4);
-          std::memcpy((float*)vcache + off, vi + hk * D, D * 4);
+          store_kv(kcache, off, ki + hk * D, D, kv_half, simd);
+          store_kv(vcache, off, vi + hk * D, D, kv_half, simd);
         }
       }
     });
@@ -658,7 +703,7 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
     int64_t work = 0, max_n = 1;
     for (int64_t i = 0; i < T; i++) {
       const int64_t n = std::min<int64_t>(pos_[i] + 1, L.window ? L.window : pos_[i] + 1);
-      work += n * nkv * 8;
+      work += n * nkv * (kv_half ? 4 : 8);
       max_n = std::max(max_n, n);
     }
     for (int th = 0; th < nth; th++) thr_[th].get(G * max_n + 16);  // allocated here: tasks must not throw
@@ -678,7 +723,7 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
         A.hi = pos_[i];
         A.lo = L.window ? std::max<int64_t>(0, pos_[i] - L.window + 1) : 0;
         A.scale = scale_;
-        attend(A, q + i * qs + h0 * D, att + i * nq + h0 * D, nh, thr_[tid].p, simd);
+        attend(A, kv_half, q + i * qs + h0 * D, att + i * nq + h0 * D, nh, thr_[tid].p, simd);
       }
     }, 16);
     if (prof) t_att += now_s() - ta;
@@ -755,16 +800,29 @@ void register_forward(py::module_& m) {
       .def("forward",
            [](NativeModel& self, uintptr_t tokens, int64_t T, int64_t S, uintptr_t qlens, uintptr_t starts,
               uintptr_t tables, int64_t max_blocks, uintptr_t kptrs, uintptr_t vptrs, int64_t bs, int64_t nb,
-              uintptr_t rows, int64_t R, uintptr_t logits) {
+              uintptr_t rows, int64_t R, uintptr_t logits, bool kv_half) {
              py::gil_scoped_release nogil;  // other Python threads run while the step computes
              std::lock_guard<std::mutex> lock(native_mutex());
-             self.forward(tokens, T, S, qlens, starts, tables, max_blocks, kptrs, vptrs, bs, nb, rows, R, logits);
+             self.forward(tokens, T, S, qlens, starts, tables, max_blocks, kptrs, vptrs, bs, nb, rows, R, logits,
+                          kv_half);
            },
            "forward(tokens_i64, T, S, q_lens_i32, starts_i32, tables_i32, max_blocks, k_ptrs_i64, v_ptrs_i64, "
-           "block_size, num_blocks, rows_i32, R, logits_f32): addresses of contiguous buffers")
+           "block_size, num_blocks, rows_i32, R, logits_f32, kv_half): addresses of contiguous buffers; the "
+           "cache is fp32, or IEEE half when kv_half",
+           py::arg("tokens"), py::arg("T"), py::arg("S"), py::arg("q_lens"), py::arg("starts"), py::arg("tables"),
+           py::arg("max_blocks"), py::arg("k_ptrs"), py::arg("v_ptrs"), py::arg("block_size"), py::arg("num_blocks"),
+           py::arg("rows"), py::arg("R"), py::arg("logits"), py::arg("kv_half") = false)
       .def("stats", &NativeModel::stats)
       .def("reset_stats", &NativeModel::reset_stats)
       .def_readwrite("profile", &NativeModel::profile);
+  m.def(
+      "to_half",
+      [](uintptr_t src, uintptr_t dst, int64_t n) {
+        if (n < 0) throw std::invalid_argument("to_half: n < 0");
+        store_kv((void*)dst, 0, (const float*)src, n, true, use_simd());
+      },
+      "to_half(src_f32_addr, dst_u16_addr, n): fp32 -> IEEE half as the native step writes the KV cache "
+      "(F16C on x86 with the SIMD kernels, else portable code)");
   m.def("dequant_rows", unlocked(&dequant_rows), "dequant_rows(desc_addr, ids_i64_addr, n, out_f32_addr): rows of a packed weight");
 }
 
