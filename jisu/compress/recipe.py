@@ -19,7 +19,7 @@ Grammar (whitespace is ignored, case-insensitive):
     G       := 32 | 64 | 128
     GPTQOPT := "noact" (no act-order) | "damp=" F (dampening, fraction of mean diag(H); default 0.01)
     MIXOPT  := "g" G (group of the 2/3/4-bit choices, default 32) | "rtn" | "gptq" (default gptq)
-             | "w4" (choices 4-bit at groups 64/32 and int8 instead of 2/3/4/8 bits)
+             | "w4" (choices 4-bit at groups 128/64/32 and int8 instead of 2/3/4/8 bits)
              | "groups" (choices 3- and 4-bit at groups 64 and 32, int8, and 2-bit group 32 only when
                the budget cannot hold 3-bit group 64 everywhere)
              | "max=" B (only the choices of at most B bits per weight, e.g. ":groups:max=4.5": no int8)
@@ -98,7 +98,7 @@ class QuantStep:
     bpw: Optional[float] = None          # mixed: bits-per-weight budget over the quantized linears
     group_size: int = 32                 # mixed: group of the 2/3/4-bit choices
     base: str = "gptq"                   # mixed: "gptq" | "rtn"
-    four_bit_groups: bool = False        # mixed ":w4": 4-bit at groups 64/32, or int8
+    four_bit_groups: bool = False        # mixed ":w4": 4-bit at groups 128/64/32, or int8
     both_groups: bool = False            # mixed ":groups": 3/4-bit at groups 64 and 32, or int8
     max_bits: Optional[float] = None     # mixed ":max=B": only choices of at most B bits per weight
 
@@ -108,7 +108,7 @@ class QuantStep:
 
     def mixed_choices(self) -> dict[float, FormatSpec]:
         """width -> format for mixed precision, widths ordered by size: symmetric wBgG for 2/3/4 and
-        int8 per channel for 8; with ":w4", symmetric 4-bit at groups 64 / 32 (keyed by their bits
+        int8 per channel for 8; with ":w4", symmetric 4-bit at groups 128 / 64 / 32 (keyed by their bits
         per weight) and int8 per channel; with ":groups", 2-bit group 32 and 3- and 4-bit at groups 64
         and 32 (keyed by their bits per weight) and int8 per channel; ":max=B" keeps the widths <= B."""
         choices = self._all_mixed_choices()
@@ -121,7 +121,7 @@ class QuantStep:
             pairs = ((2, 32), (3, 64), (3, 32), (4, 64), (4, 32))
             return {**{b + 16 / g: FormatSpec("int", b, g) for b, g in pairs}, 8: FormatSpec("int", 8, None)}
         if self.four_bit_groups:
-            return {**{4 + 16 / g: FormatSpec("int", 4, g) for g in (64, 32)}, 8: FormatSpec("int", 8, None)}
+            return {**{4 + 16 / g: FormatSpec("int", 4, g) for g in (128, 64, 32)}, 8: FormatSpec("int", 8, None)}
         return {b: (FormatSpec("int", 8, None) if b == 8 else FormatSpec("int", b, self.group_size))
                 for b in MIXED_BITS}
 

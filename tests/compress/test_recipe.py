@@ -41,9 +41,9 @@ def test_options_and_mixed():
     assert m.to_dict()["bpw"] == 4.0
     m = parse_recipe("mixed:bpw=4.5:w4")
     choices = m.quant.mixed_choices()
-    assert [s.name for s in choices.values()] == ["w4g64", "w4g32", "w8"]
+    assert [s.name for s in choices.values()] == ["w4g128", "w4g64", "w4g32", "w8"]
     assert list(choices) == sorted(choices)  # widths ordered by size, as the allocation needs
-    assert m.to_dict()["choices"] == ["w4g64", "w4g32", "w8"]
+    assert m.to_dict()["choices"] == ["w4g128", "w4g64", "w4g32", "w8"]
     m = parse_recipe("mixed:bpw=4.2:groups")
     choices = m.quant.mixed_choices()
     assert [s.name for s in choices.values()] == ["w2g32", "w3g64", "w3g32", "w4g64", "w4g32", "w8"]
