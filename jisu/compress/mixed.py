@@ -33,24 +33,37 @@ class Item:
 
 
 def allocate(items: list[Item], budget_bits: float) -> dict[str, int]:
-    """name -> chosen width, with sum(cost) <= budget_bits."""
-    widths = sorted(set.intersection(*(set(it.cost) for it in items)))
-    fits = [b for b in widths if sum(it.cost[b] for it in items) <= budget_bits + 1e-6]
-    if not fits:
-        smallest = sum(it.cost[widths[0]] for it in items)
-        raise JisuError(f"mixed: budget of {budget_bits / sum(i.numel for i in items):.3f} bits/weight is below the "
-                        f"smallest choice ({smallest / sum(i.numel for i in items):.3f} bits/weight)")
-    floor = next((b for b in fits if b >= MIN_WIDE_BITS), fits[0])
-    choice = {it.name: floor for it in items}
-    used = sum(it.cost[choice[it.name]] for it in items)
-    left = budget_bits - used
+    """name -> chosen width, with sum(cost) <= budget_bits. Each item offers the widths in its
+    cost (a group size that does not divide a linear's inputs is no choice for it). Every item
+    starts at its narrowest width of at least MIN_WIDE_BITS (at its narrowest width of all when
+    those do not fit the budget) and never goes below its start."""
+    def start(wide: bool) -> dict:
+        out = {}
+        for it in items:
+            ws = sorted(it.cost)
+            wider = [b for b in ws if b >= MIN_WIDE_BITS]
+            out[it.name] = wider[0] if wide and wider else ws[0]
+        return out
+
+    def total(choice: dict) -> float:
+        return sum(it.cost[choice[it.name]] for it in items)
+
+    choice = start(True)
+    if total(choice) > budget_bits + 1e-6:
+        choice = start(False)
+        if total(choice) > budget_bits + 1e-6:
+            n = sum(i.numel for i in items)
+            raise JisuError(f"mixed: budget of {budget_bits / n:.3f} bits/weight is below the "
+                            f"smallest choice ({total(choice) / n:.3f} bits/weight)")
+    floor = dict(choice)
+    left = budget_bits - total(choice)
     while True:
         best = None
         for it in items:
             b0 = choice[it.name]
             for b, c in it.cost.items():
                 extra = c - it.cost[b0]
-                if b < floor or extra <= 0 or extra > left + 1e-6:
+                if b < floor[it.name] or extra <= 0 or extra > left + 1e-6:
                     continue
                 gain = it.sens[b0] - it.sens[b]
                 if gain <= 0:

@@ -40,8 +40,18 @@ class Quantized:
 def check_model(cfg: ModelConfig, weights: dict, recipe: Recipe) -> None:
     """Every quantized matrix fits its format (group divides K); run before any work."""
     q = recipe.quant
-    specs = list(q.mixed_choices().values()) if q.method == "mixed" else [q.fmt]
-    targets = [(n, spec) for n in linear_names(cfg) for spec in specs]
+    if q.method == "mixed":  # each linear needs one choice that fits it (the others are skipped for it)
+        specs = list(q.mixed_choices().values())
+        for n in linear_names(cfg):
+            if n not in weights:
+                raise JisuError(f"model has no tensor {n}")
+            K = weights[n].shape[1]
+            if not any(spec.check_k(K) for spec in specs):
+                raise JisuError(f"mixed: no choice fits {n} ({K} inputs, not a multiple of any choice's group "
+                                f"size); pick other group sizes")
+        targets = []
+    else:
+        targets = [(n, q.fmt) for n in linear_names(cfg)]
     if recipe.embed:
         targets.append((EMBED, recipe.embed))
     if recipe.head:
@@ -360,8 +370,8 @@ def _mixed_allocation(cfg, weights, w, runner, q, ids, out, progress, batch, fis
     # widths below mixed.MIN_WIDE_BITS are taken only when the budget cannot hold every linear at the
     # narrowest wider choice; otherwise their (GPTQ) errors are not worth computing
     ks = {cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size}  # in-features of the linears
-    narrowest_wide = max(min(spec.bits_per_weight(K) for b, spec in choices.items() if b >= mixed.MIN_WIDE_BITS)
-                         for K in ks)
+    narrowest_wide = max(min((spec.bits_per_weight(K) for b, spec in choices.items()
+                              if b >= mixed.MIN_WIDE_BITS and spec.check_k(K)), default=float("inf")) for K in ks)
     if q.bpw >= narrowest_wide:
         choices = {b: spec for b, spec in choices.items() if b >= mixed.MIN_WIDE_BITS}
     items = []
@@ -394,6 +404,8 @@ def _mixed_allocation(cfg, weights, w, runner, q, ids, out, progress, batch, fis
                     wt = w[name]
                     cost, sens = {}, {}
                     for b, spec in choices.items():
+                        if not spec.check_k(wt.shape[1]):
+                            continue  # e.g. group 128 on 576 inputs
                         if prep is not None and spec.bits != 8:
                             fmt, _ = gptq.gptq_quantize(wt, prep, spec)
                         else:

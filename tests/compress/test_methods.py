@@ -167,6 +167,21 @@ def test_mixed_allocation_upgrades_the_most_sensitive_and_avoids_2_bits():
         mixed.allocate(items, 3 * 2000)
 
 
+def test_mixed_allocation_with_choices_per_linear():
+    """A width missing from one linear's costs (a group size that does not divide its inputs) is
+    never chosen for it, and the others still trade bits with it."""
+    from jisu.compress import mixed
+
+    n = 1000
+    g128 = mixed.Item("down", n, {4.125: 4.125 * n, 4.25: 4.25 * n, 4.5: 4.5 * n}, {4.125: 3.0, 4.25: 2.9, 4.5: 2.8})
+    q = mixed.Item("q", n, {4.25: 4.25 * n, 4.5: 4.5 * n}, {4.25: 10.0, 4.5: 5.0})
+    # uniform g64's size: "down" gives up an eighth of a bit so that "q" can take group 32
+    budget = 2 * 4.25 * n + 0.125 * n
+    assert mixed.allocate([g128, q], budget) == {"down": 4.125, "q": 4.5}
+    # no room: both at their narrowest wide width
+    assert mixed.allocate([g128, q], 4.125 * n + 4.25 * n) == {"down": 4.125, "q": 4.25}
+
+
 def test_dequant_linear_in_row_blocks_matches_whole(monkeypatch):
     """The Fisher pass runs a large packed matrix (an LM head) a block of rows at a time, forward
     and backward; the result is the whole matrix's up to float summation order."""
