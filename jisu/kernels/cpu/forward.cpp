@@ -287,12 +287,36 @@ JISU_AVX2_FN static inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
 
+// A cursor over the positions [lo, hi] that prefetches each one's K row (block by block through
+// the table, without a division per position). Batched decode steps read each sequence's cached
+// rows once, in runs of one block; without it the loads of K and V took ~70 % of attention's
+// samples, and 16 streams of 128-256 tokens ran 7-20 % slower (Zen 5 core).
+template <class KV>
+struct RowPrefetch {
+  const AttnArgs& a;
+  const char* base;
+  int64_t p, blk, off;
+  RowPrefetch(const AttnArgs& a_, const void* cache) : a(a_), base((const char*)cache), p(a_.lo), blk(a_.lo / a_.bs), off(a_.lo % a_.bs) {}
+  inline void next() {
+    if (p > a.hi) return;
+    const char* r = base + (((int64_t)a.table[blk] * a.Hkv + a.hk) * a.bs + off) * a.D * (int64_t)sizeof(KV);
+    for (int64_t o = 0; o < a.D * (int64_t)sizeof(KV); o += 64) _mm_prefetch(r + o, _MM_HINT_T0);
+    p++;
+    if (++off == a.bs) off = 0, blk++;
+  }
+};
+constexpr int KV_PF_ROWS = 8;  // K rows ahead of the one being scored (2-32 measured the same)
+
 // Up to 3 heads at once (they share every K/V row load). Each head's arithmetic does not
 // depend on which heads run with it.
 template <int NH, class KV>
 JISU_AVX2_FN static void attn_heads_avx2(const AttnArgs& a, const float* q, float* out, float* sc) {
   const int64_t D = a.D, n = a.hi - a.lo + 1, lo = a.lo;
+  RowPrefetch<KV> kpf(a, a.kc), vpf(a, a.vc);  // V rows are fetched while K is scored
+  for (int i = 0; i < KV_PF_ROWS; i++) kpf.next();
   JISU_WALK(a.kc, kp, {
+    kpf.next();
+    vpf.next();
     __m256 acc0[NH], acc1[NH];
     for (int j = 0; j < NH; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();
     int64_t d = 0;
