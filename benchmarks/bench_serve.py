@@ -6,6 +6,12 @@ is bounded in count and in time, and the servers are stopped at the end.
     python benchmarks/bench_serve.py                          # jisu, default model, 1/4/16/64 streams
     python benchmarks/bench_serve.py --llama-server PATH      # the same against llama-server -np 16 -c 8192 -t 2
     python benchmarks/bench_serve.py --soak-minutes 10        # random requests and cancels; leaks
+    python benchmarks/bench_serve.py --llama-server PATH --interleave 3   # both up, levels alternated
+
+With `--interleave N` both servers stay up (the idle one sleeps) and each level runs N passes
+per server in the order A B B A A B ...: on a shared machine whose speed drifts within minutes,
+the two servers then see the same machine, and each level reports the median of each server's
+passes, the ratio of the medians and the ratio within every pass pair.
 
 Each level runs `rounds x concurrency` streamed /v1/completions requests (fixed prompts, greedy,
 EOS ignored, `--max-tokens` each) with `concurrency` in flight at once, and reports:
@@ -191,18 +197,54 @@ async def run_level(srv: Server, concurrency: int, n_requests: int, max_tokens: 
             "retried": sum(1 for r in results if r.get("retried"))}
 
 
+def one_level(srv: Server, c: int, args) -> dict:
+    n = max(args.min_requests, args.rounds * c)
+    row = asyncio.run(run_level(srv, c, n, args.max_tokens, args.level_timeout))
+    row["server"] = srv.name
+    print(f"  {srv.name:9s} c={c:3d}: {row['tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50'] * 1e3:7.0f} ms  "
+          f"p99 {row['ttft_p99'] * 1e3:7.0f} ms  TPOT p50 {row['tpot_p50'] * 1e3:6.0f} ms  "
+          f"p99 {row['tpot_p99'] * 1e3:6.0f} ms  ({row['ok']}/{row['requests']} ok)", flush=True)
+    return row
+
+
 def bench(srv: Server, args) -> list[dict]:
-    rows = []
     asyncio.run(run_level(srv, 1, 1, 4, 120))        # warm-up
+    return [one_level(srv, c, args) for c in args.concurrency]
+
+
+def bench_interleaved(a: Server, b: Server, args) -> tuple[list[dict], list[dict]]:
+    """Each level: args.interleave passes per server, in the order a b b a a b ... (rows tagged with
+    their pass); returns (rows, per-level summary)."""
+    import statistics
+
+    for srv in (a, b):
+        asyncio.run(run_level(srv, 1, 1, 4, 120))    # warm-up
+    rows, summary = [], []
     for c in args.concurrency:
-        n = max(args.min_requests, args.rounds * c)
-        row = asyncio.run(run_level(srv, c, n, args.max_tokens, args.level_timeout))
-        row["server"] = srv.name
-        rows.append(row)
-        print(f"  {srv.name:9s} c={c:3d}: {row['tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50'] * 1e3:7.0f} ms  "
-              f"p99 {row['ttft_p99'] * 1e3:7.0f} ms  TPOT p50 {row['tpot_p50'] * 1e3:6.0f} ms  "
-              f"p99 {row['tpot_p99'] * 1e3:6.0f} ms  ({row['ok']}/{row['requests']} ok)", flush=True)
-    return rows
+        got: dict = {a.name: [], b.name: []}
+        for i in range(args.interleave):
+            for srv in ((a, b) if i % 2 == 0 else (b, a)):
+                row = one_level(srv, c, args)
+                row["pass"] = i
+                rows.append(row)
+                got[srv.name].append(row["tok_s"])
+        ma, mb = statistics.median(got[a.name]), statistics.median(got[b.name])
+        pairs = [x / y for x, y in zip(got[a.name], got[b.name]) if y > 0]
+        summary.append({"concurrency": c, f"{a.name}_tok_s": got[a.name], f"{b.name}_tok_s": got[b.name],
+                        f"{a.name}_median": ma, f"{b.name}_median": mb, "ratio_of_medians": ma / mb if mb else None,
+                        "pass_ratios": pairs})
+    return rows, summary
+
+
+def summary_table(summary: list[dict], a: str, b: str) -> str:
+    out = [f"| streams | {a} tok/s (passes) | {b} tok/s (passes) | {a} / {b}, medians | per pass |",
+           "|---:|---|---|---:|---|"]
+    for s in summary:
+        fa = " / ".join(f"{x:.0f}" for x in s[f"{a}_tok_s"])
+        fb = " / ".join(f"{x:.0f}" for x in s[f"{b}_tok_s"])
+        pr = " ".join(f"{x:.2f}" for x in s["pass_ratios"])
+        out.append(f"| {s['concurrency']} | {fa} | {fb} | {s['ratio_of_medians']:.2f} | {pr} |")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- soak
@@ -285,6 +327,9 @@ def main(argv=None) -> int:
                     help=f"llama-server binary to compare with (flag alone: {DEFAULT_LLAMA_SERVER})")
     ap.add_argument("--llama-threads", type=int, default=2,
                     help="llama-server -t (default 2; on a busy machine ggml's spinning threads can make -t 1 faster)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="with --llama-server: keep both servers up and run N passes per server and level, "
+                         "alternated (default 0: jisu's levels, then llama-server's)")
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="run the soak test instead, for N minutes")
     ap.add_argument("--soak-concurrency", type=int, default=8)
     ap.add_argument("--soak-max-requests", type=int, default=100_000)
@@ -316,7 +361,8 @@ def main(argv=None) -> int:
             result["soak"] = res
             print(json.dumps(res, indent=1))
         else:
-            rows = bench(srv, args)
+            both = bool(args.llama_server) and os.access(args.llama_server, os.X_OK)
+            rows = [] if (both and args.interleave > 0) else bench(srv, args)
             if args.llama_server:
                 if not os.access(args.llama_server, os.X_OK):
                     print(f"llama-server not found at {args.llama_server}: skipped", file=sys.stderr)
@@ -325,16 +371,27 @@ def main(argv=None) -> int:
 
                     gguf = resolve(args.model).path
                     ls = llama_server(args.llama_server, gguf, free_port(), args.llama_threads)
-                    rc = srv.stop()                     # one server at a time on the cores
-                    print(f"jisu exited {rc}; starting llama-server on {ls.url} ...", flush=True)
-                    ls.start()
-                    try:
-                        rows += bench(ls, args)
-                    finally:
-                        ls.stop()
+                    if args.interleave > 0:
+                        print(f"starting llama-server on {ls.url} beside jisu ...", flush=True)
+                        ls.start()
+                        try:
+                            rows, result["interleaved"] = bench_interleaved(srv, ls, args)
+                        finally:
+                            ls.stop()
+                    else:
+                        rc = srv.stop()                     # one server at a time on the cores
+                        print(f"jisu exited {rc}; starting llama-server on {ls.url} ...", flush=True)
+                        ls.start()
+                        try:
+                            rows += bench(ls, args)
+                        finally:
+                            ls.stop()
             result["rows"] = rows
             print()
             print(table(rows))
+            if result.get("interleaved"):
+                print()
+                print(summary_table(result["interleaved"], "jisu", "llama.cpp"))
     finally:
         result["jisu_exit"] = srv.stop()
         result["loadavg_after"] = os.getloadavg()
