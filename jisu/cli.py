@@ -187,8 +187,8 @@ def _serve_parser(sub) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond those; more get 429 (default 256)")
     s.add_argument("--kv-memory", type=float, default=None, metavar="MB", help="KV cache size in MB (default 256)")
     s.add_argument("--kv-dtype", choices=("auto", "f16", "f32"), default="auto",
-                   help="KV cache storage (default auto: f16 on the native CPU step, f32 with --precise "
-                        "or on the reference path)")
+                   help="KV cache storage (default auto: f16 for quantized models on the native CPU step; "
+                        "f32 for fp32 models, with --precise and on the reference path)")
     s.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     s.add_argument("--precise", action="store_true", help="~15-bit activations in the quantized kernels (see jisu run)")

@@ -169,7 +169,8 @@ KV_DTYPES = {"f32": torch.float32, "float32": torch.float32, "f16": torch.float1
 
 def resolve_kv_dtype(model, kv_dtype: torch.dtype | str | None) -> torch.dtype:
     """The KV cache dtype: as given ('f16' / 'f32' / a torch dtype), or for None / 'auto' the
-    model's own preference (the native step: fp16 unless `--precise`), else fp32."""
+    model's own preference (the native step: fp16 for quantized weights unless `--precise`), else
+    fp32."""
     if kv_dtype is None or kv_dtype == "auto":
         return getattr(model, "kv_dtype", torch.float32)
     if isinstance(kv_dtype, str):

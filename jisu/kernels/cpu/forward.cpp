@@ -5,11 +5,11 @@
 // takes T tokens from S sequences (sequence s appends q_lens[s] tokens after its starts[s]
 // cached positions; tokens are back to back), writes their K/V into the cache
 // [num_blocks, Hkv, block_size, D] per layer (fp32, or IEEE half) through each sequence's
-// block table, and returns the logits of the requested rows. Everything per token is computed independently of the
-// other tokens in the step (the linear kernels' per-row results do not depend on M, and
-// attention runs per (token, head) with an order of operations fixed by the token's own
-// positions only), so a sequence's logits are bitwise the same alone or in any batch, and
-// the same for any block size.
+// block table, and returns the logits of the requested rows. Everything per token is computed
+// independently of the other tokens in the step (the linear kernels' per-row results do not
+// depend on M, and attention runs per (token, head) with an order of operations fixed by the
+// token's own positions only), so a sequence's logits are bitwise the same alone or in any
+// batch, and the same for any block size.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
