@@ -103,7 +103,7 @@ class PagedKVCache:
 
     @classmethod
     def for_memory(cls, cfg: ModelConfig, max_bytes: int, block_size: int = 16, **kw) -> "PagedKVCache":
-        itemsize = torch.empty((), dtype=kw.get("dtype", torch.float32)).element_size()
+        itemsize = kw.get("dtype", torch.float32).itemsize
         per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
         return cls(cfg, max(1, max_bytes // per_block), block_size, **kw)
 

@@ -149,6 +149,7 @@ class NativeLlama:
         def norm(name: str) -> int:
             return keep(_f32(w[name])).data_ptr()
 
+        self._quantized = any(isinstance(x, PackedWeight) and not isinstance(x, PackedF32) for x in w.values())
         self._arena = self._weight_arena(w)
         inv_freq = keep(_f32(model.rotary.inv_freq))
         self.handle = K.NativeModel(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
@@ -252,10 +253,7 @@ class NativeLlama:
         is the reference path's own numbers."""
         from . import ops
 
-        if ops.is_precise() or not any(isinstance(x, PackedWeight) and not isinstance(x, PackedF32)
-                                       for x in self.model.w.values()):
-            return _F32
-        return torch.float16
+        return _F32 if ops.is_precise() or not self._quantized else torch.float16
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None):
         """A static KVCache in `dtype` (default: kv_dtype). On the CPU its tensors are views of one
