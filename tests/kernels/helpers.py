@@ -85,3 +85,17 @@ def assert_same_packed_ints(whole: dict, sliced: dict) -> None:
             assert torch.equal(w.data, sliced[name].data), name
             n += 1
     assert n > 0
+
+
+def paged_step(model, kv, seqs, chunks, logits_index=None):
+    """One engine-style step: each sequence in `seqs` appends its chunk (token ids) after its cached
+    positions in the paged cache `kv`; returns the logits rows [sum(len(c)) or R, V]."""
+    from jisu.engine.kv_cache import PagedBatch
+
+    starts = [s.num_tokens for s in seqs]
+    for s, c in zip(seqs, chunks):
+        kv.reserve(s, len(c))
+    batch = PagedBatch(kv, seqs, starts, [len(c) for c in chunks])
+    flat = torch.tensor([[t for c in chunks for t in c]])
+    with torch.inference_mode():
+        return model.forward(flat, batch, logits_index=logits_index)[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jisu.engine.engine import Engine, EngineError, resolve_kv_dtype
-from jisu.engine.kv_cache import PagedBatch, PagedKVCache, SeqBlocks
+from jisu.engine.kv_cache import PagedKVCache, SeqBlocks
 from jisu.io.sources import load_weights, resolve
 from jisu.kernels import _native, ops
 from jisu.kernels import native_model as nm
@@ -17,7 +17,7 @@ from jisu.kernels.packed import pack
 from jisu.models import build_model
 from jisu.models.layers import KVCache
 
-from .helpers import FORMATS, ISAS, isa, needs_native
+from .helpers import FORMATS, ISAS, isa, needs_native, paged_step
 
 pytestmark = [needs_native, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -67,16 +67,6 @@ def test_to_half_rounds_like_torch(name):
     assert torch.isnan(nan.float()).all()
 
 
-def paged_step(model, kv, seqs, chunks, logits_index=None):
-    for s, c in zip(seqs, chunks):
-        kv.reserve(s, len(c))
-    starts = [s.num_tokens - len(c) for s, c in zip(seqs, chunks)]
-    batch = PagedBatch(kv, seqs, starts, [len(c) for c in chunks])
-    flat = torch.tensor([[t for c in chunks for t in c]])
-    with torch.inference_mode():
-        return model.forward(flat, batch, logits_index)[0]
-
-
 @pytest.mark.parametrize("which", ["fp32", "q4_0"])
 def test_half_cache_native_equals_reference(tiny, which):
     cfg, w = tiny
@@ -86,7 +76,7 @@ def test_half_cache_native_equals_reference(tiny, which):
     nat = nm.NativeLlama(build_model(cfg, dict(w)))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (7, 21)]
-    outs = {}
+    outs, caches = {}, {}
     for name, model, dtype in [("nat16", nat, torch.float16), ("ref16", ref, torch.float16),
                                ("nat32", nat, torch.float32)]:
         kv = PagedKVCache(cfg, num_blocks=32, block_size=4, dtype=dtype)
@@ -94,17 +84,13 @@ def test_half_cache_native_equals_reference(tiny, which):
         a = paged_step(model, kv, seqs, [prompts[0], prompts[1][:13]])
         b = paged_step(model, kv, seqs, [[5], prompts[1][13:]])
         outs[name] = torch.cat([a, b])
-        if name == "nat16":
-            kv16 = kv
-        if name == "nat32":
-            # layer 0's K/V come from the same inputs: the fp16 cache holds their .half()
-            for layer in (0,):
-                for i in range(2):
-                    blocks = seqs[i].block_table
-                    assert torch.equal(kv16.k[layer][blocks].view(torch.int16),
-                                       kv.k[layer][blocks].half().view(torch.int16))
-                    assert torch.equal(kv16.v[layer][blocks].view(torch.int16),
-                                       kv.v[layer][blocks].half().view(torch.int16))
+        caches[name] = kv, seqs
+    # layer 0's K/V come from the same inputs: the fp16 cache holds their .half()
+    (kv16, seqs16), (kv32, seqs32) = caches["nat16"], caches["nat32"]
+    for s16, s32 in zip(seqs16, seqs32):
+        assert s16.block_table == s32.block_table
+        for c16, c32 in ((kv16.k[0], kv32.k[0]), (kv16.v[0], kv32.v[0])):
+            assert torch.equal(c16[s16.block_table].view(torch.int16), c32[s32.block_table].half().view(torch.int16))
     scale = float(outs["ref16"].abs().max())
     assert float((outs["nat16"] - outs["ref16"]).abs().max()) <= RTOL * scale
     if which == "fp32":  # (with int8 activations the tiny random model amplifies any change)

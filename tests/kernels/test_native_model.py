@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import jisu
-from jisu.engine.kv_cache import PagedBatch, PagedKVCache, SeqBlocks
+from jisu.engine.kv_cache import PagedKVCache, SeqBlocks
 from jisu.io.sources import load_weights, resolve
 from jisu.kernels import native_model as nm
 from jisu.kernels.formats import CodebookWeight, Int4Weight, Int8Weight
 from jisu.kernels.packed import PackedWeight, pack
 from jisu.models import build_model
 
-from .helpers import FORMATS, needs_native
+from .helpers import FORMATS, needs_native, paged_step
 
 pytestmark = [needs_native, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -172,16 +172,6 @@ def test_architectures_match_reference(name, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- paged batches
-def paged_step(model, kv, seqs, chunks, logits_index=None):
-    starts = [s.num_tokens for s in seqs]
-    for s, c in zip(seqs, chunks):
-        kv.reserve(s, len(c))
-    batch = PagedBatch(kv, seqs, starts, [len(c) for c in chunks])
-    flat = torch.tensor([[t for c in chunks for t in c]])
-    with torch.inference_mode():
-        return model.forward(flat, batch, logits_index=logits_index)[0]
-
-
 def static_logits(model, tokens):
     with torch.inference_mode():
         return model.forward(torch.tensor([tokens]), model.new_cache(1, len(tokens), dtype=torch.float32))[0]
