@@ -105,7 +105,20 @@ struct ActQ {
   float* dr = nullptr;     // [M][K/32] INT kernels' block scale (d / 128 when refined)
   int32_t* sr = nullptr;   // [M][K/32] INT kernels' block sum (128 s + sum(q2) when refined)
   float* sdr = nullptr;    // [M][K/32] dr * sr (float)
+  // Panel (kernels whose table sets panel_mr; built per linear call by KernelTable::panel): rows
+  // in groups of pmr, each group's codes interleaved per block and quad, [grp][b][j][pmr][4]
+  // (pq; pq2 the residual codes), so one pointer reaches every row of a group, and the INT
+  // kernels' per-block integers and scales as pf [grp][b][PANEL_FIELDS][pmr] (see PanelField).
+  int64_t pmr = 0;         // rows per group; 0 = no panel
+  int8_t* pq = nullptr;
+  int8_t* pq2 = nullptr;   // only when refinement is on
+  int32_t* pf = nullptr;
 };
+
+// Fields of a panel block, for a row whose block integer sum with the codes is p and with the
+// residual codes p2 (see ActQ): isum = ((INIT + p) << SHIFT) + p2 + POST equals the INT kernels'
+// isum minus the format's offset term (sr << OSH; 0 for formats without an offset), exactly.
+enum PanelField { PF_INIT = 0, PF_SHIFT, PF_POST, PF_DR, PF_SDR, PANEL_FIELDS };
 
 // The refinement of one quantized block (shared by every ISA's quantize_act): given the
 // block's values x, its scale inverse id and codes q, writes q2 and returns sum(q2).
@@ -174,7 +187,17 @@ struct KernelTable {
   void (*attn_decode)(const float* q, const float* k, const float* v, float* out, int64_t h0,
                       int64_t h1, int64_t H, int64_t Hkv, int64_t D, int64_t T,
                       int64_t tstride, float scale, float* scratch);
+  // Optional (null / 0 when the ISA has none): int_gemm reads the activations through a panel of
+  // panel_mr-row groups (ActQ::pq) for M > 1 when refinement is off or dense; panel() fills
+  // rows [m0, m1) of it after quantize_act, for the format of W.
+  int panel_mr;
+  void (*panel)(const PackedDesc& W, ActQ& A, int64_t m0, int64_t m1);
 };
+
+// Refinement thresholds below the mean block maximum refine nearly every block (ops.PRECISE):
+// the kernels then take the residual codes' dot products for every block in one pass.
+static inline bool dense_refine_threshold(float refine) { return refine > 0.f && refine < 1.f; }
+static inline bool dense_refine(const ActQ& A) { return dense_refine_threshold(A.refine); }
 
 // Scratch bytes int_gemm / cb_gemm need per thread for M > 1 (unpacked tile).
 static inline int64_t gemm_scratch_bytes(const PackedDesc& W) {

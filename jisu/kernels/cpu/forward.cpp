@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #define JISU_FWD_X86 1
 #define JISU_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define JISU_AVX512_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
 #else
 #define JISU_FWD_X86 0
 #endif
@@ -307,6 +308,35 @@ struct RowPrefetch {
 };
 constexpr int KV_PF_ROWS = 8;  // K rows ahead of the one being scored (2-32 measured the same)
 
+// Softmax of one head's scores s[0..n) in place (exp(s - max)); returns 1 / sum. Shared by the
+// AVX2 and AVX-512 kernels, so both give the same bits.
+JISU_AVX2_FN static float softmax_row(float* s, int64_t n) {
+  __m256 mx8 = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + i));
+  float mx = hmax8(mx8);
+  for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+  const __m256 mxv = _mm256_set1_ps(mx);
+  __m256 sum8 = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 e = vexp(_mm256_sub_ps(_mm256_loadu_ps(s + i), mxv));
+    _mm256_storeu_ps(s + i, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float sum = hsum8(sum8);
+  if (i < n) {
+    alignas(32) float tmp[8];
+    for (int k = 0; k < 8; k++) tmp[k] = i + k < n ? s[i + k] - mx : -87.f;
+    alignas(32) float e[8];
+    _mm256_store_ps(e, vexp(_mm256_load_ps(tmp)));
+    for (int64_t k = i; k < n; k++) {
+      s[k] = e[k - i];
+      sum = sum + e[k - i];
+    }
+  }
+  return 1.f / sum;
+}
+
 // Up to 3 heads at once (they share every K/V row load). Each head's arithmetic does not
 // depend on which heads run with it.
 template <int NH, class KV>
@@ -334,33 +364,7 @@ JISU_AVX2_FN static void attn_heads_avx2(const AttnArgs& a, const float* q, floa
     for (int j = 0; j < NH; j++) sc[j * n + (p - lo)] = hsum8(_mm256_add_ps(acc0[j], acc1[j])) * a.scale;
   })
   float inv[NH];
-  for (int j = 0; j < NH; j++) {
-    float* s = sc + j * n;
-    __m256 mx8 = _mm256_set1_ps(-INFINITY);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + i));
-    float mx = hmax8(mx8);
-    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
-    const __m256 mxv = _mm256_set1_ps(mx);
-    __m256 sum8 = _mm256_setzero_ps();
-    for (i = 0; i + 8 <= n; i += 8) {
-      const __m256 e = vexp(_mm256_sub_ps(_mm256_loadu_ps(s + i), mxv));
-      _mm256_storeu_ps(s + i, e);
-      sum8 = _mm256_add_ps(sum8, e);
-    }
-    float sum = hsum8(sum8);
-    if (i < n) {
-      alignas(32) float tmp[8];
-      for (int k = 0; k < 8; k++) tmp[k] = i + k < n ? s[i + k] - mx : -87.f;
-      alignas(32) float e[8];
-      _mm256_store_ps(e, vexp(_mm256_load_ps(tmp)));
-      for (int64_t k = i; k < n; k++) {
-        s[k] = e[k - i];
-        sum = sum + e[k - i];
-      }
-    }
-    inv[j] = 1.f / sum;
-  }
+  for (int j = 0; j < NH; j++) inv[j] = softmax_row(sc + j * n, n);
   // P V in chunks of 32 output dims: NH x 4 accumulators stay in registers
   for (int64_t d0 = 0; d0 < D; d0 += 32) {
     const int nv = (int)std::min<int64_t>(4, (D - d0) / 8);
@@ -394,12 +398,131 @@ JISU_AVX2_FN static void attn_heads_avx2(const AttnArgs& a, const float* q, floa
   }
 }
 #undef JISU_WALK
+
+// ---- The same attention in 512-bit registers, for D a multiple of 16 (chosen with the AVX-512
+// kernels). Every lane does the AVX2 kernel's arithmetic: a zmm's lanes 0-7 / 8-15 are its two
+// score accumulators, the 8-position score reduction pairs the same values as hsum8, the softmax
+// is shared, and P V runs per lane in position order. So both give the same bits, while a K row
+// is loaded once for all heads, 8 scores are reduced together, and P V takes all D dims per pass.
+JISU_AVX512_FN static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+JISU_AVX512_FN static inline __m512 load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+
+// z[i]: the 16-lane partial score sums of position i. Returns the 8 values hsum8(lo(z_i) + hi(z_i)).
+JISU_AVX512_FN static inline __m256 reduce8_z(const __m512* z) {
+  __m512 y[4];  // y[k] = [lo + hi of z[2k], of z[2k+1]]
+  for (int k = 0; k < 4; k++)
+    y[k] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * k], z[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(z[2 * k], z[2 * k + 1], 0xEE));
+  // 128-bit lane k of s0 / s1: positions k / k + 4, their lanes i + lanes i + 4 (hsum8's first add)
+  const __m512 s0 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+  const __m512 s1 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
+  // the second add (elements 0 + 2, 1 + 3), then the third (0 + 1)
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s0, s1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(s0, s1, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(t, t, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(t, t, _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane k holds positions k (element 4k) and k + 4 (element 4k + 1)
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, r));
+}
+
+// Row pointers of the positions [lo, hi] in order, through the block table.
+template <class KV>
+struct RowCursor {
+  const AttnArgs& a;
+  const KV* base;
+  int64_t blk, off;
+  RowCursor(const AttnArgs& a_, const void* cache) : a(a_), base((const KV*)cache), blk(a_.lo / a_.bs), off(a_.lo % a_.bs) {}
+  inline const KV* next() {
+    const KV* r = base + (((int64_t)a.table[blk] * a.Hkv + a.hk) * a.bs + off) * a.D;
+    if (++off == a.bs) off = 0, blk++;
+    return r;
+  }
+};
+
+template <int NH, class KV>
+JISU_AVX512_FN static void attn_heads_avx512(const AttnArgs& a, const float* q, float* out, float* sc) {
+  const int64_t D = a.D, n = a.hi - a.lo + 1;
+  RowPrefetch<KV> kpf(a, a.kc), vpf(a, a.vc);
+  for (int i = 0; i < KV_PF_ROWS; i++) kpf.next();
+  RowCursor<KV> kc(a, a.kc);
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  for (int64_t c0 = 0; c0 < n; c0 += 8) {
+    const int cnt = (int)std::min<int64_t>(8, n - c0);
+    const KV* rows[8];
+    for (int i = 0; i < 8; i++) {
+      if (i < cnt) {
+        rows[i] = kc.next();
+        kpf.next();
+        vpf.next();
+      } else {
+        rows[i] = rows[cnt - 1];
+      }
+    }
+    __m512 z[NH][8];
+    for (int j = 0; j < NH; j++)
+      for (int i = 0; i < 8; i++) z[j][i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      for (int i = 0; i < 8; i++) {
+        const __m512 k = load16(rows[i] + d);
+        for (int j = 0; j < NH; j++) z[j][i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * D + d), k, z[j][i]);
+      }
+    }
+    const __mmask8 m = (__mmask8)((1u << cnt) - 1);
+    for (int j = 0; j < NH; j++) _mm256_mask_storeu_ps(sc + j * n + c0, m, _mm256_mul_ps(reduce8_z(z[j]), scale));
+  }
+  float inv[NH];
+  for (int j = 0; j < NH; j++) inv[j] = softmax_row(sc + j * n, n);
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int nv = (int)std::min<int64_t>(4, (D - d0) / 16);
+    __m512 acc[NH][4];
+    for (int j = 0; j < NH; j++)
+      for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
+    RowCursor<KV> vc(a, a.vc);
+    if (nv == 4) {
+      for (int64_t i = 0; i < n; i++) {
+        const KV* vp = vc.next() + d0;
+        const __m512 v0 = load16(vp), v1 = load16(vp + 16), v2 = load16(vp + 32), v3 = load16(vp + 48);
+        for (int j = 0; j < NH; j++) {
+          const __m512 e = _mm512_set1_ps(sc[j * n + i]);
+          acc[j][0] = _mm512_fmadd_ps(e, v0, acc[j][0]);
+          acc[j][1] = _mm512_fmadd_ps(e, v1, acc[j][1]);
+          acc[j][2] = _mm512_fmadd_ps(e, v2, acc[j][2]);
+          acc[j][3] = _mm512_fmadd_ps(e, v3, acc[j][3]);
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < n; i++) {
+        const KV* vp = vc.next() + d0;
+        for (int j = 0; j < NH; j++) {
+          const __m512 e = _mm512_set1_ps(sc[j * n + i]);
+          for (int c = 0; c < nv; c++) acc[j][c] = _mm512_fmadd_ps(e, load16(vp + 16 * c), acc[j][c]);
+        }
+      }
+    }
+    for (int j = 0; j < NH; j++) {
+      const __m512 iv = _mm512_set1_ps(inv[j]);
+      for (int c = 0; c < nv; c++) _mm512_storeu_ps(out + j * D + d0 + 16 * c, _mm512_mul_ps(acc[j][c], iv));
+    }
+  }
+}
 #endif
 
 // q: the first head's query row ([nh][D]), out likewise; sc: nh * (hi - lo + 1) floats.
 template <class KV>
-void attend_kv(const AttnArgs& a, const float* q, float* out, int64_t nh, float* sc, bool simd) {
+void attend_kv(const AttnArgs& a, const float* q, float* out, int64_t nh, float* sc, bool simd, bool wide) {
 #if JISU_FWD_X86
+  if (simd && wide && a.D % 16 == 0) {
+    for (int64_t j = 0; j < nh; j += 3) {
+      const int64_t m = std::min<int64_t>(3, nh - j);
+      if (m == 3) attn_heads_avx512<3, KV>(a, q + j * a.D, out + j * a.D, sc);
+      else if (m == 2) attn_heads_avx512<2, KV>(a, q + j * a.D, out + j * a.D, sc);
+      else attn_heads_avx512<1, KV>(a, q + j * a.D, out + j * a.D, sc);
+    }
+    return;
+  }
   if (simd && a.D % 8 == 0) {
     for (int64_t j = 0; j < nh; j += 3) {
       const int64_t m = std::min<int64_t>(3, nh - j);
@@ -411,12 +534,14 @@ void attend_kv(const AttnArgs& a, const float* q, float* out, int64_t nh, float*
   }
 #endif
   (void)simd;
+  (void)wide;
   attn_scalar<KV>(a, q, out, nh, sc);
 }
 
-void attend(const AttnArgs& a, bool half, const float* q, float* out, int64_t nh, float* sc, bool simd) {
-  if (half) attend_kv<uint16_t>(a, q, out, nh, sc, simd);
-  else attend_kv<float>(a, q, out, nh, sc, simd);
+// wide: the AVX-512 kernels are active (the same bits as AVX2, see attn_heads_avx512).
+void attend(const AttnArgs& a, bool half, const float* q, float* out, int64_t nh, float* sc, bool simd, bool wide) {
+  if (half) attend_kv<uint16_t>(a, q, out, nh, sc, simd, wide);
+  else attend_kv<float>(a, q, out, nh, sc, simd, wide);
 }
 
 // n values into the cache: copied, or rounded to half (bitwise what torch's .half() gives)
@@ -660,6 +785,7 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
   const bool simd = use_simd();
   const bool prof = profile;
   const KernelTable* kt = active_kernels();
+  const bool wide = simd && std::strcmp(kt->name, "avx512") == 0;
   const double t_start = now_s();
   double t_lin = 0, t_att = 0;
   auto lin = [&](const PackedDesc* W, const float* in, float* out, const float* bias) {
@@ -747,7 +873,7 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
         A.hi = pos_[i];
         A.lo = L.window ? std::max<int64_t>(0, pos_[i] - L.window + 1) : 0;
         A.scale = scale_;
-        attend(A, kv_half, q + i * qs + h0 * D, att + i * nq + h0 * D, nh, thr_[tid].p, simd);
+        attend(A, kv_half, q + i * qs + h0 * D, att + i * nq + h0 * D, nh, thr_[tid].p, simd, wide);
       }
     }, 16);
     if (prof) t_att += now_s() - ta;

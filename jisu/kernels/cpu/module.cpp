@@ -89,14 +89,26 @@ std::vector<AlignedBuf> g_thread;  // per-thread scratch
 // Outlier-block refinement threshold of the activations (ActQ::refine; 0 = off).
 std::atomic<float> g_act_refine{0.f};
 
-ActQ act_buffers(int64_t M, int64_t K, bool need_q16) {
+// panel_mr: rows per panel group (0: no panel; see ActQ::pq).
+ActQ act_buffers(int64_t M, int64_t K, bool need_q16, int64_t panel_mr) {
   const int64_t nb = K / QK;
   auto up = [](int64_t b) { return (b + 63) & ~(int64_t)63; };
+  const float refine = g_act_refine.load();
+  if (!(refine == 0.f || dense_refine_threshold(refine))) panel_mr = 0;
+  const int64_t mp = panel_mr ? (M + panel_mr - 1) / panel_mr * panel_mr : 0;  // panel rows
   const int64_t bq = up(M * K), bf = up(M * nb * 4), bq16 = need_q16 ? up(M * K * 2) : 0, brf = up(M * nb);
-  uint8_t* p = g_act.get(2 * bq + 6 * bf + bq16 + brf);
+  const int64_t bpq = up(mp * K), bpq2 = refine > 0.f ? bpq : 0, bpf = up(mp * nb * PANEL_FIELDS * 4);
+  uint8_t* p = g_act.get(2 * bq + 6 * bf + bq16 + brf + bpq + bpq2 + bpf);
   ActQ A;
   A.K = K;
-  A.refine = g_act_refine.load();
+  A.refine = refine;
+  if (panel_mr) {
+    uint8_t* pp = p + 2 * bq + 6 * bf + bq16 + brf;
+    A.pmr = panel_mr;
+    A.pq = (int8_t*)pp;
+    A.pq2 = bpq2 ? (int8_t*)(pp + bpq) : nullptr;
+    A.pf = (int32_t*)(pp + bpq + bpq2);
+  }
   A.q = (int8_t*)p;
   A.d = (float*)(p + bq);
   A.s = (int32_t*)(p + bq + bf);
@@ -169,7 +181,10 @@ void quant_task(void* ctx, int64_t c, int64_t nc, int) {
   LinearJob& j = *(LinearJob*)ctx;
   int64_t m0, m1;
   chunk_range(c, nc, j.M, m0, m1);
-  if (m0 < m1) j.kt->quantize_act(j.x, m0, m1, j.A, j.q16);
+  if (m0 < m1) {
+    j.kt->quantize_act(j.x, m0, m1, j.A, j.q16);
+    if (j.A.pmr) j.kt->panel(*j.W, j.A, m0, m1);
+  }
 }
 
 void linear_task(void* ctx, int64_t c, int64_t nc, int tid) {
@@ -183,7 +198,13 @@ void linear_task(void* ctx, int64_t c, int64_t nc, int tid) {
     return;
   }
   int64_t t0, t1;
-  chunk_range(c, nc, W.ntiles, t0, t1);
+  if (j.M > 1) {  // whole pairs of tiles (the 512-bit GEMM's unit; a lone tile takes a slower path)
+    chunk_range(c, nc, (W.ntiles + 1) / 2, t0, t1);
+    t0 *= 2;
+    t1 = std::min<int64_t>(2 * t1, W.ntiles);
+  } else {
+    chunk_range(c, nc, W.ntiles, t0, t1);
+  }
   if (t0 >= t1) return;
   uint8_t* scr = j.M > 1 ? g_thread[tid].p : nullptr;
   if (W.kind == KIND_INT)
@@ -215,14 +236,15 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
     nth = pick_threads(bytes, parts);
     nc = pick_chunks(nth, bytes, parts);
   } else {
-    nth = pick_threads(bytes, W.ntiles);
-    nc = pick_chunks(nth, bytes, W.ntiles);
+    const int64_t parts = M > 1 ? (W.ntiles + 1) / 2 : W.ntiles;
+    nth = pick_threads(bytes, parts);
+    nc = pick_chunks(nth, bytes, parts);
     j.q16 = W.kind == KIND_CODEBOOK;
-    j.A = act_buffers(M, W.K, j.q16);
+    j.A = act_buffers(M, W.K, j.q16, M > 1 && W.kind == KIND_INT && g_kt->panel ? g_kt->panel_mr : 0);
     if (M * W.K >= 65536 && nth > 1)
       pool_run(quant_task, &j, M < 4 * nth ? M : 4 * nth, nth);
     else
-      g_kt->quantize_act(j.x, 0, M, j.A, j.q16);
+      quant_task(&j, 0, 1, 0);
     if (M > 1) {
       reserve_threads(nth);
       for (int t = 0; t < nth; t++) thread_scratch(t, gemm_scratch_bytes(W));
