@@ -106,8 +106,8 @@ struct ActQ {
   int32_t* sr = nullptr;   // [M][K/32] INT kernels' block sum (128 s + sum(q2) when refined)
   float* sdr = nullptr;    // [M][K/32] dr * sr (float)
   // Panel (kernels whose table sets panel_mr; built per linear call by KernelTable::panel): rows
-  // in groups of pmr, each group's codes interleaved per block and quad, [grp][b][j][pmr][4]
-  // (pq; pq2 the residual codes), so one pointer reaches every row of a group, and the INT
+  // in groups of pmr, each group's rows interleaved per block, [grp][b][pmr][32] (pq; pq2 the
+  // residual codes), so one pointer reaches every row of a group at fixed offsets, and the INT
   // kernels' per-block integers and scales as pf [grp][b][PANEL_FIELDS][pmr] (see PanelField).
   int64_t pmr = 0;         // rows per group; 0 = no panel
   int8_t* pq = nullptr;

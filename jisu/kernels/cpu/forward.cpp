@@ -428,45 +428,38 @@ JISU_AVX512_FN static inline __m256 reduce8_z(const __m512* z) {
   return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, r));
 }
 
-// Row pointers of the positions [lo, hi] in order, through the block table.
+// Prefetches one cache row (D values) into L1.
 template <class KV>
-struct RowCursor {
-  const AttnArgs& a;
-  const KV* base;
-  int64_t blk, off;
-  RowCursor(const AttnArgs& a_, const void* cache) : a(a_), base((const KV*)cache), blk(a_.lo / a_.bs), off(a_.lo % a_.bs) {}
-  inline const KV* next() {
-    const KV* r = base + (((int64_t)a.table[blk] * a.Hkv + a.hk) * a.bs + off) * a.D;
-    if (++off == a.bs) off = 0, blk++;
-    return r;
-  }
-};
+JISU_AVX512_FN static inline void prefetch_row(const KV* r, int64_t D) {
+  for (int64_t o = 0; o < D * (int64_t)sizeof(KV); o += 64) _mm_prefetch((const char*)r + o, _MM_HINT_T0);
+}
 
+// sc: NH * n scores, then (64-byte aligned) n row offsets (elements) of the positions [lo, hi].
 template <int NH, class KV>
 JISU_AVX512_FN static void attn_heads_avx512(const AttnArgs& a, const float* q, float* out, float* sc) {
   const int64_t D = a.D, n = a.hi - a.lo + 1;
-  RowPrefetch<KV> kpf(a, a.kc), vpf(a, a.vc);
-  for (int i = 0; i < KV_PF_ROWS; i++) kpf.next();
-  RowCursor<KV> kc(a, a.kc);
+  int64_t* rows = (int64_t*)(sc + ((NH * n + 15) & ~(int64_t)15));
+  for (int64_t i = 0, blk = a.lo / a.bs, off = a.lo % a.bs; i < n; i++) {  // through the block table
+    rows[i] = (((int64_t)a.table[blk] * a.Hkv + a.hk) * a.bs + off) * D;
+    if (++off == a.bs) off = 0, blk++;
+  }
+  const KV* kb = (const KV*)a.kc;
+  const KV* vb = (const KV*)a.vc;
+  for (int64_t i = 0; i < std::min<int64_t>(8, n); i++) prefetch_row(kb + rows[i], D);
   const __m256 scale = _mm256_set1_ps(a.scale);
   for (int64_t c0 = 0; c0 < n; c0 += 8) {
     const int cnt = (int)std::min<int64_t>(8, n - c0);
-    const KV* rows[8];
-    for (int i = 0; i < 8; i++) {
-      if (i < cnt) {
-        rows[i] = kc.next();
-        kpf.next();
-        vpf.next();
-      } else {
-        rows[i] = rows[cnt - 1];
-      }
-    }
+    // the next group's K rows and this group's V rows (read by P V below)
+    for (int64_t i = c0 + 8; i < std::min<int64_t>(c0 + 16, n); i++) prefetch_row(kb + rows[i], D);
+    for (int64_t i = c0; i < c0 + cnt; i++) prefetch_row(vb + rows[i], D);
+    const KV* r[8];
+    for (int i = 0; i < 8; i++) r[i] = kb + rows[c0 + (i < cnt ? i : cnt - 1)];
     __m512 z[NH][8];
     for (int j = 0; j < NH; j++)
       for (int i = 0; i < 8; i++) z[j][i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
       for (int i = 0; i < 8; i++) {
-        const __m512 k = load16(rows[i] + d);
+        const __m512 k = load16(r[i] + d);
         for (int j = 0; j < NH; j++) z[j][i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * D + d), k, z[j][i]);
       }
     }
@@ -480,10 +473,10 @@ JISU_AVX512_FN static void attn_heads_avx512(const AttnArgs& a, const float* q, 
     __m512 acc[NH][4];
     for (int j = 0; j < NH; j++)
       for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
-    RowCursor<KV> vc(a, a.vc);
     if (nv == 4) {
       for (int64_t i = 0; i < n; i++) {
-        const KV* vp = vc.next() + d0;
+        if (i + 8 < n) prefetch_row(vb + rows[i + 8] + d0, 64);
+        const KV* vp = vb + rows[i] + d0;
         const __m512 v0 = load16(vp), v1 = load16(vp + 16), v2 = load16(vp + 32), v3 = load16(vp + 48);
         for (int j = 0; j < NH; j++) {
           const __m512 e = _mm512_set1_ps(sc[j * n + i]);
@@ -495,7 +488,7 @@ JISU_AVX512_FN static void attn_heads_avx512(const AttnArgs& a, const float* q, 
       }
     } else {
       for (int64_t i = 0; i < n; i++) {
-        const KV* vp = vc.next() + d0;
+        const KV* vp = vb + rows[i] + d0;
         for (int j = 0; j < NH; j++) {
           const __m512 e = _mm512_set1_ps(sc[j * n + i]);
           for (int c = 0; c < nv; c++) acc[j][c] = _mm512_fmadd_ps(e, load16(vp + 16 * c), acc[j][c]);
@@ -856,7 +849,8 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
       work += n * nkv * (kv_half ? 4 : 8);
       max_n = std::max(max_n, n);
     }
-    for (int th = 0; th < nth; th++) thr_[th].get(G * max_n + 16);  // allocated here: tasks must not throw
+    // scores of up to G heads, and the AVX-512 kernel's row offsets (64-bit, aligned)
+    for (int th = 0; th < nth; th++) thr_[th].get(G * max_n + 2 * max_n + 32);  // here: tasks must not throw
     parallel_for(T * per_tok, work, [&](int64_t a, int64_t b, int tid) {
       for (int64_t task = a; task < b; task++) {
         const int64_t i = task / per_tok, u = task % per_tok;
