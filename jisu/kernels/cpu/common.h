@@ -146,15 +146,20 @@ static inline float refine_threshold(const float* amax, int64_t nb, float refine
 // block i = m * nb + b with values xb, scale inverse id and codes q; refined when amax > thr (thr
 // from refine_threshold). q2 is computed for a refined block and zeroed for the others only when
 // refinement is on (the kernels read it only then).
+// The INT kernels' fields of a refined block i (scale d, code sum s, residual code sum s2).
+static inline void set_refined(ActQ& A, int64_t i, float d, int32_t s, int32_t s2) {
+  A.rf[i] = 1;
+  A.dr[i] = d * (1.f / 128.f);
+  A.sr[i] = 128 * s + s2;
+  A.sdr[i] = A.dr[i] * (float)A.sr[i];
+}
+
 static inline void refine_fields(ActQ& A, int64_t i, const float* xb, float id, const int8_t* q, int8_t* q2,
                                  float amax, float thr, float d, int32_t s, float sd) {
   const bool refined = amax > thr;
   A.rf[i] = refined ? 1 : 0;
   if (refined) {
-    const int32_t s2 = refine_block(xb, id, q, q2);
-    A.dr[i] = d * (1.f / 128.f);
-    A.sr[i] = 128 * s + s2;
-    A.sdr[i] = A.dr[i] * (float)A.sr[i];
+    set_refined(A, i, d, s, refine_block(xb, id, q, q2));
   } else {
     if (thr != INFINITY) std::memset(q2, 0, QK);
     A.dr[i] = d;
