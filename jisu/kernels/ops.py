@@ -138,6 +138,20 @@ def _verify_isas() -> list:
 VERIFIED_ISAS = [] if os.environ.get("JISU_SKIP_ISA_CHECK") else _verify_isas()
 
 
+def _isa_from_env() -> None:
+    """JISU_ISA=avx2 (or scalar, avx512, neon, best) forces the kernels' ISA for the whole process,
+    e.g. to measure the AVX2 path on an AVX-512 machine."""
+    name = os.environ.get("JISU_ISA", "").strip().lower()
+    if not name or _K is None:
+        return
+    if VERIFIED_ISAS and name not in VERIFIED_ISAS and name != "best":
+        raise RuntimeError(f"JISU_ISA={name!r}: this CPU's kernels are {', '.join(VERIFIED_ISAS)} (or 'best')")
+    set_isa(name)
+
+
+_isa_from_env()
+
+
 # ----------------------------------------------------------------------------- linear
 def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W.T + bias for x [..., K]; weight is a float tensor [N, K] or a PackedWeight."""

@@ -113,6 +113,10 @@ struct ActQ {
   int8_t* pq = nullptr;
   int8_t* pq2 = nullptr;   // only when refinement is on
   int32_t* pf = nullptr;
+  // [M][K] int16, natural order: q, or 128 q + q2 in a refined block (the INT kernels' exact block
+  // integers come out of one int16 dot product). Filled by quantize_act when not null: for 8-bit
+  // weights under dense refinement on a table that sets qv8 (M > 1).
+  int16_t* qv = nullptr;
 };
 
 // Fields of a panel block, for a row whose block integer sum with the codes is p and with the
@@ -197,6 +201,9 @@ struct KernelTable {
   // rows [m0, m1) of it after quantize_act, for the format of W.
   int panel_mr;
   void (*panel)(const PackedDesc& W, ActQ& A, int64_t m0, int64_t m1);
+  // 1: int_gemm reads ActQ::qv for 8-bit weights under dense refinement (M > 1); on AVX2 without
+  // VNNI an int16 dot product of the codes with 128 q + q2 halves the multiplies of that pass.
+  int qv8;
 };
 
 // Refinement thresholds below the mean block maximum refine nearly every block (ops.PRECISE):

@@ -89,8 +89,9 @@ std::vector<AlignedBuf> g_thread;  // per-thread scratch
 // Outlier-block refinement threshold of the activations (ActQ::refine; 0 = off).
 std::atomic<float> g_act_refine{0.f};
 
-// panel_mr: rows per panel group (0: no panel; see ActQ::pq).
-ActQ act_buffers(int64_t M, int64_t K, bool need_q16, int64_t panel_mr) {
+// panel_mr: rows per panel group (0: no panel; see ActQ::pq). want_qv: the kernels read ActQ::qv
+// under dense refinement.
+ActQ act_buffers(int64_t M, int64_t K, bool need_q16, int64_t panel_mr, bool want_qv) {
   const int64_t nb = K / QK;
   auto up = [](int64_t b) { return (b + 63) & ~(int64_t)63; };
   const float refine = g_act_refine.load();
@@ -98,7 +99,8 @@ ActQ act_buffers(int64_t M, int64_t K, bool need_q16, int64_t panel_mr) {
   const int64_t mp = panel_mr ? (M + panel_mr - 1) / panel_mr * panel_mr : 0;  // panel rows
   const int64_t bq = up(M * K), bf = up(M * nb * 4), bq16 = need_q16 ? up(M * K * 2) : 0, brf = up(M * nb);
   const int64_t bpq = up(mp * K), bpq2 = refine > 0.f ? bpq : 0, bpf = up(mp * nb * PANEL_FIELDS * 4);
-  uint8_t* p = g_act.get(2 * bq + 6 * bf + bq16 + brf + bpq + bpq2 + bpf);
+  const int64_t bqv = want_qv && dense_refine_threshold(refine) ? up(M * K * 2) : 0;
+  uint8_t* p = g_act.get(2 * bq + 6 * bf + bq16 + brf + bpq + bpq2 + bpf + bqv);
   ActQ A;
   A.K = K;
   A.refine = refine;
@@ -119,6 +121,7 @@ ActQ act_buffers(int64_t M, int64_t K, bool need_q16, int64_t panel_mr) {
   A.q2 = (int8_t*)(p + bq + 6 * bf);
   A.rf = p + 2 * bq + 6 * bf;
   A.q16 = need_q16 ? (int16_t*)(p + 2 * bq + 6 * bf + brf) : nullptr;
+  A.qv = bqv ? (int16_t*)(p + 2 * bq + 6 * bf + bq16 + brf + bpq + bpq2 + bpf) : nullptr;
   return A;
 }
 
@@ -240,7 +243,8 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
     nth = pick_threads(bytes, parts);
     nc = pick_chunks(nth, bytes, parts);
     j.q16 = W.kind == KIND_CODEBOOK;
-    j.A = act_buffers(M, W.K, j.q16, M > 1 && W.kind == KIND_INT && g_kt->panel ? g_kt->panel_mr : 0);
+    const bool gemm_int = M > 1 && W.kind == KIND_INT;
+    j.A = act_buffers(M, W.K, j.q16, gemm_int && g_kt->panel ? g_kt->panel_mr : 0, gemm_int && W.bits == 8 && g_kt->qv8);
     if (M * W.K >= 65536 && nth > 1)
       pool_run(quant_task, &j, M < 4 * nth ? M : 4 * nth, nth);
     else
