@@ -232,6 +232,10 @@ struct AttnArgs {
   const int32_t* table;  // the sequence's block table
   int64_t bs, Hkv, D, hk, lo, hi;
   float scale;
+  // Software prefetch of the rows: for a decode step, whose sequences' cached rows come from DRAM
+  // in runs of one block. A prefill's queries read rows that the step just wrote and that the
+  // previous query read (in cache): there the prefetch loops only cost time (~20 % of attention).
+  bool prefetch = true;
 };
 
 inline float kv_value(float x) { return x; }
@@ -343,10 +347,14 @@ template <int NH, class KV>
 JISU_AVX2_FN static void attn_heads_avx2(const AttnArgs& a, const float* q, float* out, float* sc) {
   const int64_t D = a.D, n = a.hi - a.lo + 1, lo = a.lo;
   RowPrefetch<KV> kpf(a, a.kc), vpf(a, a.vc);  // V rows are fetched while K is scored
-  for (int i = 0; i < KV_PF_ROWS; i++) kpf.next();
+  const bool pf = a.prefetch;
+  if (pf)
+    for (int i = 0; i < KV_PF_ROWS; i++) kpf.next();
   JISU_WALK(a.kc, kp, {
-    kpf.next();
-    vpf.next();
+    if (pf) {
+      kpf.next();
+      vpf.next();
+    }
     __m256 acc0[NH], acc1[NH];
     for (int j = 0; j < NH; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();
     int64_t d = 0;
@@ -439,19 +447,28 @@ template <int NH, class KV>
 JISU_AVX512_FN static void attn_heads_avx512(const AttnArgs& a, const float* q, float* out, float* sc) {
   const int64_t D = a.D, n = a.hi - a.lo + 1;
   int64_t* rows = (int64_t*)(sc + ((NH * n + 15) & ~(int64_t)15));
-  for (int64_t i = 0, blk = a.lo / a.bs, off = a.lo % a.bs; i < n; i++) {  // through the block table
-    rows[i] = (((int64_t)a.table[blk] * a.Hkv + a.hk) * a.bs + off) * D;
-    if (++off == a.bs) off = 0, blk++;
+  {  // through the block table, a block's rows at a time
+    const int64_t bs = a.bs, Hkv = a.Hkv, hk = a.hk, lo = a.lo, hi = a.hi;
+    int64_t i = 0;
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+      const int64_t p0 = std::max(lo, b * bs), p1 = std::min(hi, b * bs + bs - 1);
+      int64_t r = (((int64_t)a.table[b] * Hkv + hk) * bs + (p0 - b * bs)) * D;
+      for (int64_t p = p0; p <= p1; p++, r += D) rows[i++] = r;
+    }
   }
   const KV* kb = (const KV*)a.kc;
   const KV* vb = (const KV*)a.vc;
-  for (int64_t i = 0; i < std::min<int64_t>(8, n); i++) prefetch_row(kb + rows[i], D);
+  const bool pf = a.prefetch;
+  if (pf)
+    for (int64_t i = 0; i < std::min<int64_t>(8, n); i++) prefetch_row(kb + rows[i], D);
   const __m256 scale = _mm256_set1_ps(a.scale);
   for (int64_t c0 = 0; c0 < n; c0 += 8) {
     const int cnt = (int)std::min<int64_t>(8, n - c0);
     // the next group's K rows and this group's V rows (read by P V below)
-    for (int64_t i = c0 + 8; i < std::min<int64_t>(c0 + 16, n); i++) prefetch_row(kb + rows[i], D);
-    for (int64_t i = c0; i < c0 + cnt; i++) prefetch_row(vb + rows[i], D);
+    if (pf) {
+      for (int64_t i = c0 + 8; i < std::min<int64_t>(c0 + 16, n); i++) prefetch_row(kb + rows[i], D);
+      for (int64_t i = c0; i < c0 + cnt; i++) prefetch_row(vb + rows[i], D);
+    }
     const KV* r[8];
     for (int i = 0; i < 8; i++) r[i] = kb + rows[c0 + (i < cnt ? i : cnt - 1)];
     __m512 z[NH][8];
@@ -475,7 +492,7 @@ JISU_AVX512_FN static void attn_heads_avx512(const AttnArgs& a, const float* q, 
       for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
     if (nv == 4) {
       for (int64_t i = 0; i < n; i++) {
-        if (i + 8 < n) prefetch_row(vb + rows[i + 8] + d0, 64);
+        if (pf && i + 8 < n) prefetch_row(vb + rows[i + 8] + d0, 64);
         const KV* vp = vb + rows[i] + d0;
         const __m512 v0 = load16(vp), v1 = load16(vp + 16), v2 = load16(vp + 32), v3 = load16(vp + 48);
         for (int j = 0; j < NH; j++) {
@@ -867,6 +884,7 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
         A.hi = pos_[i];
         A.lo = L.window ? std::max<int64_t>(0, pos_[i] - L.window + 1) : 0;
         A.scale = scale_;
+        A.prefetch = qlens[seq_[i]] <= 1;
         attend(A, kv_half, q + i * qs + h0 * D, att + i * nq + h0 * D, nh, thr_[tid].p, simd, wide);
       }
     }, 16);
