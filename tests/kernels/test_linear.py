@@ -197,7 +197,7 @@ def test_refined_activations_all_isas(fmt, act_refine):
             assert torch.equal(ops.linear(x[i:i + 1], p), outs[ISAS[0]][i:i + 1])
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "int8_pc", "int3_g32"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8_pc", "int3_g32", "int2_g32_asym"])
 def test_precise_activations_match_the_fp32_product(fmt, act_refine):
     """ops.PRECISE refines every block: the packed linear is the float product with the dequantized
     weights to ~1e-4 of its magnitude (plain int8 blocks: ~1e-2), on outlier-heavy inputs too; every
