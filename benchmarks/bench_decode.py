@@ -283,8 +283,12 @@ def main() -> int:
     ap.add_argument("--quant-dir", default=DEFAULT_QUANT_DIR)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     ap.add_argument("--precise", action="store_true", help="jisu with ~15-bit activations (jisu.load(precise=True))")
+    ap.add_argument("--isa", help="force jisu's kernel ISA (avx2, avx512, scalar; sets JISU_ISA): e.g. the AVX2 "
+                                  "path on an AVX-512 machine, against a llama-bench built for AVX2 only")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.isa:
+        os.environ["JISU_ISA"] = args.isa  # read by jisu.kernels.ops at import (here and in the children)
     torch.set_num_threads(args.threads)
     if args.make_quants:
         if not args.llama_bench:
@@ -297,6 +301,7 @@ def main() -> int:
         return 0
     load0 = load_avg()
     results = []
+    isa = os.environ.get("JISU_ISA") or "best"
     for m in find_models(args):
         # each model in a fresh process, so its load time and memory are its own
         cmd = [sys.executable, __file__, "--one", m, "--threads", str(args.threads), "--reps", str(args.reps)] + (["--precise"] if args.precise else [])
@@ -350,7 +355,7 @@ def main() -> int:
               f"{r['file_mb']:.0f} MB + KV cache {r['kv_mb']:.0f} MB)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"threads": args.threads, "reps": args.reps, "precise": args.precise, "load_avg": [load0, load1],
+        json.dump({"threads": args.threads, "reps": args.reps, "precise": args.precise, "isa": isa, "load_avg": [load0, load1],
                    "torch": torch.__version__, "results": results}, f, indent=2)
     print(f"\nwrote {args.out}")
     return 0
