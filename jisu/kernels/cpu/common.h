@@ -114,8 +114,8 @@ struct ActQ {
   int8_t* pq2 = nullptr;   // only when refinement is on
   int32_t* pf = nullptr;
   // [M][K] int16, natural order: q, or 128 q + q2 in a refined block (the INT kernels' exact block
-  // integers come out of one int16 dot product). Filled by quantize_act when not null: for 8-bit
-  // INT weights under dense refinement on a table that sets qv_gemm (M > 1).
+  // integers come out of one int16 dot product). Filled by quantize_act when not null: for INT
+  // weights under dense refinement on a table that sets qv_gemm (M > 1).
   int16_t* qv = nullptr;
 };
 
