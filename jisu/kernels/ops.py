@@ -145,7 +145,9 @@ def _isa_from_env() -> None:
     if not name or _K is None:
         return
     if VERIFIED_ISAS and name not in VERIFIED_ISAS and name != "best":
-        raise RuntimeError(f"JISU_ISA={name!r}: this CPU's kernels are {', '.join(VERIFIED_ISAS)} (or 'best')")
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"JISU_ISA={name!r}: this CPU's kernels are {', '.join(VERIFIED_ISAS)} (or 'best')")
     set_isa(name)
 
 

@@ -36,3 +36,9 @@ def test_isa_env_rejects_an_unknown_name():
     r = _run("avx9000")
     assert r.returncode != 0
     assert "JISU_ISA='avx9000'" in r.stderr and "scalar" in r.stderr
+    # a JisuError: the CLI prints it as one line and exits 2
+    code = ("from jisu.errors import JisuError\n"
+            "try:\n    import jisu.kernels.ops\nexcept JisuError as e:\n    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, JISU_ISA="avx9000"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("refused: JISU_ISA='avx9000'"), r.stderr
