@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels.ops import rms_norm_ref
-from ..models.layers import Rotary, apply_rope, attention, attention_mask, rope_inv_freq
+from ..kernels.ops import attention, attention_mask
+from ..models.layers import Rotary, apply_rope, rope_inv_freq
 
 # short name -> HF name suffix inside "model.layers.{i}."
 LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from ..config import ModelConfig
+from ..kernels import ops
 
 
 class OutOfBlocks(Exception):
@@ -245,16 +246,14 @@ class PagedBatch:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                softcap: float | None, window: int | None) -> torch.Tensor:
         # q: [1, H, T, D], k/v: [1, Hkv, T, D] with T = sum(q_lens), sequences back to back
-        from ..models.layers import attention, attention_mask
-
         outs, off = [], 0
         for seq, start, n, (blocks, offsets) in zip(self.seqs, self.starts, self.q_lens, self._slots):
             self.kv.write(layer, blocks, offsets, k[0, :, off:off + n].transpose(0, 1),
                           v[0, :, off:off + n].transpose(0, 1))
             kc, vc = self.kv.gather(layer, seq, start + n)
-            mask = attention_mask(n, start, window)
+            mask = ops.attention_mask(n, start, window)
             qi = q[:, :, off:off + n]
-            outs.append(attention(qi, kc[None].to(qi.dtype), vc[None].to(qi.dtype), mask, scale, softcap))
+            outs.append(ops.attention(qi, kc[None].to(qi.dtype), vc[None].to(qi.dtype), mask, scale, softcap))
             off += n
         return torch.cat(outs, dim=2)
 

@@ -288,3 +288,33 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if q.device.type == "cpu":
         _native.warn_fallback()
     return attention_decode_ref(q, k_cache, v_cache, length, scale)
+
+
+# ----------------------------------------------------------------------------- attention (reference)
+def attention_mask(q_len: int, start: int, window: int | None) -> torch.Tensor | None:
+    """Boolean mask [q_len, start + q_len] (True = attend): causal, optionally a sliding window."""
+    if q_len == 1 and (window is None or start < window):
+        return None
+    k_len = start + q_len
+    qpos = torch.arange(start, k_len)[:, None]
+    kpos = torch.arange(k_len)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float, softcap: float | None = None) -> torch.Tensor:
+    """q: [B, H, T, D], k/v: [B, Hkv, S, D] -> [B, H, T, D]. Grouped KV heads are shared."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)

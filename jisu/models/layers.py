@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels import ops
@@ -54,9 +53,9 @@ class KVCache:
             raise ValueError(f"KV cache full: {end} > {self.max_len} positions")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        mask = attention_mask(k.shape[2], start, window)
+        mask = ops.attention_mask(k.shape[2], start, window)
         kc, vc = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-        return attention(q, kc.to(q.dtype), vc.to(q.dtype), mask, scale, softcap)
+        return ops.attention(q, kc.to(q.dtype), vc.to(q.dtype), mask, scale, softcap)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -122,33 +121,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attention_mask(q_len: int, start: int, window: int | None) -> torch.Tensor | None:
-    """Boolean mask [q_len, start + q_len] (True = attend): causal, optionally a sliding window."""
-    if q_len == 1 and (window is None or start < window):
-        return None
-    k_len = start + q_len
-    qpos = torch.arange(start, k_len)[:, None]
-    kpos = torch.arange(k_len)[None, :]
-    mask = kpos <= qpos
-    if window is not None:
-        mask &= kpos > qpos - window
-    return mask
+class CausalContext:
+    """The attention context of a whole-sequence forward with no cache (calibration, tuning,
+    evaluation of a text window): positions 0..T-1, causal attention over the block's own k/v.
+    Any object with these three methods can be passed to a model's forward (the engine's runners
+    pass one that writes K/V into the paged cache)."""
 
+    def positions(self, num_new: int) -> torch.Tensor:
+        """Absolute positions [T] of the `num_new` tokens."""
+        return torch.arange(num_new)
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scale: float, softcap: float | None = None) -> torch.Tensor:
-    """q: [B, H, T, D], k/v: [B, Hkv, S, D] -> [B, H, T, D]. Grouped KV heads are shared."""
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                              enable_gqa=k.shape[1] != q.shape[1])
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               softcap: float | None, window: int | None) -> torch.Tensor:
+        """q [B, H, T, D], k/v [B, Hkv, T, D] of the same T positions -> [B, H, T, D]."""
+        mask = ops.attention_mask(q.shape[2], 0, window)
+        return ops.attention(q, k, v, mask, scale, softcap)
+
+    def advance(self, n: int) -> None:
+        """Nothing is kept between calls: each forward is a whole sequence."""
 
 
 def self_attention(h: torch.Tensor, w: dict, p: str, cfg: ModelConfig, layer: int, cache,
