@@ -279,7 +279,7 @@ def write_artifact(folder: str, cfg: ModelConfig, tensors: dict, manifest: dict,
     Returns the manifest written (with per-tensor entries, sizes and file hashes)."""
     from safetensors.torch import save_file
 
-    from .. import __version__
+    from ..version import __version__
 
     same_as = same_as or {}
     st, entries = {}, {}
