@@ -22,7 +22,7 @@ _F32 = torch.float32
 
 # Dense float32 weights go to the native kernel up to this many rows of x (it is faster
 # than torch there, and its per-row result does not depend on M); above, torch's GEMM.
-F32_NATIVE_MAX_M = int(os.environ.get("JISU_F32_NATIVE_MAX_M", "64"))
+F32_NATIVE_MAX_M = 64
 
 
 # ----------------------------------------------------------------------------- control
@@ -135,23 +135,26 @@ def _verify_isas() -> list:
     return kept
 
 
-VERIFIED_ISAS = [] if os.environ.get("JISU_SKIP_ISA_CHECK") else _verify_isas()
+VERIFIED_ISAS = _verify_isas()
 
 
-def _isa_from_env() -> None:
-    """JISU_ISA=avx2 (or scalar, avx512, neon, best) forces the kernels' ISA for the whole process,
-    e.g. to measure the AVX2 path on an AVX-512 machine."""
-    name = os.environ.get("JISU_ISA", "").strip().lower()
-    if not name or _K is None:
+def force_isa(name: str, what: str = "isa") -> None:
+    """Run the kernels on ISA `name` (scalar, avx2, avx512, neon, or best) for the whole process, e.g.
+    to measure the AVX2 path on an AVX-512 machine; a name this CPU cannot run is a one-line error."""
+    name = name.strip().lower()
+    if _K is None:
         return
     if VERIFIED_ISAS and name not in VERIFIED_ISAS and name != "best":
         from ..errors import UnsupportedError
 
-        raise UnsupportedError(f"JISU_ISA={name!r}: this CPU's kernels are {', '.join(VERIFIED_ISAS)} (or 'best')")
+        raise UnsupportedError(f"{what}={name!r}: this CPU's kernels are {', '.join(VERIFIED_ISAS)} (or 'best')")
     set_isa(name)
 
 
-_isa_from_env()
+# The one process-level switch read from the environment (besides JISU_NO_NATIVE in _native.py):
+# JISU_ISA applies to every process a benchmark or test starts, before any kernel runs.
+if os.environ.get("JISU_ISA", "").strip():
+    force_isa(os.environ["JISU_ISA"], "JISU_ISA")
 
 
 # ----------------------------------------------------------------------------- linear
