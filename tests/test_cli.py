@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.tiny import write_gguf_llama
+from tests.fixtures import write_gguf_llama
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Tiny models for the compression tests: hidden 64 / intermediate 128 so every group size up to
-64 divides K (tests/tiny.py's default model has hidden 32)."""
+64 divides K (tests/fixtures.py's default model has hidden 32)."""
 from __future__ import annotations
 
 import json
@@ -7,13 +7,13 @@ import os
 
 import pytest
 
-from tests.tiny import TINY, tiny_weights, write_gguf_llama, write_hf_llama
+from tests.fixtures import TINY, tiny_weights, write_gguf_llama, write_hf_llama
 
 CFG = {**TINY, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 def write_tiny_hf(folder: str, seed: int = 0, cfg: dict = CFG, tied: bool = False) -> str:
-    """tests/tiny.py's HF folder (tokenizer, template) with this module's sizes."""
+    """tests/fixtures.py's HF folder (tokenizer, template) with this module's sizes."""
     from safetensors.torch import save_file
 
     write_hf_llama(folder, seed)
@@ -42,7 +42,7 @@ def tiny_hf_tied(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> str:
-    """tests/tiny.py's GGUF (hidden 32): checks the GGUF tokenizer path of artifacts."""
+    """tests/fixtures.py's GGUF (hidden 32): checks the GGUF tokenizer path of artifacts."""
     return write_gguf_llama(str(tmp_path_factory.mktemp("compress") / "tiny.gguf"))
 
 

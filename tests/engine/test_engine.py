@@ -12,7 +12,7 @@ import jisu
 from jisu.config import SamplingParams
 from jisu.engine.engine import Engine, EngineError, QueueFull, Sampler
 from jisu.kernels import ops
-from tests.tiny import write_hf_llama
+from tests.fixtures import write_hf_llama
 
 invariant = pytest.mark.skipif(not ops.native_available(),
                                reason="batch invariance needs the native kernels (jisu._kernels)")

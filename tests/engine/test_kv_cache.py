@@ -7,7 +7,7 @@ import torch
 
 import jisu
 from jisu.engine.kv_cache import OutOfBlocks, PagedBatch, PagedKVCache, SeqBlocks
-from tests.tiny import write_hf_llama
+from tests.fixtures import write_hf_llama
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tiny import write_gguf_llama, write_hf_llama
+from tests.fixtures import write_gguf_llama, write_hf_llama
 
 
 @pytest.fixture(scope="session")

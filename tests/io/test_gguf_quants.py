@@ -197,7 +197,7 @@ def test_speed(qtype, shape):
 def test_quantized_model_loads_and_runs(qtype, tmp_path):
     """A whole (tiny) model stored in a quantized type loads to the reference-dequantized weights."""
     import jisu
-    from tests.tiny import write_gguf_llama
+    from tests.fixtures import write_gguf_llama
 
     path = write_gguf_llama(str(tmp_path / "q.gguf"), tensor_type=qtype)
     reader = gguf.GGUFReader(path)
@@ -220,7 +220,7 @@ def test_large_gguf_matrices_packed_in_slices_load_the_same(qtype, tmp_path, mon
     from jisu.io.sources import load_weights, resolve
     from jisu.kernels import packed as packed_mod
     from tests.kernels.helpers import assert_same_packed_ints
-    from tests.tiny import write_gguf_llama
+    from tests.fixtures import write_gguf_llama
 
     path = write_gguf_llama(str(tmp_path / "q.gguf"), tensor_type=qtype)
     _, whole, _ = load_weights(resolve(path), packed=True)

@@ -17,7 +17,7 @@ import torch
 import jisu
 from jisu.errors import JisuError, ModelFormatError, TemplateError, UnsupportedError
 from jisu.io.gguf import GGUFFile
-from tests.tiny import write_gguf_llama, write_hf_llama
+from tests.fixtures import write_gguf_llama, write_hf_llama
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pydoc_data.topics
 import pytest
 
 from jisu.io.tokenizer import StreamDecoder, gguf_tokenizer, load_hf_tokenizer
-from tests.tiny import write_hf_llama
+from tests.fixtures import write_hf_llama
 
 SAMPLES = ["Hello world, this is a test 123!", "  leading spaces and\ttabs\nnew lines\n\n",
            "def f(x):\n    return x ** 2  # code", "Unicode: naïve café — 東京 🚀", "", "a", "12345 67.89",
@@ -49,7 +49,7 @@ def test_sentencepiece_style_matches_sentencepiece(spm_model):
 
 
 def test_gpt2_style_matches_tokenizer_json(tmp_path):
-    from tests.tiny import write_gguf_llama
+    from tests.fixtures import write_gguf_llama
     from jisu.io.gguf import GGUFFile
 
     hf = load_hf_tokenizer(write_hf_llama(str(tmp_path / "hf")))

@@ -12,7 +12,7 @@ from jisu.config import ModelConfig
 from jisu.engine.kv_cache import PagedKVCache, SeqBlocks
 from jisu.kernels import native_model as nm
 from jisu.models import build_model
-from tests.tiny import tiny_weights
+from tests.fixtures import tiny_weights
 
 from .helpers import ISAS, isa, needs_native, paged_step
 

@@ -26,7 +26,7 @@ RTOL = 1e-4
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.tiny import write_hf_llama
+    from tests.fixtures import write_hf_llama
 
     cfg, w, _ = load_weights(resolve(write_hf_llama(str(tmp_path_factory.mktemp("kvhalf") / "hf"))))
     return cfg, w

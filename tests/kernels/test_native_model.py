@@ -44,8 +44,8 @@ def quantized(weights, fmt):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(cfg, fp32 weights) of tests/tiny.py's random Llama (hidden 32, 4 heads, 2 KV heads)."""
-    from tests.tiny import write_hf_llama
+    """(cfg, fp32 weights) of tests/fixtures.py's random Llama (hidden 32, 4 heads, 2 KV heads)."""
+    from tests.fixtures import write_hf_llama
 
     cfg, w, _ = load_weights(resolve(write_hf_llama(str(tmp_path_factory.mktemp("native") / "hf"))))
     return cfg, w
@@ -150,7 +150,7 @@ _hf: dict = {}
 
 def hf_case(name, tmp_path_factory):
     pytest.importorskip("transformers")
-    from tests.models.tiny import CASES as MODEL_CASES, VOCAB_SIZE, build_hf_model, save_hf
+    from tests.fixtures import CASES as MODEL_CASES, VOCAB_SIZE, build_hf_model, save_hf
 
     if name not in _hf:
         folder = str(tmp_path_factory.mktemp(name))
@@ -288,7 +288,7 @@ def test_accelerate_selects(tiny):
 
 
 def test_load_uses_native(tmp_path):
-    from tests.tiny import write_hf_llama
+    from tests.fixtures import write_hf_llama
 
     folder = write_hf_llama(str(tmp_path / "hf"))
     fast, slow = jisu.load(folder), jisu.load(folder, native=False)
@@ -302,7 +302,7 @@ def test_load_uses_native(tmp_path):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_loads_packed_losslessly(qtype, tmp_path):
     gguf = pytest.importorskip("gguf")
-    from tests.tiny import write_gguf_llama
+    from tests.fixtures import write_gguf_llama
 
     t = gguf.GGMLQuantizationType[qtype]
     path = write_gguf_llama(str(tmp_path / "q.gguf"), tensor_type=t)

@@ -9,13 +9,13 @@ import torch
 import jisu
 from jisu.io.gguf import GGUFFile, gguf_config
 
-from .tiny import CASES, VOCAB_SIZE, Case, build_hf_model, save_hf, write_gguf
+from tests.fixtures import CASES, VOCAB_SIZE, Case, build_hf_model, save_hf, write_gguf
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 RTOL = 1e-4
-SEQ = 20                        # longer than every sliding window in tiny.CASES
+SEQ = 20                        # longer than every sliding window in fixtures.CASES
 PREFILL, CHUNK = 7, 4           # then SEQ - PREFILL - CHUNK single-token steps
 GGUF_CASES = [name for name, c in CASES.items() if c.gguf_arch]
 _built: dict[str, tuple] = {}

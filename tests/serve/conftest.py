@@ -10,7 +10,7 @@ import time
 import pytest
 
 import jisu
-from tests.tiny import write_hf_llama
+from tests.fixtures import write_hf_llama
 
 
 @pytest.fixture(scope="session")
