@@ -42,8 +42,8 @@ class ServerSettings:
 class ServerState:
     llm: Any                            # the loaded model (its tokenizer and source)
     engine: Engine                      # the continuous-batching engine, stepping in its own thread
-    settings: ServerSettings
-    metrics: Metrics
+    settings: ServerSettings            # limits, API key, names
+    metrics: Metrics                    # this server's Prometheus registry
     model_names: list[str]              # the names a request may use; the first is the one reported
     draining: bool = False              # shutting down: new API requests get 503
     inflight: int = 0                   # /v1 HTTP requests being served
