@@ -1,9 +1,11 @@
-"""OpenAI-compatible request bodies (pydantic) with their limits, and the OpenAI error shape.
+"""OpenAI-compatible request bodies (pydantic) with their limits, the OpenAI error shape, and the
+small pieces of a response (ids, usage, server-sent events).
 
 Ranges follow the OpenAI API where it has one; everything else is bounded so that no request can
 ask for unbounded work or memory. Violations become 400 errors naming the parameter."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
@@ -51,6 +53,28 @@ def error_type(status: int) -> str:
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """The 400 for a body that fails its schema (pydantic's `errors()`), naming the parameter."""
+    if not errors:
+        return APIError(400, "invalid request")
+    # a union reports one error per branch: prefer a constraint ("too long", "greater than") over a type mismatch
+    e = next((x for x in errors if not str(x.get("type", "")).endswith("_type")), errors[0])
+    if e.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", code="invalid_json")
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    # drop pydantic's union-branch labels ("str", "list[int]", ...) from the location
+    parts = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool",
+                                                                              "function-after", "constrained-str")]
+    param = parts[0] if parts else None
+    where = ".".join(parts) or "body"
+    if e.get("type") == "missing":
+        return APIError(400, f"missing required parameter: {where}", param=param, code="missing_required_parameter")
+    given = e.get("input")
+    shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+    msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+    return APIError(400, f"{where}: {msg}{shown}", param=param)
 
 
 class _Base(BaseModel):
@@ -160,6 +184,11 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
