@@ -9,7 +9,7 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -18,9 +18,8 @@ from ..config import SamplingParams
 from ..engine.engine import EngineError, QueueFull
 from ..engine.request import RequestOutput, TokenLogprob
 from .protocol import APIError
+from .state import ServerState
 
-if TYPE_CHECKING:
-    from .app import ServerState
 
 log = logging.getLogger("jisu.serve")
 

@@ -2,7 +2,7 @@
 or streamed as deltas, with chat logprobs."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import Request
 
@@ -11,9 +11,7 @@ from .bridge import Group, event_stream, failure
 from .logprobs import chat_logprobs
 from .params import check_max_tokens, check_model, check_prompt_ids, sampling_params
 from .protocol import APIError, ChatCompletionRequest, new_id, now, sse, usage
-
-if TYPE_CHECKING:
-    from .app import ServerState
+from .state import ServerState
 
 
 async def chat_completions(state: ServerState, req: ChatCompletionRequest, request: Request):

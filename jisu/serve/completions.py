@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import Request
 
@@ -12,9 +12,7 @@ from .bridge import Finished, Group, event_stream, failure
 from .logprobs import LegacyLogprobs, merge_legacy
 from .params import check_max_tokens, check_model, check_prompt_ids, sampling_params
 from .protocol import APIError, CompletionRequest, new_id, now, sse, usage
-
-if TYPE_CHECKING:
-    from .app import ServerState
+from .state import ServerState
 
 
 @dataclass

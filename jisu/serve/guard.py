@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import TYPE_CHECKING
 
 from .protocol import APIError
-
-if TYPE_CHECKING:
-    from .app import ServerState
+from .state import ServerState
 
 
 _TOKENIZER_PATHS = {"/tokenize", "/detokenize", "/tokenizer_info"}

@@ -3,13 +3,10 @@ tokens, token_logprobs, top_logprobs and text_offset) and chat's list of `conten
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from ..engine.request import TokenLogprob
 from ..io.tokenizer import StreamDecoder
-
-if TYPE_CHECKING:
-    from .app import ServerState
+from .state import ServerState
 
 
 class LegacyLogprobs:

@@ -2,14 +2,11 @@
 parameters they derive from it (llama.cpp's server-task)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from ..config import SamplingParams
 from ..errors import JisuError
 from .protocol import APIError
-
-if TYPE_CHECKING:
-    from .app import ServerState
+from .state import ServerState
 
 
 def check_model(state: ServerState, model: str | None) -> None:
