@@ -18,14 +18,17 @@ HERE = os.path.dirname(__file__)
 SRC = os.path.join(HERE, "..", "..", "jisu", "kernels", "cpu")
 
 
+# the kernel tables of every ISA, without the Python bindings
+KERNEL_SOURCES = [os.path.join(SRC, f) for f in ("kernels_scalar.cpp", "kernels_neon.cpp", "kernels_avx2.cpp",
+                                                 "kernels_avx512.cpp", "attention.cpp")]
+
+
 @pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
                     reason="needs aarch64-linux-gnu-g++ and qemu-aarch64")
 def test_neon_matches_scalar_under_qemu(tmp_path):
     exe = tmp_path / "cross_isa_check"
-    srcs = [os.path.join(SRC, f) for f in ("kernels_scalar.cpp", "kernels_neon.cpp",
-                                           "kernels_avx2.cpp", "kernels_avx512.cpp")]
     subprocess.run(["aarch64-linux-gnu-g++", "-O1", "-std=c++20", "-ffp-contract=off", "-I", SRC,
-                    os.path.join(HERE, "cross_isa_check.cpp"), *srcs, "-o", str(exe)], check=True)
+                    os.path.join(HERE, "cross_isa_check.cpp"), *KERNEL_SOURCES, "-o", str(exe)], check=True)
     r = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe)],
                        capture_output=True, text=True, timeout=300)
     assert "testing neon" in r.stdout and r.returncode == 0, r.stdout + r.stderr
@@ -36,10 +39,8 @@ def test_x86_paths_match_scalar_natively(tmp_path):
     """The same C++ check on this CPU: AVX2, and AVX-512 (VNNI) where the CPU has it, bitwise
     against scalar, with refined activation blocks on and off."""
     exe = tmp_path / "cross_isa_check"
-    srcs = [os.path.join(SRC, f) for f in ("kernels_scalar.cpp", "kernels_neon.cpp",
-                                           "kernels_avx2.cpp", "kernels_avx512.cpp")]
     subprocess.run(["g++", "-O1", "-std=c++20", "-ffp-contract=off", "-I", SRC,
-                    os.path.join(HERE, "cross_isa_check.cpp"), *srcs, "-o", str(exe)], check=True)
+                    os.path.join(HERE, "cross_isa_check.cpp"), *KERNEL_SOURCES, "-o", str(exe)], check=True)
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert "testing avx2" in r.stdout and r.returncode == 0, r.stdout + r.stderr
 

@@ -172,6 +172,21 @@ static inline void refine_fields(ActQ& A, int64_t i, const float* xb, float id, 
   }
 }
 
+// One token's attention over a paged KV cache (the native step): the query heads of KV head hk
+// attend to the sequence's cached positions [lo, hi], found through its block table.
+struct PagedAttn {
+  const void* kc;        // this layer's K cache [num_blocks, Hkv, bs, D]: fp32, or IEEE half
+  const void* vc;        // its V cache, the same layout
+  const int32_t* table;  // the sequence's block table
+  int64_t bs, Hkv, D, hk, lo, hi;  // block size, KV heads, head size, this KV head, positions
+  float scale;           // applied to q . k before the softmax
+  bool half = false;     // the cache holds IEEE half (widened exactly on load)
+  // Software prefetch of the rows: for a decode step, whose sequences' cached rows come from DRAM
+  // in runs of one block. A prefill's queries read rows that the step just wrote and that the
+  // previous query read (in cache): there the prefetch loops only cost time (~20 % of attention).
+  bool prefetch = true;
+};
+
 // Work functions each ISA provides. Tiles [t0, t1) of W for activation rows [0, M).
 // out is [M][ldo] (first N columns written); bias may be null.
 struct KernelTable {
@@ -196,6 +211,13 @@ struct KernelTable {
   void (*attn_decode)(const float* q, const float* k, const float* v, float* out, int64_t h0,
                       int64_t h1, int64_t H, int64_t Hkv, int64_t D, int64_t T,
                       int64_t tstride, float scale, float* scratch);
+  // Paged attention of one token for the nh query heads q [nh][D] of KV head a.hk (the native
+  // step's attention), out [nh][D]; scratch of nh * n + 2 * n + 32 floats, n = hi - lo + 1.
+  void (*attn_paged)(const PagedAttn& a, const float* q, float* out, int64_t nh, float* scratch);
+  // out[i] = silu(g[i]) * u[i] for i < n (the MLP's gate).
+  void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
+  // n floats to IEEE half, rounded to nearest even as torch's .half() (the fp16 KV cache).
+  void (*to_half)(const float* src, uint16_t* dst, int64_t n);
   // Optional (null / 0 when the ISA has none): int_gemm reads the activations through a panel of
   // panel_mr-row groups (ActQ::pq) for M > 1 when refinement is off or dense; panel() fills
   // rows [m0, m1) of it after quantize_act, for the format of W.
@@ -221,6 +243,12 @@ const KernelTable* scalar_table();
 const KernelTable* avx2_table();    // null when not compiled (non-x86)
 const KernelTable* avx512_table();  // null when not compiled
 const KernelTable* neon_table();    // null when not compiled (non-aarch64)
+
+// The paged attention kernels (attention.cpp) the tables point at: the scalar reference, AVX2 (D
+// a multiple of 8, else scalar) and AVX-512 (D a multiple of 16, else AVX2; x86 only).
+void attn_paged_scalar(const PagedAttn& a, const float* q, float* out, int64_t nh, float* scratch);
+void attn_paged_avx2(const PagedAttn& a, const float* q, float* out, int64_t nh, float* scratch);
+void attn_paged_avx512(const PagedAttn& a, const float* q, float* out, int64_t nh, float* scratch);
 
 // ---------------------------------------------------------------------------------
 // IEEE half <-> float, portable (used by the scalar path and at pack time).

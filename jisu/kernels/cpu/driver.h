@@ -1,8 +1,10 @@
 // Entry points module.cpp shares with the other translation units of jisu._kernels
-// (forward.cpp runs whole model steps through the same linear driver and kernel table).
+// (llama_step.cpp runs whole model steps through the same linear driver and kernel table),
+// and the one way work is split across the thread pool.
 #pragma once
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <utility>
@@ -17,6 +19,38 @@ const KernelTable* active_kernels();
 // out[M, W.N] = x[M, W.K] @ W^T (+ bias): quantizes x once, splits W's tiles across the pool.
 void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bias);
 
+// Row n of a packed weight as fp32 (the reference decoding of the layouts in common.h).
+void dequant_row(const PackedDesc& W, int64_t n, float* out);
+
+// Chunk c of nc over n units: [a, b).
+inline void chunk_range(int64_t c, int64_t nc, int64_t n, int64_t& a, int64_t& b) {
+  a = n * c / nc;
+  b = n * (c + 1) / nc;
+}
+
+// Runs f(a, b, tid) over [0, n) on nth threads, in up to chunks_per_thread * nth chunks that the
+// threads claim dynamically (tid < nth: per-thread scratch). f must not throw.
+template <class F>
+void parallel_for(int64_t n, int nth, F&& f, int64_t chunks_per_thread = 4) {
+  if (nth <= 1 || n < 2) {
+    f((int64_t)0, n, 0);
+    return;
+  }
+  struct Ctx {
+    F* f;
+    int64_t n;
+  } ctx{&f, n};
+  const int64_t nc = std::min<int64_t>(n, chunks_per_thread * (int64_t)nth);
+  pool_run(
+      [](void* c, int64_t ch, int64_t nch, int tid) {
+        Ctx& x = *(Ctx*)c;
+        int64_t a, b;
+        chunk_range(ch, nch, x.n, a, b);
+        if (a < b) (*x.f)(a, b, tid);
+      },
+      &ctx, nc, nth);
+}
+
 // Wraps a free function for pybind11 so that it runs without the GIL, under native_mutex().
 // Only for functions whose arguments are plain numbers and addresses (no Python objects).
 template <typename R, typename... A>
@@ -28,7 +62,7 @@ auto unlocked(R (*f)(A...)) {
   };
 }
 
-// Registers forward.cpp's bindings (NativeModel, dequant_rows) on the module.
-void register_forward(pybind11::module_& m);
+// Registers llama_step.cpp's binding (NativeModel) on the module.
+void register_llama_step(pybind11::module_& m);
 
 }  // namespace jisu

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "common.h"
+#include "x86_math.h"
 // Headers first: only the code below is compiled for AVX2.
 #pragma GCC target("avx2,fma,f16c")
 #define JISU_X86_NAME "avx2"

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include "common.h"
+#include "x86_math.h"
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define JISU_X86_NAME "avx512"
 #define JISU_X86_TABLE avx512_table

@@ -1,5 +1,6 @@
 // ARM NEON (baseline AArch64) kernels: INT-format GEMV/GEMM, fp32 GEMM, RMSNorm, RoPE.
-// Activation quantization, the codebook format and attention reuse the scalar code.
+// Every other table entry (activation quantization, the codebook format, SiLU, the half
+// store, both attentions) is the scalar kernel's.
 // The integer dot products widen int8 x int8 to int16 (vmull) and pairwise-accumulate into
 // int32, giving the same exact block sums as every other ISA, and the float steps are the
 // scalar kernel's (multiply, fused multiply-add), so results are bitwise equal to scalar.

@@ -3,6 +3,14 @@
 // For the int8-activation formats the per-block float steps (one multiply, one fused
 // multiply-add) are the ones the SIMD kernels do, so scalar and SIMD results are bitwise
 // equal there.
+//
+// Sections, in the order kernels_x86.inc and kernels_neon.cpp follow:
+//   activations  quantize_act (int8 blocks, refinement)
+//   int GEMM     int_gemm (2/3/4/8-bit, sym / asym / per-channel)
+//   codebook     cb_gemm (4-bit index into a per-row table)
+//   f32          f32_gemm
+//   fused ops    rms_norm, rope, silu_mul, to_half
+//   attention    attn_decode (contiguous cache); the paged attention is in attention.cpp
 #include <algorithm>
 #include <cmath>
 
@@ -11,6 +19,7 @@
 namespace jisu {
 namespace {
 
+// ---------------------------------------------------------------- activations
 void quantize_act(const float* x, int64_t m0, int64_t m1, ActQ& A, bool need_q16) {
   const int64_t K = A.K, nb = K / QK;
   for (int64_t m = m0; m < m1; m++) {
@@ -51,6 +60,7 @@ void quantize_act(const float* x, int64_t m0, int64_t m1, ActQ& A, bool need_q16
   }
 }
 
+// ---------------------------------------------------------------- int GEMM
 void int_gemm(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t t1,
               float* out, int64_t ldo, const float* bias, uint8_t*) {
   const int64_t K = W.K, nb = K / QK, G = W.group, bpg = G / QK, ng = K / G;
@@ -103,6 +113,7 @@ void int_gemm(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t
   }
 }
 
+// ---------------------------------------------------------------- codebook
 void cb_gemm(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t t1,
              float* out, int64_t ldo, const float* bias, uint8_t*) {
   const int64_t K = W.K, nb = K / QK, G = W.group, bpg = G / QK, ng = K / G;
@@ -142,6 +153,7 @@ void cb_gemm(const PackedDesc& W, const ActQ& A, int64_t M, int64_t t0, int64_t 
   }
 }
 
+// ---------------------------------------------------------------- f32
 void f32_gemm(const float* W, int64_t N, int64_t K, const float* x, int64_t M, int64_t n0,
               int64_t n1, float* out, int64_t ldo, const float* bias) {
   (void)N;
@@ -157,6 +169,7 @@ void f32_gemm(const float* W, int64_t N, int64_t K, const float* x, int64_t M, i
   }
 }
 
+// ---------------------------------------------------------------- fused ops
 void rms_norm(const float* x, const float* w, float* out, int64_t m0, int64_t m1, int64_t D,
               float eps) {
   for (int64_t m = m0; m < m1; m++) {
@@ -188,6 +201,15 @@ void rope(const float* x, float* out, const float* cs, const float* sn, int64_t 
   }
 }
 
+void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+void to_half(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i++) dst[i] = f32_to_f16(src[i]);
+}
+
+// ---------------------------------------------------------------- attention
 void attn_decode(const float* q, const float* k, const float* v, float* out, int64_t h0,
                  int64_t h1, int64_t H, int64_t Hkv, int64_t D, int64_t T, int64_t tstride,
                  float scale, float* sc) {
@@ -217,8 +239,11 @@ void attn_decode(const float* q, const float* k, const float* v, float* out, int
   }
 }
 
-const KernelTable table = {"scalar", quantize_act, int_gemm, cb_gemm, f32_gemm,
-                           rms_norm, rope,         attn_decode};
+const KernelTable table = {.name = "scalar", .quantize_act = quantize_act, .int_gemm = int_gemm,
+                           .cb_gemm = cb_gemm, .f32_gemm = f32_gemm, .rms_norm = rms_norm, .rope = rope,
+                           .attn_decode = attn_decode, .attn_paged = attn_paged_scalar,
+                           .silu_mul = silu_mul, .to_half = to_half, .panel_mr = 0, .panel = nullptr,
+                           .qv_gemm = 0};
 
 }  // namespace
 

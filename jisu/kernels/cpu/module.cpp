@@ -1,6 +1,7 @@
-// pybind11 module jisu._kernels: CPU-feature dispatch, the thread-pool drivers that split
-// each op across threads, and the bindings. Python passes raw addresses and ints
-// (tensor.data_ptr()) so a call costs well under a microsecond of binding overhead.
+// pybind11 module jisu._kernels: CPU-feature dispatch (the one KernelTable every kernel is called
+// through), the drivers that split each op across threads, the row decoder of packed weights, and
+// the bindings. Python passes raw addresses and ints (tensor.data_ptr()) so a call costs well under
+// a microsecond of binding overhead.
 #include <pybind11/pybind11.h>
 
 #include <atomic>
@@ -158,11 +159,6 @@ int64_t pick_chunks(int nth, int64_t work_bytes, int64_t parts) {
   return c < parts ? c : parts;
 }
 
-inline void chunk_range(int64_t c, int64_t nc, int64_t n, int64_t& a, int64_t& b) {
-  a = n * c / nc;
-  b = n * (c + 1) / nc;
-}
-
 int64_t desc_bytes(const PackedDesc& W) {
   if (W.kind == KIND_F32) return W.N * W.K * 4;
   return W.ntiles * W.tile_bytes;
@@ -257,6 +253,71 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
   pool_run(linear_task, &j, nc, nth);
 }
 
+// ---------------------------------------------------------------- packed rows
+void dequant_row(const PackedDesc& W, int64_t n, float* out) {
+  if (n < 0 || n >= W.N) throw std::out_of_range("dequant_row: row out of range");
+  const int64_t K = W.K;
+  if (W.kind == KIND_F32) {
+    std::memcpy(out, W.f32 + n * K, K * 4);
+    return;
+  }
+  const int64_t t = n / NR, r = n % NR, ng = K / W.group, bpg = W.group / QK;
+  const uint8_t* tile = W.data + t * W.tile_bytes;
+  if (W.kind == KIND_CODEBOOK) {
+    float tab[16];
+    for (int e = 0; e < 16; e++) {
+      const int16_t v = (int16_t)((uint16_t)tile[r * 32 + e] | ((uint16_t)tile[r * 32 + 16 + e] << 8));
+      tab[e] = (float)v;
+    }
+    for (int64_t g = 0; g < ng; g++) {
+      const uint8_t* gp = tile + 256 + g * W.group_bytes;
+      float s;
+      std::memcpy(&s, gp + 4 * r, 4);
+      for (int64_t i = 0; i < bpg; i++) {
+        const uint8_t* b = gp + 32 + i * 128 + r * 16;
+        float* o = out + (g * bpg + i) * QK;
+        for (int k = 0; k < 16; k++) {
+          o[k] = tab[b[k] & 15] * s;
+          o[k + 16] = tab[b[k] >> 4] * s;
+        }
+      }
+    }
+    return;
+  }
+  // INT: codes of row r live in bytes 4r..4r+3 of each 32-byte vector (see common.h)
+  const int bits = W.bits;
+  const int64_t bb = int_block_bytes(bits), sbytes = W.per_channel ? 0 : 16 * (1 + W.asym);
+  const float off = (bits == 8 || W.asym) ? 0.f : (float)(1 << (bits - 1));
+  for (int64_t g = 0; g < ng; g++) {
+    const uint8_t* gp = tile + g * W.group_bytes;
+    float s = 0.f, mn = 0.f;
+    if (W.per_channel) {
+      s = W.chan_scale[n];
+    } else {
+      uint16_t h;
+      std::memcpy(&h, gp + 2 * r, 2);
+      s = f16_to_f32(h);
+      if (W.asym) {
+        std::memcpy(&h, gp + 16 + 2 * r, 2);
+        mn = f16_to_f32(h);
+      }
+    }
+    for (int64_t i = 0; i < bpg; i++) {
+      const uint8_t* b = gp + sbytes + i * bb;
+      float* o = out + (g * bpg + i) * QK;
+      for (int k = 0; k < QK; k++) {
+        const float q = (float)int_code(b, bits, (int)r, k);
+        if (W.asym)
+          o[k] = q * s + mn;
+        else if (bits == 8)
+          o[k] = q * s;
+        else
+          o[k] = (q - off) * s;
+      }
+    }
+  }
+}
+
 namespace {
 
 // Dense fp32 weight [N, K] given by address (no descriptor object needed).
@@ -272,83 +333,31 @@ void linear_f32(uintptr_t w, int64_t N, int64_t K, uintptr_t x, uintptr_t out, i
 }
 
 // ---------------------------------------------------------------- fused ops
-struct RowJob {
-  const KernelTable* kt;
-  const float *x, *w, *c, *s, *k, *v;
-  float* out;
-  int64_t M, D, H, Hkv, T, tstride;
-  float eps, scale;
-};
-
-void rms_task(void* ctx, int64_t c, int64_t nc, int) {
-  RowJob& j = *(RowJob*)ctx;
-  int64_t m0, m1;
-  chunk_range(c, nc, j.M, m0, m1);
-  if (m0 < m1) j.kt->rms_norm(j.x, j.w, j.out, m0, m1, j.D, j.eps);
-}
-
 void rms_norm(uintptr_t x, uintptr_t w, uintptr_t out, int64_t M, int64_t D, float eps) {
-  RowJob j{};
-  j.kt = g_kt;
-  j.x = (const float*)x;
-  j.w = (const float*)w;
-  j.out = (float*)out;
-  j.M = M;
-  j.D = D;
-  j.eps = eps;
-  const int nth = pick_threads(M * D * 8, M);
-  pool_run(rms_task, &j, nth == 1 ? 1 : (M < 4 * nth ? M : 4 * nth), nth);
-}
-
-void rope_task(void* ctx, int64_t c, int64_t nc, int) {
-  RowJob& j = *(RowJob*)ctx;
-  int64_t t0, t1;
-  chunk_range(c, nc, j.T, t0, t1);
-  if (t0 < t1) j.kt->rope(j.x, j.out, j.c, j.s, t0, t1, j.H, j.D);
+  const KernelTable* kt = g_kt;
+  parallel_for(M, pick_threads(M * D * 8, M), [&](int64_t a, int64_t b, int) {
+    kt->rms_norm((const float*)x, (const float*)w, (float*)out, a, b, D, eps);
+  });
 }
 
 void rope(uintptr_t x, uintptr_t out, uintptr_t c, uintptr_t s, int64_t T, int64_t H, int64_t D) {
-  RowJob j{};
-  j.kt = g_kt;
-  j.x = (const float*)x;
-  j.out = (float*)out;
-  j.c = (const float*)c;
-  j.s = (const float*)s;
-  j.T = T;
-  j.H = H;
-  j.D = D;
-  const int nth = pick_threads(T * H * D * 8, T);
-  pool_run(rope_task, &j, nth == 1 ? 1 : (T < 4 * nth ? T : 4 * nth), nth);
-}
-
-void attn_task(void* ctx, int64_t c, int64_t nc, int tid) {
-  RowJob& j = *(RowJob*)ctx;
-  int64_t h0, h1;
-  chunk_range(c, nc, j.H, h0, h1);
-  if (h0 < h1)
-    j.kt->attn_decode(j.x, j.k, j.v, j.out, h0, h1, j.H, j.Hkv, j.D, j.T, j.tstride, j.scale,
-                      (float*)g_thread[tid].p);
+  const KernelTable* kt = g_kt;
+  parallel_for(T, pick_threads(T * H * D * 8, T), [&](int64_t a, int64_t b, int) {
+    kt->rope((const float*)x, (float*)out, (const float*)c, (const float*)s, a, b, H, D);
+  });
 }
 
 void attn_decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t H, int64_t Hkv,
                  int64_t D, int64_t T, int64_t tstride, float scale) {
   if (T <= 0 || Hkv <= 0 || H % Hkv != 0 || tstride < T) throw std::invalid_argument("attn_decode: bad shapes");
-  RowJob j{};
-  j.kt = g_kt;
-  j.x = (const float*)q;
-  j.k = (const float*)k;
-  j.v = (const float*)v;
-  j.out = (float*)out;
-  j.H = H;
-  j.Hkv = Hkv;
-  j.D = D;
-  j.T = T;
-  j.tstride = tstride;
-  j.scale = scale;
+  const KernelTable* kt = g_kt;
   const int nth = pick_threads(2 * H * T * D * 4, H);
   reserve_threads(nth);
   for (int t = 0; t < nth; t++) thread_scratch(t, (T + 16) * 4);
-  pool_run(attn_task, &j, nth == 1 ? 1 : H, nth);
+  parallel_for(H, nth, [&](int64_t a, int64_t b, int tid) {  // a chunk per head
+    kt->attn_decode((const float*)q, (const float*)k, (const float*)v, (float*)out, a, b, H, Hkv, D, T, tstride,
+                    scale, (float*)g_thread[tid].p);
+  }, H);
 }
 
 // ---------------------------------------------------------------- descriptors
@@ -403,6 +412,15 @@ std::unique_ptr<Desc> make_f32(uintptr_t w, int64_t N, int64_t K) {
   D->d.group = K;
   D->d.f32 = (const float*)w;
   return D;
+}
+
+void dequant_rows(uintptr_t desc, uintptr_t ids_p, int64_t n, uintptr_t out_p) {
+  const PackedDesc& W = *(const PackedDesc*)desc;
+  const int64_t* ids = (const int64_t*)ids_p;
+  float* out = (float*)out_p;
+  for (int64_t i = 0; i < n; i++)
+    if (ids[i] < 0 || ids[i] >= W.N) throw std::out_of_range("dequant_rows: row id out of range");
+  for (int64_t i = 0; i < n; i++) dequant_row(W, ids[i], out + i * W.K);
 }
 
 }  // namespace
@@ -463,5 +481,14 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("rms_norm", unlocked(&rms_norm), "rms_norm(x, w, out, M, D, eps)");
   m.def("rope", unlocked(&rope), "rope(x, out, cos, sin, T, H, D): neox rotate-half, x [T,H,D], cos/sin [T,D/2]");
   m.def("attn_decode", unlocked(&attn_decode), "attn_decode(q, k, v, out, H, Hkv, D, T, tstride, scale)");
-  register_forward(m);  // forward.cpp: NativeModel, dequant_rows
+  m.def("dequant_rows", unlocked(&dequant_rows), "dequant_rows(desc_addr, ids_i64_addr, n, out_f32_addr): rows of a packed weight");
+  m.def(
+      "to_half",
+      [](uintptr_t src, uintptr_t dst, int64_t n) {
+        if (n < 0) throw std::invalid_argument("to_half: n < 0");
+        g_kt->to_half((const float*)src, (uint16_t*)dst, n);
+      },
+      "to_half(src_f32_addr, dst_u16_addr, n): fp32 -> IEEE half as the native step writes the KV cache "
+      "(F16C on x86 with the SIMD kernels, else portable code)");
+  register_llama_step(m);  // llama_step.cpp: NativeModel
 }
