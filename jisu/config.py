@@ -7,24 +7,16 @@ from typing import Any
 
 from .errors import JisuError
 
-# Architecture families jisu implements, by the name used in config files (HF `model_type`,
-# GGUF `general.architecture`) -> the module in jisu.models that runs it.
-ARCH_FAMILIES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "smollm": "llama",
-    "smollm2": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "gemma2": "gemma",
-    "gemma3": "gemma",
-    "gemma3_text": "gemma",
-}
+# The architecture registry: every architecture name (HF `model_type`, GGUF `general.architecture`,
+# ModelConfig.arch) -> the module of jisu.models that declares it. jisu.models fills it (its
+# `register`, which is how to reach it); it lives here so that ModelConfig can check a name without
+# importing jisu.models, which imports this module.
+ARCHS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str                      # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3"
+    arch: str                      # a registered architecture: "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | ...
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -50,10 +42,14 @@ class ModelConfig:
     embed_scale: float = 1.0       # Gemma multiplies embeddings by sqrt(hidden_size)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Per-layer shapes of a model whose layers differ (pruned layers); empty = every layer has the
+    # uniform size above (intermediate_size is then the largest, num_heads / num_kv_heads too).
+    intermediate_sizes: tuple[int, ...] = ()       # MLP width of each layer
+    layer_heads: tuple[tuple[int, int], ...] = ()  # (query heads, KV heads) of each layer
 
     def __post_init__(self):
-        if self.arch not in ARCH_FAMILIES:
-            raise JisuError(f"unknown architecture {self.arch!r} (supported: {', '.join(sorted(ARCH_FAMILIES))})")
+        if self.arch not in ARCHS:
+            raise JisuError(f"unknown architecture {self.arch!r} (supported: {', '.join(sorted(ARCHS))})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
@@ -63,10 +59,26 @@ class ModelConfig:
             raise JisuError(f"model config: {self.num_heads} heads not divisible by {self.num_kv_heads} KV heads")
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise JisuError("model config: layer_types must name every layer")
+        object.__setattr__(self, "intermediate_sizes", tuple(int(n) for n in self.intermediate_sizes))
+        object.__setattr__(self, "layer_heads", tuple((int(q), int(kv)) for q, kv in self.layer_heads))
+        for name in ("intermediate_sizes", "layer_heads"):
+            if getattr(self, name) and len(getattr(self, name)) != self.num_layers:
+                raise JisuError(f"model config: {name} must give every layer")
+        if any(n <= 0 for n in self.intermediate_sizes) or any(q <= 0 or kv <= 0 or q % kv
+                                                                for q, kv in self.layer_heads):
+            raise JisuError("model config: per-layer sizes must be positive (query heads a multiple of KV heads)")
 
     @property
     def family(self) -> str:
-        return ARCH_FAMILIES[self.arch]
+        """The jisu.models module that declares this architecture ("llama", "gemma", ...)."""
+        return ARCHS[self.arch].__name__.rpartition(".")[2]
+
+    def mlp_width(self, layer: int) -> int:
+        return self.intermediate_sizes[layer] if self.intermediate_sizes else self.intermediate_size
+
+    def heads(self, layer: int) -> tuple[int, int]:
+        """(query heads, KV heads) of a layer."""
+        return self.layer_heads[layer] if self.layer_heads else (self.num_heads, self.num_kv_heads)
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
@@ -129,4 +141,4 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-__all__ = ["ModelConfig", "SamplingParams", "ARCH_FAMILIES"]
+__all__ = ["ModelConfig", "SamplingParams", "ARCHS"]
