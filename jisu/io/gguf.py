@@ -26,8 +26,9 @@ MAX_ELEMENTS = 1 << 40
 # GGUF value types -> numpy dtype of one scalar (strings and arrays handled apart).
 _SCALAR_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
                   10: "<u8", 11: "<i8", 12: "<f8"}
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-               12: "<d"}
+_SCALARS = {t: struct.Struct(fmt) for t, fmt in {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f",
+                                                  7: "<?", 10: "<Q", 11: "<q", 12: "<d"}.items()}
+_U32, _U64 = _SCALARS[4], _SCALARS[10]
 _T_STRING, _T_ARRAY, _T_BOOL = 8, 9, 7
 
 
@@ -75,19 +76,18 @@ def _parse_header(path: str, head) -> _Header:
         if n < 0 or pos + n > len(head):
             raise fail("header is truncated or a length runs past the end")
 
-    def read_u64() -> int:
+    def read(scalar: struct.Struct):
         nonlocal pos
-        need(8)
-        (v,) = struct.unpack_from("<Q", head, pos)
-        pos += 8
+        need(scalar.size)
+        (v,) = scalar.unpack_from(head, pos)
+        pos += scalar.size
         return v
 
+    def read_u64() -> int:
+        return read(_U64)
+
     def read_u32() -> int:
-        nonlocal pos
-        need(4)
-        (v,) = struct.unpack_from("<I", head, pos)
-        pos += 4
-        return v
+        return read(_U32)
 
     def read_string(what: str = "string") -> str:
         nonlocal pos
@@ -104,12 +104,8 @@ def _parse_header(path: str, head) -> _Header:
 
     def read_value(vtype: int, depth: int = 0):
         nonlocal pos
-        if vtype in _SCALAR_FMT:
-            fmt = _SCALAR_FMT[vtype]
-            need(struct.calcsize(fmt))
-            (v,) = struct.unpack_from(fmt, head, pos)
-            pos += struct.calcsize(fmt)
-            return v
+        if vtype in _SCALARS:
+            return read(_SCALARS[vtype])
         if vtype == _T_STRING:
             return read_string()
         if vtype == _T_ARRAY and depth < 2:

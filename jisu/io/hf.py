@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
@@ -18,14 +19,20 @@ _SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "
                        "F8_E4M3", "F8_E5M2"}
 
 
-def read_json(path: str) -> dict:
+@contextmanager
+def _reading(path: str, corrupt: str):
+    """A file that cannot be read, or does not parse, as a one-line ModelFormatError."""
     try:
-        with open(path, "rb") as f:
-            value = json.loads(f.read(64 << 20))
+        yield
     except OSError as e:
         raise ModelFormatError(f"{path}: cannot read ({e.strerror})") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: not valid JSON ({e})") from None
+        raise ModelFormatError(f"{path}: {corrupt} ({e})") from None
+
+
+def read_json(path: str) -> dict:
+    with _reading(path, "not valid JSON"), open(path, "rb") as f:
+        value = json.loads(f.read(64 << 20))
     if not isinstance(value, dict):
         raise ModelFormatError(f"{path}: expected a JSON object")
     return value
@@ -41,7 +48,7 @@ def _checked_child(folder: str, name: Any, what: str) -> str:
 
 def check_safetensors(path: str) -> None:
     """Validate a safetensors header before the library maps it: sizes, dtypes, offsets."""
-    try:
+    with _reading(path, "corrupt safetensors header"):
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -51,10 +58,6 @@ def check_safetensors(path: str) -> None:
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise ModelFormatError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
             header = json.loads(f.read(n))
-    except OSError as e:
-        raise ModelFormatError(f"{path}: cannot read ({e.strerror})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: corrupt safetensors header (not an object)")
     data_size = size - 8 - n
