@@ -31,6 +31,28 @@ GGUF_LAYER_NAMES = {
 }
 
 
+def _per_layer(value: Any, n_layers: int, what: str, where: str) -> tuple[int, tuple[int, ...]]:
+    """A size stored as one number or as one per layer -> (largest, per layer or ())."""
+    if not isinstance(value, list):
+        return int(value), ()
+    if len(value) != n_layers:
+        raise ModelFormatError(f"{where}: {what} has {len(value)} entries for {n_layers} layers")
+    values = tuple(int(v) for v in value)
+    return max(values), (values if len(set(values)) > 1 else ())
+
+
+def _sizes(n_layers: int, heads: Any, kv_heads: Any, inter: Any, where: str) -> dict[str, Any]:
+    """The head counts and MLP widths, each one number or one per layer (layers of their own widths)."""
+    kv_heads, layer_kv = _per_layer(kv_heads or heads, n_layers, "the KV head count", where)  # default: no GQA
+    heads, layer_q = _per_layer(heads, n_layers, "the head count", where)
+    inter, inters = _per_layer(inter, n_layers, "the MLP width", where)
+    kw: dict[str, Any] = dict(num_layers=n_layers, num_heads=heads, num_kv_heads=kv_heads, intermediate_size=inter,
+                              intermediate_sizes=inters)
+    if layer_q or layer_kv:
+        kw["layer_heads"] = tuple(zip(layer_q or (heads,) * n_layers, layer_kv or (kv_heads,) * n_layers))
+    return kw
+
+
 # --- HF config.json ------------------------------------------------------------------------------
 
 def rope_params(d: dict, layer_type: str | None = None) -> dict:
@@ -46,18 +68,18 @@ def rope_params(d: dict, layer_type: str | None = None) -> dict:
     return legacy
 
 
-def hf_fields(d: dict, arch: str) -> dict[str, Any]:
+def hf_fields(d: dict, arch: str, where: str) -> dict[str, Any]:
     """The ModelConfig fields every decoder's config.json names alike (KeyError, TypeError or
     ValueError on a missing or malformed one); the module overrides or adds its own."""
     hidden = int(d["hidden_size"])
-    heads = int(d["num_attention_heads"])
+    kw = _sizes(int(d["num_hidden_layers"]), d["num_attention_heads"], d.get("num_key_value_heads"),
+                d["intermediate_size"], where)
     full = rope_params(d, "full_attention")
     eos = d.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     return dict(
-        arch=arch, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
-        intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]), num_heads=heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or heads), head_dim=int(d.get("head_dim") or hidden // heads),
+        arch=arch, vocab_size=int(d["vocab_size"]), hidden_size=hidden, **kw,
+        head_dim=int(d.get("head_dim") or hidden // kw["num_heads"]),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=float(full.get("rope_theta", d.get("rope_theta", 10000.0))),
         rope_scaling=full if full.get("rope_type", "default") != "default" else None,
@@ -79,32 +101,15 @@ def gguf_meta(metadata: dict, arch: str, where: str) -> Callable[..., Any]:
     return meta
 
 
-def _per_layer(value: Any, n_layers: int, what: str, where: str) -> tuple[int, tuple[int, ...]]:
-    """A count llama.cpp stores as one number or as one per layer -> (largest, per layer or ())."""
-    if not isinstance(value, list):
-        return int(value), ()
-    if len(value) != n_layers:
-        raise ModelFormatError(f"{where}: {what} has {len(value)} entries for {n_layers} layers")
-    values = tuple(int(v) for v in value)
-    return max(values), (values if len(set(values)) > 1 else ())
-
-
 def gguf_fields(metadata: dict, shapes: dict[str, tuple[int, ...]], arch: str, where: str) -> dict[str, Any]:
     """The ModelConfig fields llama.cpp stores alike for every decoder (`shapes`: tensor name ->
     row-major shape); the module overrides or adds its own."""
     meta = gguf_meta(metadata, arch, where)
     hidden = int(meta("embedding_length", required=True))
-    n_layers = int(meta("block_count", required=True))
-    heads, layer_q = _per_layer(meta("attention.head_count", required=True), n_layers, "head_count", where)
-    kv_heads, layer_kv = _per_layer(meta("attention.head_count_kv", heads), n_layers, "head_count_kv", where)
-    inter, inters = _per_layer(meta("feed_forward_length", required=True), n_layers, "feed_forward_length", where)
+    kw = _sizes(int(meta("block_count", required=True)), meta("attention.head_count", required=True),
+                meta("attention.head_count_kv"), meta("feed_forward_length", required=True), where)
     if "token_embd.weight" not in shapes:
         raise ModelFormatError(f"{where}: no token_embd.weight tensor")
-    kw: dict[str, Any] = {}
-    if layer_q or layer_kv:
-        q = layer_q or (heads,) * n_layers
-        kv = layer_kv or (kv_heads,) * n_layers
-        kw["layer_heads"] = tuple(zip(q, kv))
     # Linear RoPE scaling (convert_hf_to_gguf.py writes it for any architecture; Gemma 3 applies it
     # to its global layers only). Llama 3 scaling comes as the rope_freqs tensor instead.
     factor = meta("rope.scaling.factor")
@@ -116,8 +121,7 @@ def gguf_fields(metadata: dict, shapes: dict[str, tuple[int, ...]], arch: str, w
     return dict(
         # the embedding's rows are the model's vocabulary (token lists may be shorter or padded)
         arch=arch, vocab_size=int(meta("vocab_size", 0) or shapes["token_embd.weight"][0]), hidden_size=hidden,
-        intermediate_size=inter, intermediate_sizes=inters, num_layers=n_layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=int(meta("attention.key_length", 0) or hidden // heads),
+        head_dim=int(meta("attention.key_length", 0) or hidden // kw["num_heads"]),
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(meta("rope.freq_base", 10000.0)), max_position=int(meta("context_length", 4096)),
         tie_embeddings="output.weight" not in shapes, attn_bias="blk.0.attn_q.bias" in shapes,

@@ -37,7 +37,7 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
     if isinstance(d.get("text_config"), dict) and d.get("model_type") == "gemma3":  # the multimodal config
         d = {**d["text_config"], "model_type": "gemma3_text"}
     arch = HF_TYPES[d["model_type"]]
-    kw = common.hf_fields(d, arch)
+    kw = common.hf_fields(d, arch, where)
     n_layers = kw["num_layers"]
     types = d.get("layer_types")
     if not types:

@@ -24,7 +24,7 @@ NATIVE = True      # jisu.kernels.native_model runs it (when the config's detail
 
 def config_from_hf(d: dict, where: str) -> ModelConfig:
     arch = HF_TYPES[d["model_type"]]
-    kw = common.hf_fields(d, arch)
+    kw = common.hf_fields(d, arch, where)
     act = d.get("hidden_act", "silu")
     if act not in ("silu",):
         raise UnsupportedError(f"{where}: activation {act!r} is not supported for {arch}")

@@ -175,3 +175,22 @@ def test_gguf_per_layer_widths(tmp_path):
     assert (cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads) == (64, 4, 2)
     assert [cfg.mlp_width(i) for i in range(2)] == [64, 48]
     assert [cfg.heads(i) for i in range(2)] == [(4, 2), (2, 2)]
+
+
+def test_hf_per_layer_widths(tmp_path):
+    from jisu.io.hf import hf_config
+
+    folder = write_hf_llama(str(tmp_path / "pruned"))
+    with open(os.path.join(folder, "config.json")) as f:
+        d = json.load(f)
+    d.update(intermediate_size=[64, 32], num_attention_heads=[4, 2], num_key_value_heads=2)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(d, f)
+    cfg = hf_config(folder)
+    assert (cfg.intermediate_size, cfg.num_heads, cfg.head_dim) == (64, 4, 8)
+    assert cfg.intermediate_sizes == (64, 32) and cfg.layer_heads == ((4, 2), (2, 2))
+    d.update(intermediate_size=[64, 32, 16])
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(d, f)
+    with pytest.raises(JisuError, match="the MLP width has 3 entries for 2 layers"):
+        hf_config(folder)
