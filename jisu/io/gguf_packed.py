@@ -129,7 +129,9 @@ def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> It
             yield target, w
             continue
         w = g.dequantize(name)
-        yield target, w if fn is None else fn(w)
+        if fn is not None:
+            w = fn(w)
+        yield target, w
     if packed:
         from ..memory import trim_heap
 

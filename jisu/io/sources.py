@@ -136,7 +136,9 @@ def _transformed(cfg: ModelConfig, source: str, items):
     arch = ARCHS[cfg.arch]
     for name, t in items:
         fn = arch.load_transform(cfg, source, name)
-        yield name, t if fn is None else fn(t)
+        if fn is not None:
+            t = fn(t)
+        yield name, t
 
 
 TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
