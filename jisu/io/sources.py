@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..models import ARCHS
 from ..errors import ModelFormatError, ModelNotFoundError
+from ..models import ARCHS
 from .hf import PICKLE_SUFFIXES
 
 DEFAULT_MODEL = "smollm2"
@@ -158,3 +158,7 @@ def _check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: M
             raise ModelFormatError(f"{source.path}: missing tensor {name}")
         if tuple(weights[name].shape) != (cfg.heads(i)[0] * cfg.head_dim, cfg.hidden_size):
             raise ModelFormatError(f"{source.path}: {name} has shape {tuple(weights[name].shape)}")
+        down = weights.get(f"model.layers.{i}.mlp.down_proj.weight")  # layers may differ in width
+        if down is not None and tuple(down.shape) != (cfg.hidden_size, cfg.mlp_width(i)):
+            raise ModelFormatError(f"{source.path}: model.layers.{i}.mlp.down_proj.weight has shape "
+                                   f"{tuple(down.shape)}, config says ({cfg.hidden_size}, {cfg.mlp_width(i)})")

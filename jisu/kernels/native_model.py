@@ -106,6 +106,8 @@ def supported(model) -> Optional[str]:
     cfg = model.cfg
     if not ARCHS[cfg.arch].NATIVE or cfg.hidden_act != "silu":
         return f"architecture {cfg.arch} ({cfg.hidden_act}) is not supported natively"
+    if cfg.intermediate_sizes or cfg.layer_heads:
+        return "layers of different widths are not supported natively"
     if cfg.head_dim % 2:
         return "odd head_dim"
     if cfg.attn_softcap or cfg.final_softcap:

@@ -177,6 +177,32 @@ def test_gguf_per_layer_widths(tmp_path):
     assert [cfg.heads(i) for i in range(2)] == [(4, 2), (2, 2)]
 
 
+def test_pruned_mlp_loads_and_runs(tmp_path):
+    """A Llama whose second layer's MLP is narrower loads (the shape check takes the per-layer
+    width) and runs as the same weights do in LlamaModel."""
+    from safetensors.torch import save_file
+
+    folder = write_hf_llama(str(tmp_path / "pruned"))
+    w = tiny_weights(0)
+    p = "model.layers.1.mlp."
+    w[p + "gate_proj.weight"], w[p + "up_proj.weight"] = w[p + "gate_proj.weight"][:40], w[p + "up_proj.weight"][:40]
+    w[p + "down_proj.weight"] = w[p + "down_proj.weight"][:, :40].contiguous()
+    save_file({k: v.contiguous() for k, v in w.items()}, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json")) as f:
+        d = json.load(f)
+    d["intermediate_size"] = [TINY["intermediate_size"], 40]
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(d, f)
+    llm = jisu.load(folder)
+    assert llm.config.intermediate_sizes == (TINY["intermediate_size"], 40)
+    assert torch.equal(run(llm, TOKENS), reference_logits(w, TOKENS))
+    d["intermediate_size"] = [TINY["intermediate_size"], 48]
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(d, f)
+    with pytest.raises(JisuError, match=r"layers.1.mlp.down_proj.weight has shape \(32, 40\), config says \(32, 48\)"):
+        jisu.load(folder)
+
+
 def test_hf_per_layer_widths(tmp_path):
     from jisu.io.hf import hf_config
 
