@@ -3,15 +3,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 from .errors import JisuError
 
 # The architecture registry: every architecture name (HF `model_type`, GGUF `general.architecture`,
-# ModelConfig.arch) -> the module of jisu.models that declares it. jisu.models fills it (its
-# `register`, which is how to reach it); it lives here so that ModelConfig can check a name without
-# importing jisu.models, which imports this module.
-ARCHS: dict[str, Any] = {}
+# ModelConfig.arch) -> the module of jisu.models that declares it. jisu.models fills it; it lives
+# here so that ModelConfig can check a name without importing jisu.models (which imports this
+# module). The built-in modules load the kernels, which `import jisu` must not do (a bad JISU_ISA
+# is an error only where they load): jisu.models defers them, and `archs()` runs what is deferred.
+_ARCHS: dict[str, Any] = {}
+_DEFERRED: list[Callable[[], None]] = []
+
+
+def defer_archs(load: Callable[[], None]) -> None:
+    """Have `load` (which registers architectures) run on the registry's first use."""
+    _DEFERRED.append(load)
+
+
+def archs() -> dict[str, Any]:
+    """The registry, with every deferred registration done."""
+    while _DEFERRED:
+        load = _DEFERRED.pop()
+        try:
+            load()
+        except BaseException:
+            _DEFERRED.append(load)  # the error again on the next use, not an empty registry
+            raise
+    return _ARCHS
 
 
 @dataclass(frozen=True)
@@ -48,8 +67,8 @@ class ModelConfig:
     layer_heads: tuple[tuple[int, int], ...] = ()  # (query heads, KV heads) of each layer
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise JisuError(f"unknown architecture {self.arch!r} (supported: {', '.join(sorted(ARCHS))})")
+        if self.arch not in archs():
+            raise JisuError(f"unknown architecture {self.arch!r} (supported: {', '.join(sorted(archs()))})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
@@ -71,7 +90,7 @@ class ModelConfig:
     @property
     def family(self) -> str:
         """The jisu.models module that declares this architecture ("llama", "gemma", ...)."""
-        return ARCHS[self.arch].__name__.rpartition(".")[2]
+        return archs()[self.arch].__name__.rpartition(".")[2]
 
     def mlp_width(self, layer: int) -> int:
         return self.intermediate_sizes[layer] if self.intermediate_sizes else self.intermediate_size
@@ -141,4 +160,4 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-__all__ = ["ModelConfig", "SamplingParams", "ARCHS"]
+__all__ = ["ModelConfig", "SamplingParams", "archs"]

@@ -13,7 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError, UnsupportedError
-from ..models import ARCHS, gguf_archs
+from ..models import archs, gguf_archs
 from ..models.common import GGUF_GLOBAL_NAMES
 
 GGUF_MAGIC = b"GGUF"
@@ -221,7 +221,7 @@ class GGUFFile:
 
 def arch_module(g: GGUFFile):
     """The jisu.models module of the file's general.architecture."""
-    module = ARCHS.get(g.arch)
+    module = archs().get(g.arch)
     if module is None or g.arch not in module.GGUF_ARCHS:
         raise UnsupportedError(f"{g.path}: unknown architecture {g.arch!r} (supported: {', '.join(gguf_archs())})")
     return module
@@ -233,7 +233,7 @@ def hf_name(gguf_name: str, arch: str) -> str | None:
         return GGUF_GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
-        table = ARCHS[arch].GGUF_LAYER_NAMES
+        table = archs()[arch].GGUF_LAYER_NAMES
         if parts[2] in table:
             return f"model.layers.{parts[1]}.{table[parts[2]]}.{parts[3]}"
     return None

@@ -19,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from ..models import ARCHS
+from ..models import archs
 from .gguf import GGUFFile, GGUFTensor, hf_name
 
 PACKABLE = frozenset({T.Q8_0, T.Q4_0, T.Q4_1})
@@ -112,7 +112,7 @@ def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> It
     its rows (it is applied to a packed matrix's codes, scales and mins)."""
     from ..kernels.packed import pack
 
-    arch = ARCHS[cfg.arch]
+    arch = archs()[cfg.arch]
     for name, t in g.tensors.items():
         target = hf_name(name, cfg.arch)
         if target is None:

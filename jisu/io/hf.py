@@ -11,7 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError, UnsupportedError
-from ..models import ARCHS, hf_types
+from ..models import archs, hf_types
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 << 20
@@ -114,7 +114,7 @@ def hf_config(folder: str) -> ModelConfig:
     """The ModelConfig of an HF folder, parsed by the module of its config.json's model_type."""
     path = os.path.join(folder, "config.json")
     d = read_json(path)
-    module = ARCHS.get(d.get("model_type"))
+    module = archs().get(d.get("model_type"))
     if module is None or d["model_type"] not in module.HF_TYPES:
         raise UnsupportedError(f"{path}: unknown architecture {d.get('model_type')!r} "
                                f"(supported: {', '.join(hf_types())})")

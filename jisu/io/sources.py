@@ -9,7 +9,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError, ModelNotFoundError
-from ..models import ARCHS
+from ..models import archs
 from .hf import PICKLE_SUFFIXES
 
 DEFAULT_MODEL = "smollm2"
@@ -133,7 +133,7 @@ def load_weights(source: ModelSource, progress: bool = False,
 def _transformed(cfg: ModelConfig, source: str, items):
     """(name, tensor) pairs with the architecture's load transform applied (the GGUF iterator
     applies it itself, packed matrices included)."""
-    arch = ARCHS[cfg.arch]
+    arch = archs()[cfg.arch]
     for name, t in items:
         fn = arch.load_transform(cfg, source, name)
         if fn is not None:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..config import ARCHS
+from ..config import archs
 from ..memory import HugePageArena, trim_heap
 from . import _native
 from .packed import PackedCodebook, PackedF32, PackedInt, PackedWeight
@@ -104,7 +104,7 @@ def supported(model) -> Optional[str]:
     if not isinstance(model, LlamaModel):
         return f"{type(model).__name__} is not a Llama-family model"
     cfg = model.cfg
-    if not ARCHS[cfg.arch].NATIVE or cfg.hidden_act != "silu":
+    if not archs()[cfg.arch].NATIVE or cfg.hidden_act != "silu":
         return f"architecture {cfg.arch} ({cfg.hidden_act}) is not supported natively"
     if cfg.intermediate_sizes or cfg.layer_heads:
         return "layers of different widths are not supported natively"
@@ -160,7 +160,7 @@ class NativeLlama:
                                     float(model.scale), inv_freq.data_ptr())
         window = cfg.sliding_window if cfg.layer_types else None  # as LlamaModel.forward
         self.fused = []
-        qkv_group, gu_group = ARCHS[cfg.arch].LINEAR_GROUPS  # q|k|v and gate|up, fused where they can be
+        qkv_group, gu_group = archs()[cfg.arch].LINEAR_GROUPS  # q|k|v and gate|up, fused where they can be
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             qkv = self._group(w, [p + n + ".weight" for n in qkv_group])

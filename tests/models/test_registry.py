@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import jisu
-from jisu.config import ARCHS, ModelConfig
+from jisu.config import ModelConfig, archs
 from jisu.errors import JisuError
 from jisu.models import build_model, common, llama, names, register
 from jisu.models.llama import LlamaModel
@@ -61,7 +61,7 @@ def toy_registered():
     register(module)
     yield module
     for name in names(module):
-        del ARCHS[name]
+        del archs()[name]
 
 
 def reference_logits(weights: dict, tokens: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ def test_toy_gguf_packed_gets_the_same_transform(tmp_path):
 
 
 def test_every_registered_name_resolves():
-    for name, module in ARCHS.items():
+    for name, module in archs().items():
         assert name in names(module)
         cfg = ModelConfig(arch=name, vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1,
                           num_heads=2, num_kv_heads=1, head_dim=4)
@@ -131,11 +131,24 @@ def test_every_registered_name_resolves():
         for attr in ("HF_TYPES", "GGUF_ARCHS", "GGUF_LAYER_NAMES", "LINEAR_GROUPS", "NORM_OFFSET", "NATIVE",
                      "config_from_hf", "config_from_gguf", "load_transform", "build"):
             assert hasattr(module, attr), (name, attr)
-    assert {"llama", "mistral", "smollm2", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text"} <= set(ARCHS)
+    assert {"llama", "mistral", "smollm2", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text"} <= set(archs())
     w = tiny_weights(0)
     cfg = ModelConfig(arch="smollm2", vocab_size=TINY["vocab_size"], hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     assert type(build_model(cfg, dict(w))) is LlamaModel
+
+
+def test_import_jisu_leaves_the_architectures_unloaded():
+    """The architecture modules load the kernels: `import jisu` defers them to the registry's first use."""
+    import subprocess
+
+    code = ("import sys, jisu, jisu.config\n"
+            "assert 'jisu.models.llama' not in sys.modules and 'jisu.kernels.ops' not in sys.modules\n"
+            "jisu.ModelConfig(arch='qwen3', vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1,\n"
+            "                 num_heads=2, num_kv_heads=1, head_dim=4)\n"
+            "assert 'jisu.models.llama' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
 
 
 def test_unknown_architecture_is_one_line():
@@ -151,7 +164,7 @@ def test_a_name_registers_once(toy_registered):
     clash.HF_TYPES, clash.GGUF_ARCHS = {"llama": "llama"}, ()
     with pytest.raises(JisuError, match="'llama' is already registered"):
         register(clash)
-    assert ARCHS["llama"] is llama
+    assert archs()["llama"] is llama
 
 
 def test_gguf_per_layer_widths(tmp_path):
