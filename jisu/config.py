@@ -3,28 +3,39 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 from .errors import JisuError
 
-# Architecture families jisu implements, by the name used in config files (HF `model_type`,
-# GGUF `general.architecture`) -> the module in jisu.models that runs it.
-ARCH_FAMILIES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "smollm": "llama",
-    "smollm2": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "gemma2": "gemma",
-    "gemma3": "gemma",
-    "gemma3_text": "gemma",
-}
+# The architecture registry: every architecture name (HF `model_type`, GGUF `general.architecture`,
+# ModelConfig.arch) -> the module of jisu.models that declares it. jisu.models fills it; it lives
+# here so that ModelConfig can check a name without importing jisu.models (which imports this
+# module). The built-in modules load the kernels, which `import jisu` must not do (a bad JISU_ISA
+# is an error only where they load): jisu.models defers them, and `archs()` runs what is deferred.
+_ARCHS: dict[str, Any] = {}
+_DEFERRED: list[Callable[[], None]] = []
+
+
+def defer_archs(load: Callable[[], None]) -> None:
+    """Have `load` (which registers architectures) run on the registry's first use."""
+    _DEFERRED.append(load)
+
+
+def archs() -> dict[str, Any]:
+    """The registry, with every deferred registration done."""
+    while _DEFERRED:
+        load = _DEFERRED.pop()
+        try:
+            load()
+        except BaseException:
+            _DEFERRED.append(load)  # the error again on the next use, not an empty registry
+            raise
+    return _ARCHS
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str                      # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3"
+    arch: str                      # a registered architecture: "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | ...
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -50,10 +61,14 @@ class ModelConfig:
     embed_scale: float = 1.0       # Gemma multiplies embeddings by sqrt(hidden_size)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Per-layer shapes of a model whose layers differ (pruned layers); empty = every layer has the
+    # uniform size above (intermediate_size is then the largest, num_heads / num_kv_heads too).
+    intermediate_sizes: tuple[int, ...] = ()       # MLP width of each layer
+    layer_heads: tuple[tuple[int, int], ...] = ()  # (query heads, KV heads) of each layer
 
     def __post_init__(self):
-        if self.arch not in ARCH_FAMILIES:
-            raise JisuError(f"unknown architecture {self.arch!r} (supported: {', '.join(sorted(ARCH_FAMILIES))})")
+        if self.arch not in archs():
+            raise JisuError(f"unknown architecture {self.arch!r} (supported: {', '.join(sorted(archs()))})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
@@ -63,10 +78,26 @@ class ModelConfig:
             raise JisuError(f"model config: {self.num_heads} heads not divisible by {self.num_kv_heads} KV heads")
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise JisuError("model config: layer_types must name every layer")
+        object.__setattr__(self, "intermediate_sizes", tuple(int(n) for n in self.intermediate_sizes))
+        object.__setattr__(self, "layer_heads", tuple((int(q), int(kv)) for q, kv in self.layer_heads))
+        for name in ("intermediate_sizes", "layer_heads"):
+            if getattr(self, name) and len(getattr(self, name)) != self.num_layers:
+                raise JisuError(f"model config: {name} must give every layer")
+        if any(n <= 0 for n in self.intermediate_sizes) or any(q <= 0 or kv <= 0 or q % kv
+                                                                for q, kv in self.layer_heads):
+            raise JisuError("model config: per-layer sizes must be positive (query heads a multiple of KV heads)")
 
     @property
     def family(self) -> str:
-        return ARCH_FAMILIES[self.arch]
+        """The jisu.models module that declares this architecture ("llama", "gemma", ...)."""
+        return archs()[self.arch].__name__.rpartition(".")[2]
+
+    def mlp_width(self, layer: int) -> int:
+        return self.intermediate_sizes[layer] if self.intermediate_sizes else self.intermediate_size
+
+    def heads(self, layer: int) -> tuple[int, int]:
+        """(query heads, KV heads) of a layer."""
+        return self.layer_heads[layer] if self.layer_heads else (self.num_heads, self.num_kv_heads)
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding"
@@ -129,4 +160,4 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-__all__ = ["ModelConfig", "SamplingParams", "ARCH_FAMILIES"]
+__all__ = ["ModelConfig", "SamplingParams", "archs"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..kernels.ops import rms_norm_ref
 from ..kernels.ops import attention, attention_mask
+from ..models import model_form, source_form  # noqa: F401  (Gemma's norm offset, for compress/)
 from ..models.layers import Rotary, apply_rope, rope_inv_freq
 
 # short name -> HF name suffix inside "model.layers.{i}."
@@ -225,20 +226,3 @@ class Runner:
         for i in range(self.cfg.num_layers):
             x = self.layer(i, x)
         return self.head(self.final_hidden(x))
-
-
-def model_form(cfg: ModelConfig, weights: dict) -> dict:
-    """A new dict over the same tensors, in the form the models compute with (Gemma: 1 + norm)."""
-    w = dict(weights)
-    if cfg.family == "gemma":
-        for k, v in weights.items():
-            if k.endswith("norm.weight"):
-                w[k] = v.float() + 1.0
-    return w
-
-
-def source_form(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
-    """Inverse of model_form for one tensor (only needed for norms AWQ changed)."""
-    if cfg.family == "gemma" and name.endswith("norm.weight"):
-        return t - 1.0
-    return t

@@ -95,7 +95,7 @@ def _source_formats(source, cfg, tensors: dict) -> None:
 
         g = GGUFFile(source.path)
         for gname, t in g.tensors.items():
-            name = hf_name(gname, cfg.family)
+            name = hf_name(gname, cfg.arch)
             if name in packed:
                 found[name] = gguf_format(t)
     elif source.kind == "artifact":

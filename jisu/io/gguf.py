@@ -1,17 +1,20 @@
 """GGUF reading (GGUF v2/v3 as written by llama.cpp's converters): header validation, metadata,
-ModelConfig, and tensors mapped to HF names, dequantized through jisu.io.gguf_quants."""
+tensors dequantized through jisu.io.gguf_quants, and the architecture's ModelConfig and HF tensor
+names (declared by its jisu.models module; jisu.io.gguf_packed iterates the weights)."""
 from __future__ import annotations
 
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError, UnsupportedError
+from ..models import archs, gguf_archs
+from ..models.common import GGUF_GLOBAL_NAMES
 
 GGUF_MAGIC = b"GGUF"
 MAX_KV_COUNT = 1 << 20
@@ -23,8 +26,9 @@ MAX_ELEMENTS = 1 << 40
 # GGUF value types -> numpy dtype of one scalar (strings and arrays handled apart).
 _SCALAR_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
                   10: "<u8", 11: "<i8", 12: "<f8"}
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-               12: "<d"}
+_SCALARS = {t: struct.Struct(fmt) for t, fmt in {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f",
+                                                  7: "<?", 10: "<Q", 11: "<q", 12: "<d"}.items()}
+_U32, _U64 = _SCALARS[4], _SCALARS[10]
 _T_STRING, _T_ARRAY, _T_BOOL = 8, 9, 7
 
 
@@ -72,19 +76,18 @@ def _parse_header(path: str, head) -> _Header:
         if n < 0 or pos + n > len(head):
             raise fail("header is truncated or a length runs past the end")
 
-    def read_u64() -> int:
+    def read(scalar: struct.Struct):
         nonlocal pos
-        need(8)
-        (v,) = struct.unpack_from("<Q", head, pos)
-        pos += 8
+        need(scalar.size)
+        (v,) = scalar.unpack_from(head, pos)
+        pos += scalar.size
         return v
 
+    def read_u64() -> int:
+        return read(_U64)
+
     def read_u32() -> int:
-        nonlocal pos
-        need(4)
-        (v,) = struct.unpack_from("<I", head, pos)
-        pos += 4
-        return v
+        return read(_U32)
 
     def read_string(what: str = "string") -> str:
         nonlocal pos
@@ -101,12 +104,8 @@ def _parse_header(path: str, head) -> _Header:
 
     def read_value(vtype: int, depth: int = 0):
         nonlocal pos
-        if vtype in _SCALAR_FMT:
-            fmt = _SCALAR_FMT[vtype]
-            need(struct.calcsize(fmt))
-            (v,) = struct.unpack_from(fmt, head, pos)
-            pos += struct.calcsize(fmt)
-            return v
+        if vtype in _SCALARS:
+            return read(_SCALARS[vtype])
         if vtype == _T_STRING:
             return read_string()
         if vtype == _T_ARRAY and depth < 2:
@@ -218,127 +217,28 @@ class GGUFFile:
             raise type(e)(f"{self.path}: tensor {name!r}: {e}") from None
 
 
-# --- architecture mapping --------------------------------------------------------------
+# --- architecture mapping ------------------------------------------------------------------
 
-_GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-               "gemma2": "gemma2", "gemma3": "gemma3", "smollm3": None}
-
-# GGUF per-layer tensor names -> HF names (after "model.layers.{i}.").
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LLAMA_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm": "post_attention_layernorm"}
-_GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
-                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs"}
+def arch_module(g: GGUFFile):
+    """The jisu.models module of the file's general.architecture."""
+    module = archs().get(g.arch)
+    if module is None or g.arch not in module.GGUF_ARCHS:
+        raise UnsupportedError(f"{g.path}: unknown architecture {g.arch!r} (supported: {', '.join(gguf_archs())})")
+    return module
 
 
-def hf_name(gguf_name: str, family: str) -> str | None:
-    """The HF-style name of a GGUF tensor, or None if jisu does not use it."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def hf_name(gguf_name: str, arch: str) -> str | None:
+    """The HF-style name of a GGUF tensor of architecture `arch`, or None if jisu does not use it."""
+    if gguf_name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
-        table = _GEMMA_LAYER_NAMES if family == "gemma" else _LLAMA_LAYER_NAMES
+        table = archs()[arch].GGUF_LAYER_NAMES
         if parts[2] in table:
             return f"model.layers.{parts[1]}.{table[parts[2]]}.{parts[3]}"
     return None
 
 
-# Layer counts of the 27B Gemmas, whose queries are scaled by (hidden / heads) ** -0.5 instead of
-# head_dim ** -0.5. GGUF does not store query_pre_attn_scalar; llama.cpp picks the scale this way.
-_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
-
-
-def _gemma_query_scalar(arch: str, n_layers: int, hidden: int, heads: int, head_dim: int) -> float:
-    return float(hidden // heads if n_layers == _GEMMA_27B_LAYERS.get(arch) else head_dim)
-
-
 def gguf_config(g: GGUFFile) -> ModelConfig:
-    arch = g.arch
-    if arch not in _GGUF_ARCHS or _GGUF_ARCHS[arch] is None:
-        raise UnsupportedError(f"{g.path}: unknown architecture {arch!r} "
-                               f"(supported: {', '.join(a for a, v in _GGUF_ARCHS.items() if v)})")
-
-    def meta(key: str, default: Any = None, required: bool = False) -> Any:
-        v = g.get(f"{arch}.{key}", default)
-        if v is None and required:
-            raise ModelFormatError(f"{g.path}: metadata {arch}.{key} is missing")
-        return v
-
-    hidden = int(meta("embedding_length", required=True))
-    heads = int(meta("attention.head_count", required=True))
-    head_dim = int(meta("attention.key_length", 0) or hidden // heads)
-    if "token_embd.weight" not in g.tensors:
-        raise ModelFormatError(f"{g.path}: no token_embd.weight tensor")
-    # the embedding's rows are the model's vocabulary (token lists may be shorter or padded)
-    vocab = int(meta("vocab_size", 0) or g.tensors["token_embd.weight"].shape[0])
-    n_layers = int(meta("block_count", required=True))
-    kw: dict[str, Any] = {}
-    if arch in ("gemma2", "gemma3"):
-        window = meta("attention.sliding_window")
-        if arch == "gemma2":
-            types = tuple("sliding" if i % 2 == 0 else "full" for i in range(n_layers))
-        else:
-            # llama.cpp's Gemma 3: every 6th layer is global, the rest use the sliding window
-            types = tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(n_layers))
-        kw.update(sliding_window=int(window) if window else None, layer_types=types if window else (),
-                  attn_softcap=meta("attn_logit_softcapping"), final_softcap=meta("final_logit_softcapping"),
-                  query_pre_attn_scalar=_gemma_query_scalar(arch, n_layers, hidden, heads, head_dim),
-                  embed_scale=hidden ** 0.5, hidden_act="gelu_tanh",
-                  rope_local_theta=10000.0 if arch == "gemma3" else None, qk_norm=arch == "gemma3")
-    # Linear RoPE scaling (convert_hf_to_gguf.py writes it for any architecture; Gemma 3 applies it
-    # to its global layers only). Llama 3 scaling comes as the rope_freqs tensor instead.
-    factor = meta("rope.scaling.factor")
-    if factor and meta("rope.scaling.type", "linear") == "linear":
-        kw["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
-    eos = g.get("tokenizer.ggml.eos_token_id")
-    eot = g.get("tokenizer.ggml.eot_token_id")
-    eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))
-    bos = g.get("tokenizer.ggml.bos_token_id")
-    return ModelConfig(
-        arch=arch, vocab_size=vocab, hidden_size=hidden,
-        intermediate_size=int(meta("feed_forward_length", required=True)),
-        num_layers=n_layers, num_heads=heads,
-        num_kv_heads=int(meta("attention.head_count_kv", heads)), head_dim=head_dim,
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(meta("rope.freq_base", 10000.0)),
-        max_position=int(meta("context_length", 4096)),
-        tie_embeddings="output.weight" not in g.tensors,
-        attn_bias="blk.0.attn_q.bias" in g.tensors,
-        qk_norm=kw.pop("qk_norm", "blk.0.attn_q_norm.weight" in g.tensors),
-        bos_token_id=int(bos) if bos is not None else None, eos_token_ids=eos_ids, **kw)
-
-
-def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation (its converter reorders rows so that RoPE rotates
-    adjacent pairs); jisu's models use HF's rotate-half layout."""
-    half = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, fp32 tensor) for every tensor jisu uses, converted to HF conventions."""
-    for name in g.tensors:
-        target = hf_name(name, cfg.family)
-        if target is None:
-            continue
-        w = g.dequantize(name)
-        if cfg.arch in ("llama", "mistral"):
-            if target.endswith("q_proj.weight") or target.endswith("q_proj.bias"):
-                w = _unpermute_qk(w, cfg.num_heads)
-            elif target.endswith("k_proj.weight") or target.endswith("k_proj.bias"):
-                w = _unpermute_qk(w, cfg.num_kv_heads)
-        if cfg.family == "gemma" and target.endswith("norm.weight"):
-            w = w - 1.0  # llama.cpp stores Gemma's (1 + w) norm weights with the 1 folded in
-        yield target, w
+    shapes = {name: t.shape for name, t in g.tensors.items()}
+    return arch_module(g).config_from_gguf(g.metadata, shapes, g.path)

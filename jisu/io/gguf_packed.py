@@ -7,7 +7,8 @@ file size (no fp32 copy of the whole model is ever made).
     Q4_1 {f16 d; f16 m; u8 qs[16]}  x = q * d + m     -> Int4Weight(q, d, group 32, min=m)     (asym)
 
 In a 4-bit block, value j (0..15) is the low nibble of qs[j] and value j + 16 its high nibble.
-Every other tensor type is dequantized to fp32 as before (jisu.io.gguf)."""
+Every other tensor type is dequantized to fp32 (jisu.io.gguf). `iter_gguf_weights` yields a GGUF's
+weights either way."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -18,7 +19,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from .gguf import GGUFFile, GGUFTensor, _unpermute_qk, hf_name
+from ..models import archs
+from .gguf import GGUFFile, GGUFTensor, hf_name
 
 PACKABLE = frozenset({T.Q8_0, T.Q4_0, T.Q4_1})
 
@@ -93,56 +95,44 @@ def _pack_in_slices(g: GGUFFile, name: str, t: GGUFTensor):
     return PackedInt.from_slices(N, slices())
 
 
-def _permute_rows(fmt, n_heads: int):
-    """llama.cpp's q/k row order -> HF's: a row gather on every per-row tensor of the format."""
-    fmt.q = _unpermute_qk(fmt.q, n_heads).contiguous()
-    fmt.scale = _unpermute_qk(fmt.scale, n_heads).contiguous()
+def _transform_rows(fmt, fn):
+    """A load transform that reorders rows (llama.cpp's q/k permutation), applied to every per-row
+    tensor of a packable format."""
+    fmt.q = fn(fmt.q).contiguous()
+    fmt.scale = fn(fmt.scale).contiguous()
     if getattr(fmt, "min", None) is not None:
-        fmt.min = _unpermute_qk(fmt.min, n_heads).contiguous()
+        fmt.min = fn(fmt.min).contiguous()
     return fmt
 
 
-def qk_heads(cfg: ModelConfig, target: str) -> int | None:
-    """Heads of a q/k projection whose rows llama.cpp permuted (Llama / Mistral), else None."""
-    if cfg.arch not in ("llama", "mistral"):
-        return None
-    if target.endswith(("q_proj.weight", "q_proj.bias")):
-        return cfg.num_heads
-    if target.endswith(("k_proj.weight", "k_proj.bias")):
-        return cfg.num_kv_heads
-    return None
-
-
-def iter_gguf_weights_packed(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, object]]:
-    """Like jisu.io.gguf.iter_gguf_weights, but Q8_0 / Q4_0 / Q4_1 matrices come as packed
-    kernel weights (jisu.kernels.packed) instead of fp32 tensors."""
+def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> Iterator[tuple[str, object]]:
+    """Yield (HF name, tensor) for every tensor jisu uses, in the form held in memory (the
+    architecture's load_transform applied): fp32 tensors, or with packed=True, Q8_0 / Q4_0 / Q4_1
+    matrices as packed kernel weights (jisu.kernels.packed). A matrix's transform may only reorder
+    its rows (it is applied to a packed matrix's codes, scales and mins)."""
     from ..kernels.packed import pack
 
+    arch = archs()[cfg.arch]
     for name, t in g.tensors.items():
-        target = hf_name(name, cfg.family)
+        target = hf_name(name, cfg.arch)
         if target is None:
             continue
-        heads = qk_heads(cfg, target)
-        if t.qtype in PACKABLE and len(t.shape) == 2:
-            if not heads and t.shape[0] * t.shape[1] > SLICED_ELEMS:
-                packed = _pack_in_slices(g, name, t)
-                g.release(name)
-                yield target, packed
-                continue
-            fmt = gguf_format(t)
-            if heads:
-                fmt = _permute_rows(fmt, heads)
-            packed = pack(fmt)
-            del fmt
+        fn = arch.load_transform(cfg, "gguf", target)
+        if packed and t.qtype in PACKABLE and len(t.shape) == 2:
+            if fn is None and t.shape[0] * t.shape[1] > SLICED_ELEMS:
+                w = _pack_in_slices(g, name, t)
+            else:
+                fmt = gguf_format(t)
+                w = pack(fmt if fn is None else _transform_rows(fmt, fn))
+                del fmt
             g.release(name)  # the file's pages of this tensor are not needed any more
-            yield target, packed
+            yield target, w
             continue
         w = g.dequantize(name)
-        if heads:
-            w = _unpermute_qk(w, heads)
-        if cfg.family == "gemma" and target.endswith("norm.weight"):
-            w = w - 1.0  # as iter_gguf_weights: llama.cpp folds Gemma's (1 + w) into the weights
+        if fn is not None:
+            w = fn(w)
         yield target, w
-    from ..memory import trim_heap
+    if packed:
+        from ..memory import trim_heap
 
-    trim_heap()  # the conversion's temporaries
+        trim_heap()  # the conversion's temporaries

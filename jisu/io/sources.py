@@ -9,6 +9,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError, ModelNotFoundError
+from ..models import archs
 from .hf import PICKLE_SUFFIXES
 
 DEFAULT_MODEL = "smollm2"
@@ -100,7 +101,8 @@ def load_weights(source: ModelSource, progress: bool = False,
         _check_weights(cfg, weights, source)
         return cfg, weights, tokenizer
     if source.kind == "gguf":
-        from .gguf import GGUFFile, gguf_config, iter_gguf_weights
+        from .gguf import GGUFFile, gguf_config
+        from .gguf_packed import iter_gguf_weights
         from .tokenizer import gguf_tokenizer
 
         g = GGUFFile(source.path)
@@ -108,12 +110,7 @@ def load_weights(source: ModelSource, progress: bool = False,
         tokenizer = gguf_tokenizer(g.metadata, source.path)
         for key in TOKENIZER_ARRAYS:  # ~10 MB of Python strings that nothing needs any more
             g.metadata.pop(key, None)
-        if packed:
-            from .gguf_packed import iter_gguf_weights_packed
-
-            items = iter_gguf_weights_packed(g, cfg)
-        else:
-            items = iter_gguf_weights(g, cfg)
+        items = iter_gguf_weights(g, cfg, packed=packed)
         total = len(g.tensors)
     else:
         from .hf import hf_config, iter_safetensors, safetensors_files
@@ -121,7 +118,7 @@ def load_weights(source: ModelSource, progress: bool = False,
 
         cfg = hf_config(source.path)
         tokenizer = load_hf_tokenizer(source.path)
-        items = iter_safetensors(safetensors_files(source.path))
+        items = _transformed(cfg, "hf", iter_safetensors(safetensors_files(source.path)))
         total = None
     weights = {}
     for name, tensor in tqdm(items, total=total, desc=f"loading {source.name}", unit="tensor",
@@ -131,6 +128,17 @@ def load_weights(source: ModelSource, progress: bool = False,
                 else tensor.float()
     _check_weights(cfg, weights, source)
     return cfg, weights, tokenizer
+
+
+def _transformed(cfg: ModelConfig, source: str, items):
+    """(name, tensor) pairs with the architecture's load transform applied (the GGUF iterator
+    applies it itself, packed matrices included)."""
+    arch = archs()[cfg.arch]
+    for name, t in items:
+        fn = arch.load_transform(cfg, source, name)
+        if fn is not None:
+            t = fn(t)
+        yield name, t
 
 
 TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
@@ -148,5 +156,9 @@ def _check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: M
         name = f"model.layers.{i}.self_attn.q_proj.weight"
         if name not in weights:
             raise ModelFormatError(f"{source.path}: missing tensor {name}")
-        if tuple(weights[name].shape) != (cfg.num_heads * cfg.head_dim, cfg.hidden_size):
+        if tuple(weights[name].shape) != (cfg.heads(i)[0] * cfg.head_dim, cfg.hidden_size):
             raise ModelFormatError(f"{source.path}: {name} has shape {tuple(weights[name].shape)}")
+        down = weights.get(f"model.layers.{i}.mlp.down_proj.weight")  # layers may differ in width
+        if down is not None and tuple(down.shape) != (cfg.hidden_size, cfg.mlp_width(i)):
+            raise ModelFormatError(f"{source.path}: model.layers.{i}.mlp.down_proj.weight has shape "
+                                   f"{tuple(down.shape)}, config says ({cfg.hidden_size}, {cfg.mlp_width(i)})")

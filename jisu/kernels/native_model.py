@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..config import archs
 from ..memory import HugePageArena, trim_heap
 from . import _native
 from .packed import PackedCodebook, PackedF32, PackedInt, PackedWeight
@@ -103,8 +104,10 @@ def supported(model) -> Optional[str]:
     if not isinstance(model, LlamaModel):
         return f"{type(model).__name__} is not a Llama-family model"
     cfg = model.cfg
-    if cfg.family != "llama" or cfg.hidden_act != "silu":
+    if not archs()[cfg.arch].NATIVE or cfg.hidden_act != "silu":
         return f"architecture {cfg.arch} ({cfg.hidden_act}) is not supported natively"
+    if cfg.intermediate_sizes or cfg.layer_heads:
+        return "layers of different widths are not supported natively"
     if cfg.head_dim % 2:
         return "odd head_dim"
     if cfg.attn_softcap or cfg.final_softcap:
@@ -157,10 +160,11 @@ class NativeLlama:
                                     float(model.scale), inv_freq.data_ptr())
         window = cfg.sliding_window if cfg.layer_types else None  # as LlamaModel.forward
         self.fused = []
+        qkv_group, gu_group = archs()[cfg.arch].LINEAR_GROUPS  # q|k|v and gate|up, fused where they can be
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            qkv = self._group(w, [p + f"self_attn.{n}_proj.weight" for n in "qkv"])
-            biases = [w.get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+            qkv = self._group(w, [p + n + ".weight" for n in qkv_group])
+            biases = [w.get(p + n + ".bias") for n in qkv_group]
             if len(qkv) == 1:
                 if any(b is not None for b in biases):
                     sizes = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
@@ -171,7 +175,7 @@ class NativeLlama:
                     bias_ptrs = [0]
             else:
                 bias_ptrs = [keep(_f32(b)).data_ptr() if b is not None else 0 for b in biases]
-            gu = self._group(w, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+            gu = self._group(w, [p + n + ".weight" for n in gu_group])
             o = keep(self._packed(w, p + "self_attn.o_proj.weight"))
             down = keep(self._packed(w, p + "mlp.down_proj.weight"))
             qn = kn = 0

@@ -8,14 +8,95 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels import ops
+from . import common
 from .layers import KVCache, Rotary, embed_tokens, rope_inv_freq, self_attention
+
+# --- architecture declaration (jisu.models registers it; the loaders read it) --------------------------
+
+HF_TYPES = {"gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3"}  # config.json model_type -> arch
+GGUF_ARCHS = ("gemma2", "gemma3")  # GGUF general.architecture (each its own arch)
+GGUF_LAYER_NAMES = {**common.GGUF_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+                    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+LINEAR_GROUPS = common.LINEAR_GROUPS
+# The norms scale by (1 + w). Weights in memory hold w, as HF files and jisu artifacts store it; the
+# model adds the 1 once when built (common.model_form); llama.cpp stores 1 + w (load_transform).
+NORM_OFFSET = 1.0
+NATIVE = False  # soft-capping, GeLU and the extra norms are not in the native step
+
+# Layer counts of the 27B Gemmas, whose queries are scaled by (hidden / heads) ** -0.5 instead of
+# head_dim ** -0.5. GGUF does not store query_pre_attn_scalar; llama.cpp picks the scale this way.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_fields(arch: str, hidden: int, types: list[str] | tuple[str, ...]) -> dict:
+    """The fields a Gemma config has beside the common ones, alike from HF and GGUF."""
+    return dict(layer_types=tuple(types), embed_scale=hidden ** 0.5, hidden_act="gelu_tanh", qk_norm=arch == "gemma3")
+
+
+def config_from_hf(d: dict, where: str) -> ModelConfig:
+    if isinstance(d.get("text_config"), dict) and d.get("model_type") == "gemma3":  # the multimodal config
+        d = {**d["text_config"], "model_type": "gemma3_text"}
+    arch = HF_TYPES[d["model_type"]]
+    kw = common.hf_fields(d, arch, where)
+    n_layers = kw["num_layers"]
+    types = d.get("layer_types")
+    if not types:
+        pattern = int(d.get("sliding_window_pattern", 6))
+        types = [("full_attention" if (i + 1) % pattern == 0 else "sliding_attention") if arch == "gemma3"
+                 else ("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(n_layers)]
+    local = common.rope_params(d, "sliding_attention")
+    kw.update(_gemma_fields(arch, kw["hidden_size"], ["sliding" if t == "sliding_attention" else "full" for t in types]),
+              sliding_window=d.get("sliding_window"), attn_softcap=d.get("attn_logit_softcapping"),
+              final_softcap=d.get("final_logit_softcapping"),
+              query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or kw["head_dim"]),
+              rope_local_theta=float(local.get("rope_theta", d.get("rope_local_base_freq", 10000.0)))
+              if arch == "gemma3" else None,
+              tie_embeddings=bool(d.get("tie_word_embeddings", True)))
+    return ModelConfig(**kw)
+
+
+def config_from_gguf(metadata: dict, shapes: dict, where: str) -> ModelConfig:
+    arch = str(metadata["general.architecture"])
+    kw = common.gguf_fields(metadata, shapes, arch, where)
+    meta = common.gguf_meta(metadata, arch, where)
+    n_layers, hidden = kw["num_layers"], kw["hidden_size"]
+    window = meta("attention.sliding_window")
+    if arch == "gemma2":
+        types = tuple("sliding" if i % 2 == 0 else "full" for i in range(n_layers))
+    else:  # llama.cpp's Gemma 3: every 6th layer is global, the rest use the sliding window
+        types = tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(n_layers))
+    kw.update(_gemma_fields(arch, hidden, types if window else ()),
+              sliding_window=int(window) if window else None,
+              attn_softcap=meta("attn_logit_softcapping"), final_softcap=meta("final_logit_softcapping"),
+              query_pre_attn_scalar=float(hidden // kw["num_heads"] if n_layers == _GEMMA_27B_LAYERS.get(arch)
+                                          else kw["head_dim"]),
+              rope_local_theta=10000.0 if arch == "gemma3" else None)
+    return ModelConfig(**kw)
+
+
+def load_transform(cfg: ModelConfig, source: str, name: str):
+    """The function that turns tensor `name` as a `source` ("hf" | "gguf") file stores it into its
+    form in memory, or None: llama.cpp stores the norms as 1 + w."""
+    if source == "gguf" and name.endswith("norm.weight"):
+        return _from_model_form
+    return None
+
+
+def _from_model_form(w: torch.Tensor) -> torch.Tensor:
+    return w - NORM_OFFSET
+
+
+def build(cfg: ModelConfig, weights: dict):
+    return GemmaModel(cfg, weights)
+
+# --- end of the architecture declaration ------------------------------------------------------------
 
 
 class GemmaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         self.cfg = cfg
         # Gemma's norms scale by (1 + w): fold the 1 in once so the shared rms_norm kernel applies.
-        self.w = {k: (v.float() + 1.0 if k.endswith("norm.weight") else v) for k, v in weights.items()}
+        self.w = common.model_form(weights, NORM_OFFSET)
         if cfg.tie_embeddings or "lm_head.weight" not in self.w:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self.rotary_full = Rotary(cfg.head_dim, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))

@@ -6,8 +6,50 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..errors import UnsupportedError
 from ..kernels import ops
+from . import common
 from .layers import KVCache, Rotary, embed_tokens, rope_inv_freq, self_attention
+
+# --- architecture declaration (jisu.models registers it; the loaders read it) --------------------------
+
+HF_TYPES = {"llama": "llama", "mistral": "mistral", "smollm": "llama", "smollm2": "llama",  # config.json
+            "qwen2": "qwen2", "qwen3": "qwen3"}                                         # model_type -> arch
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # GGUF general.architecture (each its own arch)
+GGUF_LAYER_NAMES = {**common.GGUF_LAYER_NAMES, "ffn_norm": "post_attention_layernorm"}
+LINEAR_GROUPS = common.LINEAR_GROUPS
+NORM_OFFSET = 0.0  # the norms scale by w
+NATIVE = True      # jisu.kernels.native_model runs it (when the config's details fit, see its supported())
+
+
+def config_from_hf(d: dict, where: str) -> ModelConfig:
+    arch = HF_TYPES[d["model_type"]]
+    kw = common.hf_fields(d, arch, where)
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu",):
+        raise UnsupportedError(f"{where}: activation {act!r} is not supported for {arch}")
+    if d.get("sliding_window") and arch == "mistral" and d["sliding_window"] < d.get("max_position_embeddings", 0):
+        kw.update(sliding_window=int(d["sliding_window"]), layer_types=("sliding",) * kw["num_layers"])
+    kw.update(attn_bias=bool(d.get("attention_bias", arch == "qwen2")), qk_norm=arch == "qwen3")
+    return ModelConfig(**kw)
+
+
+def config_from_gguf(metadata: dict, shapes: dict, where: str) -> ModelConfig:
+    return ModelConfig(**common.gguf_fields(metadata, shapes, str(metadata["general.architecture"]), where))
+
+
+def load_transform(cfg: ModelConfig, source: str, name: str):
+    """The function that turns tensor `name` as a `source` ("hf" | "gguf") file stores it into its
+    form in memory, or None: llama.cpp permutes the q/k rows of Llama and Mistral."""
+    if source == "gguf" and cfg.arch in ("llama", "mistral"):
+        return common.qk_unpermute(cfg, name)
+    return None
+
+
+def build(cfg: ModelConfig, weights: dict):
+    return LlamaModel(cfg, weights)
+
+# --- end of the architecture declaration ------------------------------------------------------------
 
 
 class LlamaModel:
