@@ -17,7 +17,7 @@ from jisu.errors import JisuError
 from jisu.models import build_model, common, llama, names, register
 from jisu.models.llama import LlamaModel
 
-from ..tiny import TINY, tiny_weights, write_gguf_llama, write_hf_llama
+from tests.fixtures import TINY, tiny_weights, write_gguf_llama, write_hf_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -65,7 +65,7 @@ def toy_registered():
 
 
 def reference_logits(weights: dict, tokens: torch.Tensor) -> torch.Tensor:
-    """The tiny Llama of tests/tiny.py on `weights`, run by LlamaModel."""
+    """The tiny Llama of tests/fixtures.py on `weights`, run by LlamaModel."""
     cfg = ModelConfig(arch="llama", vocab_size=TINY["vocab_size"], hidden_size=TINY["hidden_size"],
                       intermediate_size=TINY["intermediate_size"], num_layers=TINY["num_hidden_layers"],
                       num_heads=TINY["num_attention_heads"], num_kv_heads=TINY["num_key_value_heads"],
