@@ -64,9 +64,10 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def write_gguf_file(path: str, arch: str, state: dict[str, torch.Tensor], hp: dict, *, chat: bool,
                     chat_template: str | None = None, tensor_type=None, drop_head: bool = False,
-                    extra=None) -> str:
+                    permute: bool = False, extra=None) -> str:
     """A GGUF of `state` (HF names, HF conventions) with llama.cpp's names and conventions.
-    hp: HF-style config keys (hidden_size, num_hidden_layers, ...); `extra(writer)` adds the
+    hp: HF-style config keys (hidden_size, num_hidden_layers, ...); `permute`: q/k rows in llama.cpp's
+    Llama order (its converter does this for Llama only); `extra(writer)` adds the
     architecture's own metadata; `tensor_type` quantizes every matrix (gguf-py's quantizer)."""
     import gguf
 
@@ -101,7 +102,7 @@ def write_gguf_file(path: str, arch: str, state: dict[str, torch.Tensor], hp: di
         t = t.detach().float().clone()
         if name == "rope_freqs" or (name == "lm_head.weight" and drop_head):
             continue
-        if arch in ("llama", "mamba9"):
+        if permute:
             if name.endswith("q_proj.weight"):
                 t = permute_qk(t, heads)
             elif name.endswith("k_proj.weight"):
@@ -168,7 +169,7 @@ def write_gguf_llama(path: str, seed: int = 0, *, arch: str = "llama", chat_temp
                      tensor_type=None) -> str:
     """The hand-made Llama as a GGUF (F32, or every matrix in `tensor_type`)."""
     return write_gguf_file(path, arch, tiny_weights(seed), {**TINY, "rms_norm_eps": 1e-5}, chat=True,
-                           chat_template=chat_template, tensor_type=tensor_type,
+                           chat_template=chat_template, tensor_type=tensor_type, permute=True,
                            extra=lambda w: w.add_rope_freq_base(10000.0))
 
 
@@ -331,4 +332,4 @@ def write_gguf(model, case: Case, path: str) -> None:
     # llama.cpp drops the tied (or, for Gemma, unused) output matrix
     drop = bool(cfg.tie_word_embeddings) or arch.startswith("gemma")
     write_gguf_file(path, arch, state, {**cfg.to_dict(), "name": f"tiny-{case.name}"}, chat=False,
-                    drop_head=drop, extra=extra)
+                    drop_head=drop, permute=arch == "llama", extra=extra)
