@@ -85,22 +85,22 @@ class LLM:
         return [int(t) for t in prompt]
 
     def engine_for(self, num_tokens: int) -> Engine:
-        """The engine whose KV pool holds a sequence of `num_tokens` positions (the pool is sized
-        for the request, not for serving, so a single run's peak memory stays that of its cache).
-        Steps of runner.prefill_chunk tokens, as a prompt runs alone; no prefix caching, so each
-        call computes its whole prompt."""
+        """The engine whose KV pool holds one sequence of `num_tokens` positions, in one block (the
+        layout of a static cache: the attention reads one contiguous run per head), sized for the
+        request, not for serving, so a single run's peak memory is that of its cache. Steps of
+        runner.prefill_chunk tokens, as a prompt runs alone; no prefix caching, so each call
+        computes its whole prompt. Rebuilt only when a request needs more."""
         from .engine.config import EngineConfig
         from .engine.engine import Engine
 
         e, runner = self._engine, self.runner
-        need = -(-max(1, num_tokens) // EngineConfig.block_size)
         step_tokens = runner.prefill_chunk or runner.max_step_tokens
-        if (e is None or e.runner is not runner or e.kv.pool.num_blocks < need or e.kv_dtype != runner.kv_dtype
+        if (e is None or e.runner is not runner or e.kv.block_size < num_tokens or e.kv_dtype != runner.kv_dtype
                 or e.scheduler.max_step_tokens != step_tokens):
             self._engine = None  # the old pool goes before the new one is built
             self._engine = Engine(runner, self.tokenizer, EngineConfig(
-                eos_ids=self.eos_ids, max_context=self.config.max_position, num_blocks=need, max_num_seqs=1,
-                max_step_tokens=step_tokens, prefix_caching=False))
+                eos_ids=self.eos_ids, max_context=self.config.max_position, num_blocks=1,
+                block_size=max(1, num_tokens), max_num_seqs=1, max_step_tokens=step_tokens, prefix_caching=False))
         return self._engine
 
     def stream(self, prompt: str | Sequence[int] | list[dict], params: SamplingParams | None = None, *,

@@ -20,9 +20,10 @@ class Sampler:
 
     def __call__(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[SampleResult]:
         results, off = [], 0
+        one = len(batch.chunks) == 1  # (a single sequence's step: its rows are all the rows)
         for c in batch.chunks:
             n = len(c.logit_positions)
-            rows = logits[off:off + n]
+            rows = logits if one else logits[off:off + n]
             off += n
             try:
                 results.append(self.sample_one(c, rows))
