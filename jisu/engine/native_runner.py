@@ -7,6 +7,7 @@ the activations, fewer thread-pool jobs); the model's own weights become views o
 buffers, so memory is not duplicated and the reference model still runs on the same bytes."""
 from __future__ import annotations
 
+import weakref
 from array import array
 from typing import Optional
 
@@ -134,7 +135,7 @@ class NativeRunner:
         self.handle.set_globals(emb_f32, emb_desc, head._addr, norm("model.norm.weight"))
         if self.fused or self._arena is not None:
             trim_heap()  # the parts' old buffers (now copied into the joined ones or the arena)
-        self._kv_key = self._kv_ptrs = None
+        self._kv_ref = self._kv_ptrs = None
 
     # -- building -----------------------------------------------------------------------------
     def _linear_names(self) -> list[str]:
@@ -192,14 +193,15 @@ class NativeRunner:
         return self.handle.stats()
 
     def _ptrs(self, kv: PagedKVCache):
-        """(k pointer array, v pointer array, half) of the cache's per-layer tensors, built once per cache."""
-        key = (id(kv), kv.k[0].data_ptr(), kv.v[-1].data_ptr(), kv.pool.num_blocks)
-        if self._kv_key != key:
+        """(k pointer array, v pointer array, half) of the cache's per-layer tensors, built once per
+        cache (a weak reference tells it is the same cache: a new one can reuse a freed one's id and
+        some of its addresses)."""
+        if self._kv_ref is None or self._kv_ref() is not kv:
             if kv.k[0].dtype not in (_F32, torch.float16) or kv.k[0].device.type != "cpu":
                 raise ValueError(f"the native step needs a CPU float32 or float16 cache, not {kv.k[0].dtype}")
             self._kv_ptrs = (array("q", [t.data_ptr() for t in kv.k]), array("q", [t.data_ptr() for t in kv.v]),
                              kv.k[0].dtype == torch.float16)
-            self._kv_key = key
+            self._kv_ref = weakref.ref(kv)
         return self._kv_ptrs
 
     def run(self, step: StepBatch, kv: PagedKVCache) -> torch.Tensor:
