@@ -279,13 +279,13 @@ class Engine:
         rid = self.add_request(prompt_ids, params, callback=outputs.append, **kw)
         done = False
         try:
-            with torch.inference_mode():
-                while not done and self.has_work():
+            while not done and self.has_work():
+                with torch.inference_mode():  # around the step only: not over the caller's code
                     self.step()
-                    while outputs:
-                        out = outputs.popleft()
-                        done = out.finished
-                        yield out
+                while outputs:
+                    out = outputs.popleft()
+                    done = out.finished
+                    yield out
         finally:
             if not done:
                 self.abort(rid)
