@@ -12,8 +12,8 @@ imports, against file + KV cache.
 One warm-up round, then --reps rounds; in each round jisu and llama-bench (-r 1) alternate, so a
 change in machine load hits both; medians are reported. Also printed per model: the bytes a
 decoded token reads (weights + KV cache at the mean context) x tok/s = achieved GB/s, and where a
-decoded token's time goes (native forward: linears / attention / rest; the Python wrapper; the
-generate loop around model.forward: sampling, bookkeeping).
+decoded token's time goes (native step: linears / attention / rest; the runner's Python around it;
+the engine loop around runner.run: scheduling, sampling, bookkeeping).
 
   python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--model FILE.gguf ...]
       [--llama-bench PATH] [--make-quants]   # llama-quantize (next to llama-bench) writes Q4_0/Q8_0
@@ -64,34 +64,34 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-class TimedModel:
-    """Proxy recording the wall time of every model.forward call and the native step's time."""
+class TimedRunner:
+    """Proxy recording the wall time of every runner.run call and the native step's time."""
 
-    def __init__(self, model):
-        self.inner = model
-        self.calls: list[tuple[float, float]] = []  # (forward call s, native s)
+    def __init__(self, runner):
+        self.inner = runner
+        self.calls: list[tuple[float, float]] = []  # (run call s, native s)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def forward(self, *args, **kw):
+    def run(self, *args):
         native = getattr(self.inner, "stats", None)
         before = native()["total_s"] if native else 0.0
         t0 = time.perf_counter()
-        out = self.inner.forward(*args, **kw)
+        out = self.inner.run(*args)
         t1 = time.perf_counter()
         after = native()["total_s"] if native else 0.0
         self.calls.append((t1 - t0, after - before))
         return out
 
 
-def bytes_per_token(model, ctx: float) -> int:
+def bytes_per_token(runner, ctx: float) -> int:
     """Weight bytes a decode step streams (each matrix once, the LM head, one embedding row) plus
     the KV cache read at context `ctx`."""
     from jisu.kernels.packed import PackedWeight
 
-    cfg = model.cfg
-    w = model.w
+    cfg = runner.cfg
+    w = runner.model.w
     seen, total = set(), 0
     for name, t in w.items():
         if name == "model.embed_tokens.weight" or id(t) in seen:
@@ -103,7 +103,7 @@ def bytes_per_token(model, ctx: float) -> int:
             total += t.numel() * t.element_size()
     emb = w["model.embed_tokens.weight"]
     total += (emb.nbytes if isinstance(emb, PackedWeight) else emb.numel() * 4) // cfg.vocab_size
-    kv_item = getattr(model, "kv_dtype", torch.float32).itemsize  # the cache the model gets by default
+    kv_item = runner.kv_dtype.itemsize  # the cache the engine gets by default
     total += int(2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_item * ctx)
     return total
 
@@ -156,7 +156,7 @@ def bench_model(path: str, args) -> dict:
     import psutil
 
     import jisu
-    from jisu.kernels.native_model import NativeLlama
+    from jisu.engine.native_runner import NativeRunner
 
     # the runtime first: torch, jisu and the libraries a load imports (tokenizers, safetensors, the
     # kernels' module and jisu.kernels.ops, whose import-time check of the SIMD paths starts the
@@ -166,14 +166,14 @@ def bench_model(path: str, args) -> dict:
 
     for mod in ("tokenizers", "jinja2.sandbox", "safetensors.torch", "tqdm", "jisu.io.gguf", "jisu.io.tokenizer",
                 "jisu.io.sources", "jisu.io.gguf_packed", "jisu.io.artifact", "jisu.kernels.ops",
-                "jisu.kernels.native_model", "jisu.models.llama", "jisu.engine.generate"):
+                "jisu.engine.native_runner", "jisu.models.llama", "jisu.engine.engine"):
         importlib.import_module(mod)
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     llm = jisu.load(path, threads=args.threads, precise=args.precise)
     load_s = time.perf_counter() - t0
     rss = psutil.Process().memory_info().rss - rss0  # weights + tokenizer, before any KV cache
-    native = isinstance(llm.model, NativeLlama)
+    native = isinstance(llm.runner, NativeRunner)
     ids = llm.tokenizer.encode_chat(CHAT)
     g = torch.Generator().manual_seed(0)
     long_prompt = torch.randint(100, llm.config.vocab_size, (PREFILL,), generator=g).tolist()
@@ -201,13 +201,13 @@ def bench_model(path: str, args) -> dict:
             lc_dec.append(r["decode"])
             lc_pre.append(r["prefill"])
     # where a decoded token's time goes (one profiled run of LONG tokens)
-    proxy = TimedModel(llm.model)
+    proxy = TimedRunner(llm.runner)
     if native:
-        llm.model.profile(True)
-        llm.model.handle.reset_stats()
-    llm.model = proxy
+        llm.runner.profile(True)
+        llm.runner.handle.reset_stats()
+    llm.runner = proxy
     t_all = timed(lambda: gen(ids, LONG))
-    llm.model = proxy.inner
+    llm.runner = proxy.inner
     steps = proxy.calls[1:]  # the decode steps (the first call is the prompt)
     n = len(steps)
     fwd = sum(c[0] for c in steps) / n
@@ -217,46 +217,45 @@ def bench_model(path: str, args) -> dict:
     breakdown = {"wall_ms": per_tok * 1e3, "forward_call_ms": fwd * 1e3, "native_ms": nat * 1e3,
                  "wrapper_ms": (fwd - nat) * 1e3, "loop_ms": (per_tok - fwd) * 1e3}
     if native:
-        st = llm.model.stats()
+        st = llm.runner.stats()
         breakdown.update({f"native_{k[:-2]}_share": st[k] / st["total_s"] for k in ("linear_s", "attention_s", "other_s")})
-        llm.model.profile(False)
+        llm.runner.profile(False)
     # the same loop around a model that answers instantly (replaying the tokens just generated,
     # so detokenizing sees the same text): Python's own cost per token
     replay = gen(ids, LONG).token_ids
     V = llm.config.vocab_size
 
     class Instant:
-        cfg = llm.model.cfg
+        cfg = llm.config
+        kv_dtype = proxy.inner.kv_dtype
+        max_step_tokens, prefill_chunk = proxy.inner.max_step_tokens, proxy.inner.prefill_chunk
 
         def __init__(self):
             self.i = self.hot = 0
-            self.out = torch.zeros(1, 1, V)  # one-hot, updated in place (torch.zeros itself costs ~ms
-            #                                   on a busy machine: it runs on torch's thread pool)
+            self.out = torch.zeros(1, V)  # one-hot, updated in place (torch.zeros itself costs ~ms
+            #                                on a busy machine: it runs on torch's thread pool)
 
-        def new_cache(self, batch, max_len):
-            self.i = 0
-            return proxy.inner.new_cache(batch, max_len)
-
-        def forward(self, tokens, cache, logits_index=None):
-            cache.advance(tokens.shape[1])
-            self.out[0, 0, self.hot] = 0.0
+        def run(self, step, kv):
+            if step.start_positions[0] == 0:  # a new sequence: replay from its first token
+                self.i = 0
+            self.out[0, self.hot] = 0.0
             self.hot = replay[min(self.i, len(replay) - 1)]
-            self.out[0, 0, self.hot] = 1.0
+            self.out[0, self.hot] = 1.0
             self.i += 1
-            return self.out
+            return self.out[:len(step.logit_rows)]
 
-    real = llm.model
-    llm.model = Instant()
+    real = llm.runner
+    llm.runner = Instant()
     gen(ids, SHORT)
     breakdown["loop_alone_ms"] = timed(lambda: gen(ids, LONG)) / LONG * 1e3
-    llm.model = real
+    llm.runner = real
     ctx = len(ids) + (SHORT + LONG) / 2
-    bpt = bytes_per_token(llm.model, ctx)
+    bpt = bytes_per_token(llm.runner, ctx)
     from jisu.memory import peak_rss_bytes
 
     peak = peak_rss_bytes() - rss0
     cfg = llm.config
-    kv_item = getattr(llm.model, "kv_dtype", torch.float32).itemsize
+    kv_item = llm.runner.kv_dtype.itemsize
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_item * max(len(long_prompt) + 1, len(ids) + LONG)
     res = {"model": path, "file_mb": model_bytes(path) / 1e6, "peak_rss_mb": peak / 1e6, "kv_mb": kv / 1e6, "native": native, "load_s": load_s,
            "rss_mb": rss / 1e6, "decode_tok_s": statistics.median(dec), "prefill_tok_s": statistics.median(pre),

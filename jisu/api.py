@@ -4,16 +4,19 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from .config import ModelConfig, SamplingParams
-from .engine.generate import generate_tokens
-from .engine.text import StopMatcher
+from .errors import JisuError
 from .io.sources import ModelSource, load_weights, resolve
-from .io.tokenizer import StreamDecoder, Tokenizer
+from .io.tokenizer import Tokenizer
 from .models import build_model
+
+if TYPE_CHECKING:  # the engine imports jisu.kernels.ops, whose import checks the kernels
+    from .engine.engine import Engine
+    from .engine.runner import Runner
 
 
 @dataclass
@@ -51,12 +54,20 @@ class StreamState:
 
 
 class LLM:
-    """A loaded model with its tokenizer. Prompts are strings (or token ids); chat takes messages."""
+    """A loaded model with its tokenizer and runner. Prompts are strings (or token ids); chat takes
+    messages. Generation runs through one Engine on the calling thread, built on first use with a
+    KV pool for the request and rebuilt only when a request needs more."""
 
-    def __init__(self, model, tokenizer: Tokenizer, source: ModelSource):
+    def __init__(self, model, tokenizer: Tokenizer, source: ModelSource, runner: Runner | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
+        if runner is None:
+            from .engine.runner import TorchRunner
+
+            runner = TorchRunner(model)
+        self.runner = runner
+        self._engine: Engine | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -73,6 +84,25 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
+    def engine_for(self, num_tokens: int) -> Engine:
+        """The engine whose KV pool holds one sequence of `num_tokens` positions, in one block (the
+        layout of a static cache: the attention reads one contiguous run per head), sized for the
+        request, not for serving, so a single run's peak memory is that of its cache. Steps of
+        runner.prefill_chunk tokens, as a prompt runs alone; no prefix caching, so each call
+        computes its whole prompt. Rebuilt only when a request needs more."""
+        from .engine.config import EngineConfig
+        from .engine.engine import Engine
+
+        e, runner = self._engine, self.runner
+        step_tokens = runner.prefill_chunk or runner.max_step_tokens
+        if (e is None or e.runner is not runner or e.kv.block_size < num_tokens or e.kv_dtype != runner.kv_dtype
+                or e.scheduler.max_step_tokens != step_tokens):
+            self._engine = None  # the old pool goes before the new one is built
+            self._engine = Engine(runner, self.tokenizer, EngineConfig(
+                eos_ids=self.eos_ids, max_context=self.config.max_position, num_blocks=1,
+                block_size=max(1, num_tokens), max_num_seqs=1, max_step_tokens=step_tokens, prefix_caching=False))
+        return self._engine
+
     def stream(self, prompt: str | Sequence[int] | list[dict], params: SamplingParams | None = None, *,
                state: StreamState | None = None, **options) -> Iterator[str]:
         """Yield text pieces as they are generated. A list of {role, content} dicts is a chat."""
@@ -81,28 +111,24 @@ class LLM:
                             state or StreamState())
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams, state: StreamState) -> Iterator[str]:
-        decoder = StreamDecoder(self.tokenizer, prompt_ids)
-        stops = StopMatcher(params.stop)
-        text, finish, prefill_s, decode_s, steps = [], "length", 0.0, 0.0, -1
-        for event in generate_tokens(self.model, prompt_ids, params, self.eos_ids, self.config.max_position):
-            # the first token comes out of the prefill; each later one took a decode step
-            prefill_s, decode_s, steps = event.prefill_s, event.elapsed_s, steps + 1
-            if event.is_eos:
-                finish = "stop"
-                break
-            state.token_ids.append(event.token_id)
-            piece = stops.push(decoder.push(event.token_id))
-            if piece:
-                text.append(piece)
-                yield piece
-            if stops.stopped:
-                finish = "stop"
-                break
-        tail = stops.flush()
-        if tail:
-            text.append(tail)
-            yield tail
-        state.completion = Completion("".join(text), state.token_ids, prompt_ids, finish, prefill_s, decode_s,
+        engine = self.engine_for(len(prompt_ids) + params.max_tokens)
+        text, finish, steps = [], "length", -1
+        t0 = first = last = time.perf_counter()
+        for out in engine.stream(prompt_ids, params):
+            # the first output comes out of the prefill; each later one took a decode step
+            last = time.perf_counter()
+            if steps < 0:
+                first = last
+            steps += 1
+            if out.error is not None:
+                raise JisuError(f"generation failed: {out.error}")
+            state.token_ids += out.token_ids
+            if out.text:
+                text.append(out.text)
+                yield out.text
+            if out.finished:
+                finish = out.finish_reason
+        state.completion = Completion("".join(text), state.token_ids, prompt_ids, finish, first - t0, last - first,
                                       max(steps, 0))
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **options) -> Completion:
@@ -126,13 +152,14 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
 
     packed: keep a GGUF's Q8_0 / Q4_0 / Q4_1 matrices quantized for the native kernels (default:
     when jisu._kernels is built); False dequantizes every tensor to fp32 (the reference path).
-    native: run Llama-family models through the native forward step (default: when supported).
+    native: run Llama-family models through the native forward step, engine/native_runner.py
+    (default: when supported); False: the reference model (engine/runner.TorchRunner).
     precise: True makes the packed kernels carry every int8 activation block's rounding residual
     (~15-bit activations: the output of the plain fp32 path on the same weights, greedy tokens
     included, at about half the prefill speed); False restores plain int8 blocks (the default, as
     llama.cpp). The setting is process-wide; None leaves it as it is."""
+    from .engine.runner import make_runner
     from .kernels import ops
-    from .kernels.native_model import accelerate
     from .memory import loading_heap
 
     if threads:
@@ -148,8 +175,7 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
         cfg, weights, tokenizer = load_weights(source, progress=progress, packed=packed)
         net = build_model(cfg, weights)
         del weights
-        if native is not False:
-            net = accelerate(net)
-    llm = LLM(net, tokenizer, source)
+        runner = make_runner(net, native)
+    llm = LLM(net, tokenizer, source, runner)
     llm.load_s = time.perf_counter() - t0
     return llm

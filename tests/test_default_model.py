@@ -24,7 +24,10 @@ import pytest
 import torch
 
 from jisu.api import StreamState
+from jisu.engine.native_runner import NativeRunner
+from jisu.engine.runner import sequence_logits
 from jisu.io.tokenizer import StreamDecoder
+from jisu.models.layers import CausalContext
 
 pytestmark = pytest.mark.e2e
 
@@ -149,8 +152,11 @@ def test_greedy_ids_match_transformers(default_llm_fp32, fp32_greedy, hf_model, 
 
 
 def _prefill_logits(model, prompt_ids: list[int]) -> torch.Tensor:
+    """[T, V] of an engine runner (its own KV dtype) or of the reference model's whole-sequence forward."""
+    if hasattr(model, "run"):
+        return sequence_logits(model, prompt_ids)
     with torch.inference_mode():
-        return model.forward(torch.tensor([prompt_ids]), model.new_cache(1, len(prompt_ids)))[0]
+        return model.forward(torch.tensor([prompt_ids]), CausalContext())[0]
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +168,9 @@ def reference_logits(default_llm_fp32, hf_model):
 
 def test_prefill_logits_match_transformers(default_llm_fp32, reference_logits, record_property):
     prompt_ids, ref = reference_logits
-    models = {"jisu fp32": default_llm_fp32.model}
-    inner = getattr(default_llm_fp32.model, "model", None)  # the Python reference under the native wrapper
-    if inner is not None:
-        models["jisu fp32 (Python reference)"] = inner
+    models = {"jisu fp32": default_llm_fp32.runner}
+    if isinstance(default_llm_fp32.runner, NativeRunner):  # the Python reference under the native step
+        models["jisu fp32 (Python reference)"] = default_llm_fp32.model
     for label, model in models.items():
         ours = _prefill_logits(model, prompt_ids)
         assert ours.shape == ref.shape == (len(prompt_ids), default_llm_fp32.config.vocab_size)
@@ -182,7 +187,7 @@ def test_default_quantized_path_stays_close(default_llm, reference_logits, recor
     """The default load (Q4_1 kept packed when the native kernels are built) is not bit-comparable
     with fp32, but must stay close: the same top token almost everywhere, small mean error."""
     prompt_ids, ref = reference_logits
-    ours = _prefill_logits(default_llm.model, prompt_ids)
+    ours = _prefill_logits(default_llm.runner, prompt_ids)
     diff = (ours - ref).abs()
     agree = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
     record_property("default_path_max_abs_logit_diff", float(diff.max()))

@@ -41,12 +41,7 @@ def log_probs_(logits: torch.Tensor) -> torch.Tensor:
 def _rows(table, v0: int, v1: int) -> torch.Tensor:
     if isinstance(table, torch.Tensor):
         return table[v0:v1].float()
-    try:
-        from ..kernels.native_model import packed_rows
-
-        return packed_rows(table, torch.arange(v0, v1))
-    except ImportError:  # pragma: no cover
-        return table.dequantize()[v0:v1]
+    return table.rows(torch.arange(v0, v1))
 
 
 class ReferenceLogprobs:
@@ -99,8 +94,13 @@ class ReferenceLogprobs:
 
 def _model_log_probs(model, tok: torch.Tensor) -> torch.Tensor:
     """Log-probs [T-1, V] of a [1, T] chunk, fed PIECE tokens at a time through one cache (the
-    logits and the kernels' scratch stay a fraction of a whole chunk's)."""
+    logits and the kernels' scratch stay a fraction of a whole chunk's). `model` is a jisu model
+    or an engine runner (jisu.engine.runner)."""
     T = tok.shape[1]
+    if hasattr(model, "run"):
+        from ..engine.runner import sequence_logits
+
+        return log_probs_(sequence_logits(model, tok[0, :T - 1].tolist(), chunk=PIECE))
     cache = model.new_cache(1, T)
     out = torch.empty(T - 1, 0)
     for t0 in range(0, T - 1, PIECE):

@@ -446,8 +446,8 @@ def build_quantized_model(qz: Quantized, native: bool = True):
     from ..models import build_model
 
     model = build_model(qz.cfg, runtime_weights(qz))
-    if native:
-        from ..kernels.native_model import accelerate
+    if native:  # the weights joined into the native step's buffers, as jisu.load leaves them
+        from ..engine.runner import make_runner
 
-        model = accelerate(model)
+        make_runner(model)
     return model

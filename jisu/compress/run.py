@@ -120,7 +120,7 @@ def _same_rows(fmt, packed, rows: int = 256) -> bool:
         part = pack(_take_rows(fmt, idx))
     except (TypeError, ValueError):
         return False
-    return torch.equal(part.dequantize(), _packed_rows(packed, idx))
+    return torch.equal(part.dequantize(), packed.rows(idx))
 
 
 def _take_rows(fmt, idx):
@@ -132,15 +132,6 @@ def _take_rows(fmt, idx):
         if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == fmt.shape[0]:
             setattr(out, field, t[idx].contiguous())
     return out
-
-
-def _packed_rows(packed, idx):
-    try:
-        from ..kernels.native_model import packed_rows
-
-        return packed_rows(packed, idx)
-    except ImportError:  # pragma: no cover
-        return packed.dequantize()[idx]
 
 
 def bits_summary(tensors: dict) -> tuple[dict, dict]:
@@ -275,4 +266,4 @@ def _measure(ref, folder: str, eval_ids, progress) -> dict:
 
     q = load(folder)
     trim_heap(collect=True)
-    return compare(ref, q.model, eval_ids, progress=progress)
+    return compare(ref, q.runner, eval_ids, progress=progress)

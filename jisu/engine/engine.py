@@ -1,28 +1,24 @@
 """The serving engine: many requests, one model, continuous batching over a paged KV cache.
 
-    engine = Engine.from_llm(llm)                 # or Engine(model, tokenizer, eos_ids=...)
+    engine = Engine.from_llm(llm)                 # or Engine(runner, tokenizer, EngineConfig(...))
     rid = engine.add_request(prompt_ids, SamplingParams(temperature=0, max_tokens=32),
                              callback=on_output)   # RequestOutput deltas, from the engine thread
     engine.start()                                # the step loop in one background thread
     engine.abort(rid)                             # blocks go back to the pool before the next step
 
-or without a thread: `engine.generate([...])` / `while engine.has_work(): engine.step()`.
+or without a thread: `engine.generate([...])`, `engine.stream(prompt_ids)` (one request, its
+outputs yielded as the steps run), or `while engine.has_work(): engine.step()`.
 
-One step is `batch = scheduler.schedule(); logits = runner.run(batch);
+One step is `batch = scheduler.schedule(); logits = runner.run(batch.to_step(), kv);
 scheduler.update(batch, sampler(batch, logits))`.
 
 Batch invariance: a request's tokens do not depend on what it is batched with, how its prompt
-was chunked, whether it was preempted and recomputed, or found in the prefix cache. With
-`jisu.load`'s default native forward step (kernels/native_model.py) the whole step is one call
-whose per-token results are independent of the other tokens. On the reference model path, every
-linear of a step runs on the native kernel (`jisu.kernels.ops.linear`: row results independent of
-the number of rows up to `ops.F32_NATIVE_MAX_M`, which is why the step budget defaults to it
-there) and `InvariantPagedBatch` computes attention one query row at a time with the native
-decode kernel. PyTorch's own paths are not invariant: `F.linear`'s result for a row changes
-with M (1 vs >1 rows differ by ~3e-5 on this CPU) and SDPA's changes with the query/key lengths
-(~2e-7); without the native module (or for soft-capped / sliding-window attention on the
-reference path) the engine falls back to them, and batched greedy outputs can then differ from
-one-at-a-time ones in rare near-ties.
+was chunked, whether it was preempted and recomputed, or found in the prefix cache. Both runners
+(runner.py) compute each token's row independently of the other rows in the step, up to their
+`max_step_tokens`. PyTorch's own paths are not invariant (`F.linear`'s result for a row changes
+with M, SDPA's with the query/key lengths); without the native module, or for soft-capped /
+sliding-window attention on the reference path, the engine falls back to them, and batched greedy
+outputs can then differ from one-at-a-time ones in rare near-ties.
 """
 from __future__ import annotations
 
@@ -33,179 +29,44 @@ import time
 import traceback
 import uuid
 from collections import deque
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..config import SamplingParams
-from ..errors import JisuError
-from ..kernels import _native, ops
-from .kv_cache import PagedBatch, PagedKVCache
+from .config import EngineConfig, EngineError, QueueFull
+from .kv_cache import PagedKVCache
 from .request import OutputCallback, Request, RequestOutput, Status, TokenLogprob
-from .sampler import sample_token
-from .scheduler import SampleResult, ScheduledBatch, Scheduler
+from .sampling import Sampler
+from .scheduler import Scheduler
 
 log = logging.getLogger("jisu.engine")
 
 
-class EngineError(JisuError):
-    """A request the engine cannot take (bad ids, longer than the context or the KV pool)."""
-
-
-class QueueFull(EngineError):
-    """More requests are waiting than the engine accepts; try again later."""
-
-
-# ----------------------------------------------------------------------------- the model step
-class InvariantPagedBatch(PagedBatch):
-    """PagedBatch whose attention is computed one query row at a time by the native decode
-    kernel: bit-identical results however the rows are chunked or batched."""
-
-    def attend(self, layer, q, k, v, scale, softcap, window):
-        K = _native.K
-        if K is None or softcap is not None or window is not None or q.dtype is not torch.float32:
-            return super().attend(layer, q, k, v, scale, softcap, window)
-        kv = self.kv
-        hkv, d, bs = kv.cfg.num_kv_heads, kv.cfg.head_dim, kv.block_size
-        h = q.shape[1]
-        qr = q[0].transpose(0, 1).contiguous()                  # [T, H, D]
-        out = torch.empty_like(qr)
-        row_bytes = h * d * 4
-        off = 0
-        for seq, start, n, (blocks, offsets), table in zip(self.seqs, self.starts, self.q_lens, self._slots,
-                                                           self._tables):
-            kv.write(layer, blocks, offsets, k[0, :, off:off + n].transpose(0, 1), v[0, :, off:off + n].transpose(0, 1))
-            nb = -(-(start + n) // bs)
-            # [Hkv, nb * bs, D], contiguous (the gather copies)
-            kc = kv.k[layer][table[:nb]].transpose(0, 1).reshape(hkv, nb * bs, d).float()
-            vc = kv.v[layer][table[:nb]].transpose(0, 1).reshape(hkv, nb * bs, d).float()
-            qp, op = qr.data_ptr() + off * row_bytes, out.data_ptr() + off * row_bytes
-            for i in range(n):
-                K.attn_decode(qp + i * row_bytes, kc.data_ptr(), vc.data_ptr(), op + i * row_bytes,
-                              h, hkv, d, start + i + 1, nb * bs, float(scale))
-            off += n
-        return out.transpose(0, 1)[None]                        # [1, H, T, D]
-
-
-class ModelRunner:
-    """Flattens a scheduled batch into one forward pass and returns the logits rows it needs."""
-
-    def __init__(self, model, kv: PagedKVCache):
-        self.model = model
-        self.kv = kv
-
-    @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        flat, rows, off = [], [], 0
-        for c in batch.chunks:
-            flat.extend(c.req.tokens[c.start:c.start + c.num_tokens])
-            rows.extend(off + p - c.start for p in c.logit_positions)
-            off += c.num_tokens
-        pb = InvariantPagedBatch(self.kv, [c.req.seq for c in batch.chunks], [c.start for c in batch.chunks],
-                                 [c.num_tokens for c in batch.chunks])
-        if not rows:
-            self.model.forward(torch.tensor([flat]), pb, logits_index=torch.tensor([len(flat) - 1]))
-            return torch.empty(0, self.model.cfg.vocab_size)
-        return self.model.forward(torch.tensor([flat]), pb, logits_index=torch.tensor(rows))[0]
-
-
-class Sampler:
-    """Per-request sampling from a step's logits rows: each request with its own options,
-    generator and penalty counts; a failure in one request is reported for that request only."""
-
-    def __call__(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[SampleResult]:
-        results, off = [], 0
-        for c in batch.chunks:
-            n = len(c.logit_positions)
-            rows = logits[off:off + n]
-            off += n
-            try:
-                results.append(self.sample_one(c, rows))
-            except Exception as e:  # noqa: BLE001 - isolate the request
-                log.error("sampling failed for request %s: %s", c.req.id, traceback.format_exc())
-                results.append(SampleResult(error=f"{type(e).__name__}: {e}"))
-        return results
-
-    def sample_one(self, chunk, rows: torch.Tensor) -> SampleResult:
-        req = chunk.req
-        res = SampleResult()
-        if chunk.prompt_positions:
-            lsm = torch.log_softmax(rows[:len(chunk.prompt_positions)].float(), dim=-1)
-            targets = torch.tensor([req.tokens[p + 1] for p in chunk.prompt_positions])
-            chosen = lsm.gather(1, targets[:, None])[:, 0].tolist()
-            tops = _topk(lsm, req.prompt_logprobs)
-            res.prompt_logprobs = [TokenLogprob(int(t), lp, top) for t, lp, top in zip(targets.tolist(), chosen, tops)]
-        if chunk.sample:
-            row = rows[-1]
-            token = sample_token(row, req.params, req.generator, req.counts, req.prompt_seen)
-            res.token_id = token
-            if req.logprobs is not None:
-                lsm = torch.log_softmax(row.float(), dim=-1)
-                res.logprob = TokenLogprob(token, float(lsm[token]), _topk(lsm[None], req.logprobs)[0])
-        return res
-
-
-def _topk(lsm: torch.Tensor, n: int | None) -> list[list[tuple[int, float]]]:
-    if not n:
-        return [[] for _ in range(lsm.shape[0])]
-    vals, idx = torch.topk(lsm, min(n, lsm.shape[-1]), dim=-1)
-    return [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-
-
-# ----------------------------------------------------------------------------- the engine
-def default_step_tokens(model) -> int:
-    """The per-step token budget: 256 for the native forward step (batch invariant at any size);
-    on the reference path, at most ops.F32_NATIVE_MAX_M rows so every linear stays on the native
-    kernel whose rows do not depend on M."""
-    from ..kernels.native_model import NativeLlama
-
-    if isinstance(model, NativeLlama) or not ops.native_available():
-        return 256
-    return ops.F32_NATIVE_MAX_M
-
-
-KV_DTYPES = {"f32": torch.float32, "float32": torch.float32, "f16": torch.float16, "float16": torch.float16}
-
-
-def resolve_kv_dtype(model, kv_dtype: torch.dtype | str | None) -> torch.dtype:
-    """The KV cache dtype: as given ('f16' / 'f32' / a torch dtype), or for None / 'auto' the
-    model's own preference (the native step: fp16 for quantized weights unless `--precise`), else
-    fp32."""
-    if kv_dtype is None or kv_dtype == "auto":
-        return getattr(model, "kv_dtype", torch.float32)
-    if isinstance(kv_dtype, str):
-        if kv_dtype not in KV_DTYPES:
-            raise EngineError(f"unknown KV cache dtype {kv_dtype!r}: use auto, f16 or f32")
-        return KV_DTYPES[kv_dtype]
-    if kv_dtype not in (torch.float32, torch.float16):
-        raise EngineError(f"the KV cache holds float32 or float16, not {kv_dtype}")
-    return kv_dtype
-
-
 class Engine:
-    def __init__(self, model, tokenizer=None, *, eos_ids: Sequence[int] = (), max_context: int | None = None,
-                 kv_memory_mb: float | None = None, num_blocks: int | None = None, block_size: int = 16,
-                 max_num_seqs: int = 64, max_step_tokens: int | None = None, max_queue: int = 1024,
-                 prefix_caching: bool = True, kv_dtype: torch.dtype | str | None = None):
-        cfg = model.cfg
-        self.model = model
+    """Requests in, RequestOutputs out; `runner` (runner.py) computes the steps, `config` sizes
+    the KV pool and the steps."""
+
+    def __init__(self, runner, tokenizer=None, config: EngineConfig | None = None):
+        config = config or EngineConfig()
+        cfg = runner.cfg
+        self.config = config
+        self.runner = runner
         self.tokenizer = tokenizer
-        self.eos_ids = tuple(eos_ids)
-        self.max_context = max_context or cfg.max_position
+        self.eos_ids = config.eos_ids
+        self.max_context = config.max_context or cfg.max_position
         self.vocab_size = cfg.vocab_size
-        self.kv_dtype = resolve_kv_dtype(model, kv_dtype)
-        if num_blocks is None:
-            mb = 256 if kv_memory_mb is None else kv_memory_mb
-            self.kv = PagedKVCache.for_memory(cfg, int(mb * 2**20), block_size, dtype=self.kv_dtype)
+        self.kv_dtype = config.resolve_kv_dtype(runner.kv_dtype)
+        if config.num_blocks is None:
+            mb = 256 if config.kv_memory_mb is None else config.kv_memory_mb
+            self.kv = PagedKVCache.for_memory(cfg, int(mb * 2**20), config.block_size, dtype=self.kv_dtype)
         else:
-            self.kv = PagedKVCache(cfg, num_blocks, block_size, dtype=self.kv_dtype)
-        if max_step_tokens is None:
-            max_step_tokens = default_step_tokens(model)
-        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_step_tokens=max_step_tokens,
-                                   prefix_caching=prefix_caching, max_context=self.max_context)
-        self.runner = ModelRunner(model, self.kv)
+            self.kv = PagedKVCache(cfg, config.num_blocks, config.block_size, dtype=self.kv_dtype)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
+                                   max_step_tokens=config.max_step_tokens or runner.max_step_tokens,
+                                   prefix_caching=config.prefix_caching, max_context=self.max_context)
         self.sampler = Sampler()
-        self.max_queue = max_queue
+        self.max_queue = config.max_queue
         self._requests: dict[str, Request] = {}      # live requests (engine thread's view)
         self._inbox: deque[Request] = deque()        # added by any thread, taken by step()
         self._aborts: deque[str] = deque()
@@ -221,7 +82,9 @@ class Engine:
 
     @classmethod
     def from_llm(cls, llm, **kw) -> "Engine":
-        return cls(llm.model, llm.tokenizer, eos_ids=llm.eos_ids, max_context=llm.config.max_position, **kw)
+        """An engine over `llm`'s runner (built once per LLM); `kw` are EngineConfig fields."""
+        return cls(llm.runner, llm.tokenizer, EngineConfig(eos_ids=llm.eos_ids, max_context=llm.config.max_position,
+                                                           **kw))
 
     # --- requests (any thread) -----------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
@@ -231,7 +94,7 @@ class Engine:
             raise EngineError("the prompt is empty")
         bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise EngineError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+            raise EngineError(f"prompt token ids must lie in [0, {self.vocab_size}): {bad!r} does not")
         if max_new_tokens < 0:
             raise EngineError(f"max_tokens must be >= 0 (got {max_new_tokens})")
         if n + max_new_tokens > self.max_context:
@@ -284,6 +147,8 @@ class Engine:
     # --- the step (engine thread) ---------------------------------------------------------------
     def _take_inbox(self) -> list[RequestOutput]:
         outputs = []
+        if not (self._inbox or self._aborts):  # seen at the next step if another thread adds now
+            return outputs
         with self._cv:
             new, self._inbox = list(self._inbox), deque()
             aborts, self._aborts = list(self._aborts), deque()
@@ -305,7 +170,7 @@ class Engine:
         if batch:
             t0 = time.perf_counter()
             try:
-                logits = self.runner.run(batch)
+                logits = self.runner.run(batch.to_step(), self.kv)
             except Exception as e:  # noqa: BLE001 - the step failed for every request in it
                 log.error("model step failed: %s", traceback.format_exc())
                 outputs += self.scheduler.fail(batch, f"{type(e).__name__}: {e}")
@@ -404,6 +269,28 @@ class Engine:
                 self.step()
         return [results[i] for i in ids]
 
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+               **kw) -> Iterator[RequestOutput]:
+        """Run one request on the calling thread, yielding its outputs as the steps produce them
+        (no background thread may be running). Closing the iterator early aborts the request."""
+        if self.running:
+            raise RuntimeError("stream() runs the engine itself; the background loop is running")
+        outputs: deque[RequestOutput] = deque()
+        rid = self.add_request(prompt_ids, params, callback=outputs.append, **kw)
+        done = False
+        try:
+            while not done and self.has_work():
+                with torch.inference_mode():  # around the step only: not over the caller's code
+                    self.step()
+                while outputs:
+                    out = outputs.popleft()
+                    done = out.finished
+                    yield out
+        finally:
+            if not done:
+                self.abort(rid)
+                self._dispatch(self._take_inbox())
+
     # --- introspection -----------------------------------------------------------------------------
     def stats(self) -> dict:
         s = self.scheduler
@@ -414,5 +301,4 @@ class Engine:
                 "finished": self.num_finished, "errors": self.num_errors}
 
 
-__all__ = ["Engine", "EngineError", "QueueFull", "ModelRunner", "Sampler", "InvariantPagedBatch",
-           "RequestOutput", "TokenLogprob", "Status"]
+__all__ = ["Engine", "EngineConfig", "EngineError", "QueueFull", "RequestOutput", "TokenLogprob", "Status"]

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..config import ModelConfig
-from ..kernels import ops
+from ..models.layers import zeroed_tensors
 
 
 class OutOfBlocks(Exception):
@@ -89,18 +89,17 @@ def chain_hash(parent: int, tokens: Sequence[int]) -> int:
 
 
 class PagedKVCache:
-    """K/V storage [num_blocks, Hkv, block_size, D] per layer plus the block bookkeeping. The
-    storage is fp32 or fp16 (half the bytes for attention to read; values are rounded once when
-    written, the same way by the native step and the reference path)."""
+    """K/V storage [num_blocks, Hkv, block_size, D] per layer plus the block bookkeeping; the
+    runners attend over it. The storage is fp32 or fp16 (half the bytes for attention to read;
+    values are rounded once when written, the same way by the native step and the reference path)
+    and becomes resident only where written (zeroed_tensors)."""
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32,
-                 device="cpu"):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32):
         self.cfg = cfg
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, block_size)
-        shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        kv = zeroed_tensors(2 * cfg.num_layers, (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim), dtype)
+        self.k, self.v = kv[:cfg.num_layers], kv[cfg.num_layers:]
 
     @classmethod
     def for_memory(cls, cfg: ModelConfig, max_bytes: int, block_size: int = 16, **kw) -> "PagedKVCache":
@@ -191,71 +190,9 @@ class PagedKVCache:
         seq.hashes.clear()
         seq.num_tokens = seq.num_hashed = 0
 
-    # --- data movement (reference path; the native forward reads the same layout) ---------
-    def slots(self, seq: SeqBlocks, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block ids, offsets) of positions [start, end) of a sequence."""
-        pos = torch.arange(start, end)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        return table[pos // self.block_size], pos % self.block_size
-
     def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
-        # k, v: [T, Hkv, D] for the positions (blocks[i], offsets[i])
+        """Store k, v [T, Hkv, D] at the positions (blocks[i], offsets[i]), rounded to the cache dtype."""
         dst_k, dst_v = self.k[layer], self.v[layer]
         dst_k[blocks, :, offsets] = k.to(dst_k.dtype)
         dst_v[blocks, :, offsets] = v.to(dst_v.dtype)
-
-    def gather(self, layer: int, seq: SeqBlocks, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` positions of a sequence: k, v [Hkv, length, D]."""
-        n = -(-length // self.block_size)
-        table = torch.tensor(seq.block_table[:n], dtype=torch.long)
-        hkv, d = self.cfg.num_kv_heads, self.cfg.head_dim
-        k = self.k[layer][table].transpose(0, 1).reshape(hkv, n * self.block_size, d)[:, :length]
-        v = self.v[layer][table].transpose(0, 1).reshape(hkv, n * self.block_size, d)[:, :length]
-        return k, v
-
-
-class PagedBatch:
-    """One model step over several sequences: each appends `q_lens[i]` new tokens after its
-    `starts[i]` cached positions (a prefill chunk, one decode token, or several speculative
-    tokens). Passed to model.forward as its cache; tokens arrive flattened as [1, sum(q_lens)].
-    Blocks for the new positions must be reserved beforehand (PagedKVCache.reserve)."""
-
-    def __init__(self, kv: PagedKVCache, seqs: list[SeqBlocks], starts: list[int], q_lens: list[int]):
-        self.kv, self.seqs, self.starts, self.q_lens = kv, seqs, starts, q_lens
-        self._slot_list = self._table_list = None
-
-    # Built on first use by the reference attention (the native forward reads the block tables
-    # itself: a decode step of 16 sequences spent ~1 ms building these tensors).
-    @property
-    def _slots(self) -> list:
-        if self._slot_list is None:
-            self._slot_list = [self.kv.slots(s, a, a + n) for s, a, n in zip(self.seqs, self.starts, self.q_lens)]
-        return self._slot_list
-
-    @property
-    def _tables(self) -> list:
-        if self._table_list is None:
-            self._table_list = [torch.tensor(s.block_table, dtype=torch.long) for s in self.seqs]
-        return self._table_list
-
-    def positions(self, num_new: int) -> torch.Tensor:
-        assert num_new == sum(self.q_lens)
-        return torch.cat([torch.arange(a, a + n) for a, n in zip(self.starts, self.q_lens)])
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               softcap: float | None, window: int | None) -> torch.Tensor:
-        # q: [1, H, T, D], k/v: [1, Hkv, T, D] with T = sum(q_lens), sequences back to back
-        outs, off = [], 0
-        for seq, start, n, (blocks, offsets) in zip(self.seqs, self.starts, self.q_lens, self._slots):
-            self.kv.write(layer, blocks, offsets, k[0, :, off:off + n].transpose(0, 1),
-                          v[0, :, off:off + n].transpose(0, 1))
-            kc, vc = self.kv.gather(layer, seq, start + n)
-            mask = ops.attention_mask(n, start, window)
-            qi = q[:, :, off:off + n]
-            outs.append(ops.attention(qi, kc[None].to(qi.dtype), vc[None].to(qi.dtype), mask, scale, softcap))
-            off += n
-        return torch.cat(outs, dim=2)
-
-    def advance(self, num_new: int) -> None:
-        """Bookkeeping is the engine's: it reserved the positions before the step."""

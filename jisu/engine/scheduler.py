@@ -13,6 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .batch import StepBatch
 from .kv_cache import PagedKVCache
 from .request import Request, RequestOutput, Status, TokenLogprob
 
@@ -42,6 +43,21 @@ class ScheduledBatch:
 
     def __bool__(self) -> bool:
         return bool(self.chunks)
+
+    def to_step(self) -> StepBatch:
+        """The runner's view: the chunks' tokens back to back, their positions and block tables."""
+        if len(self.chunks) == 1:  # one sequence (a decode token or a prompt chunk): no flattening
+            c = self.chunks[0]
+            rows = c.logit_positions
+            return StepBatch(c.req.tokens[c.start:c.start + c.num_tokens], [c.num_tokens], [c.start],
+                             [c.req.seq.block_table], [p - c.start for p in rows] if c.start else rows, [0])
+        tokens, rows, off = [], [], 0
+        for c in self.chunks:
+            tokens += c.req.tokens[c.start:c.start + c.num_tokens]
+            rows += [off + p - c.start for p in c.logit_positions]
+            off += c.num_tokens
+        return StepBatch(tokens, [c.num_tokens for c in self.chunks], [c.start for c in self.chunks],
+                         [c.req.seq.block_table for c in self.chunks], rows, [0] * len(self.chunks))
 
 
 @dataclass
@@ -202,7 +218,8 @@ class Scheduler:
                 self.running.remove(req)
                 outputs.append(self._finish(req, "error", res.error))
                 continue
-            self.kv.commit_prefix(req.seq, req.tokens)
+            if self.prefix_caching:
+                self.kv.commit_prefix(req.seq, req.tokens)
             req.prompt_lp.extend(res.prompt_logprobs)
             if req.scoring_only and req.prefill_done:
                 self.running.remove(req)

@@ -79,10 +79,10 @@ def score_chunks(llm, chunks: list[list[int]], progress: bool = False, desc: str
     """Log-probs [ctx-1, vocab] of each chunk's next-token predictions, one fresh cache per chunk."""
     from tqdm import tqdm
 
-    model = llm.model
+    from ..engine.runner import sequence_logits
+
     for chunk in tqdm(chunks, desc=desc, unit="chunk", disable=not progress, leave=False):
-        logits = model.forward(torch.tensor([chunk]), model.new_cache(1, len(chunk)))[0, :-1]
-        yield quality.log_probs(logits)
+        yield quality.log_probs(sequence_logits(llm.runner, list(chunk))[:-1])
 
 
 def _name(llm) -> tuple[str, str]:

@@ -161,35 +161,28 @@ class JisuEngine:
 
     def __init__(self, model: str, threads: int | None = None):
         import jisu
-        import torch
 
         self.version = jisu.__version__
-        self._torch = torch
         t0 = time.perf_counter()
         self.llm = jisu.load(model, threads=threads)
         self.load_s = time.perf_counter() - t0
 
     def prefill(self, ids):
-        torch = self._torch
-        model = self.llm.model
-        with torch.inference_mode():
-            model.forward(torch.tensor([list(ids)]), model.new_cache(1, len(ids)))
+        from jisu.engine.runner import sequence_logits
+
+        sequence_logits(self.llm.runner, list(ids))
 
     def generate(self, ids, n):
         from jisu.config import SamplingParams
-        from jisu.engine.generate import generate_tokens
 
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-        stamps = []
-        for _ in generate_tokens(self.llm.model, list(ids), params, self.llm.eos_ids, self.llm.config.max_position):
-            stamps.append(time.perf_counter())
-        return stamps
+        engine = self.llm.engine_for(len(ids) + n)
+        return [time.perf_counter() for _ in engine.stream(list(ids), params)]
 
     def next_token_logits(self, ids):
-        torch = self._torch
-        model = self.llm.model
-        with torch.inference_mode():
-            return model.forward(torch.tensor([list(ids)]), model.new_cache(1, len(ids)))[0]
+        from jisu.engine.runner import sequence_logits
+
+        return sequence_logits(self.llm.runner, list(ids))
 
     def weight_bytes_per_token(self):
         w = self.llm.model.w

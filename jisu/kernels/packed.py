@@ -102,6 +102,18 @@ class PackedWeight:
 
     __call__ = linear
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) of this [N, K] weight, dequantized -> [*ids.shape, K] fp32 (an
+        embedding kept packed: only these rows are decoded)."""
+        ids = ids.to(torch.int64).contiguous()
+        if self._addr and _native.K is not None:
+            out = torch.empty(*ids.shape, self.K, dtype=_F32)
+            _native.K.dequant_rows(self._addr, ids.data_ptr(), ids.numel(), out.data_ptr())
+            return out
+        if self._dense_cache is None:
+            self._dense_cache = self.dequantize()
+        return self._dense_cache.to("cpu")[ids]
+
     def _torch_linear(self, x, bias):
         """Reference path: dequantize (cached on CPU) then torch matmul."""
         if x.device.type == "cpu":
@@ -371,6 +383,49 @@ class PackedF32(PackedWeight):
 
     def __repr__(self):
         return f"PackedF32(N={self.N}, K={self.K})"
+
+
+def can_concat_rows(parts: list[PackedWeight]) -> bool:
+    """Same packed kind and layout, and every part but the last a whole number of 8-row tiles."""
+    a = parts[0]
+    if any(p.N % NR for p in parts[:-1]) or any(type(p) is not type(a) or p.K != a.K for p in parts):
+        return False
+    if isinstance(a, PackedInt):
+        return all((p.bits, p.asym, p.per_channel, p.group) == (a.bits, a.asym, a.per_channel, a.group)
+                   for p in parts)
+    if isinstance(a, PackedCodebook):
+        return all(p.group == a.group for p in parts)
+    return isinstance(a, PackedF32)
+
+
+def concat_rows(parts: list[PackedWeight], arena=None) -> PackedWeight:
+    """One packed weight with the rows of `parts` stacked (can_concat_rows must hold); each part's
+    buffers become views of the joined ones (no memory is duplicated, and the parts keep working
+    on their own). The joined bytes are carved from `arena` (a memory.HugePageArena) when given."""
+    a = parts[0]
+    joined = object.__new__(type(a))
+    joined.__dict__.update({k: v for k, v in a.__dict__.items() if k not in ("_desc", "_addr", "_dense_cache")})
+    joined.N = sum(p.N for p in parts)
+    datas = [p.data for p in parts]
+    out = None
+    if arena is not None:
+        out = arena.empty((sum(d.shape[0] for d in datas),) + tuple(datas[0].shape[1:]), datas[0].dtype)
+    joined.data = torch.cat(datas, 0, out=out)
+    cs = getattr(a, "chan_scale", None)
+    if cs is not None:
+        joined.chan_scale = torch.cat([p.chan_scale for p in parts], 0)
+    joined._attach()
+    off = coff = 0
+    for p in parts:
+        n = p.data.shape[0]
+        p.data = joined.data[off:off + n]
+        off += n
+        if cs is not None:
+            m = p.chan_scale.shape[0]
+            p.chan_scale = joined.chan_scale[coff:coff + m]
+            coff += m
+        p._attach()
+    return joined
 
 
 def pack(fmt) -> PackedWeight:

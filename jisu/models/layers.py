@@ -11,9 +11,9 @@ from ..kernels import ops
 
 def zeroed_tensors(n: int, shape: tuple, dtype=torch.float32) -> list[torch.Tensor]:
     """n zero-filled CPU tensors of `shape`, views of one anonymous memory mapping: its pages become
-    resident only as positions are written, and all of them go back to the OS when the last view is
-    freed (a cache taken from the heap instead leaves its freed pages there, and caches of other
-    sizes fragment it: RSS then grows by several MB over a few generate calls)."""
+    resident only as positions are written (no fill to pay for), and all of them go back to the OS
+    when the last view is freed (a cache taken from the heap instead leaves its freed pages there,
+    and caches of other sizes fragment it: RSS then grows by several MB over a few generate calls)."""
     import mmap
 
     per = math.prod(shape)
@@ -70,9 +70,7 @@ def embed_tokens(table, tokens: torch.Tensor) -> torch.Tensor:
     packed kernel weight (a quantized GGUF embedding kept packed: only these rows are decoded)."""
     if isinstance(table, torch.Tensor):
         return table[tokens].float()
-    from ..kernels.native_model import packed_rows
-
-    return packed_rows(table, tokens)
+    return table.rows(tokens)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # GGUF general.architecture
 GGUF_LAYER_NAMES = {**common.GGUF_LAYER_NAMES, "ffn_norm": "post_attention_layernorm"}
 LINEAR_GROUPS = common.LINEAR_GROUPS
 NORM_OFFSET = 0.0  # the norms scale by w
-NATIVE = True      # jisu.kernels.native_model runs it (when the config's details fit, see its supported())
+NATIVE = True      # jisu.engine.native_runner runs it (when the config's details fit, see its supported())
 
 
 def config_from_hf(d: dict, where: str) -> ModelConfig:

@@ -10,7 +10,10 @@ import torch
 
 import jisu
 from jisu.config import SamplingParams
-from jisu.engine.engine import Engine, EngineError, QueueFull, Sampler
+from jisu.engine.engine import Engine, EngineError, QueueFull
+from jisu.engine.native_runner import NativeRunner
+from jisu.engine.runner import sequence_logits
+from jisu.engine.sampling import Sampler
 from jisu.kernels import ops
 from tests.fixtures import write_hf_llama
 
@@ -21,7 +24,7 @@ invariant = pytest.mark.skipif(not ops.native_available(),
 @pytest.fixture(scope="module", params=["native-step", "reference"])
 def llm(request, tmp_path_factory):
     """The native forward step (jisu.load's default), and the reference model, whose paged
-    attention runs through the engine's InvariantPagedBatch."""
+    attention runs through the torch runner's PagedAttention."""
     path = write_hf_llama(str(tmp_path_factory.mktemp("engine")))
     return jisu.load(path, native=request.param == "native-step")
 
@@ -125,8 +128,7 @@ def test_logprobs_and_prompt_logprobs_match_the_model(llm):
     out = engine.generate([p], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), logprobs=3,
                           prompt_logprobs=2)[0]
     full = p + out["token_ids"]
-    cache = llm.model.new_cache(1, len(full), dtype=torch.float32)
-    ref = torch.log_softmax(llm.model.forward(torch.tensor([full]), cache)[0], dim=-1)
+    ref = torch.log_softmax(sequence_logits(llm.runner, full, kv_dtype=torch.float32), dim=-1)
     plp = out["prompt_logprobs"]
     assert len(plp) == len(p) and plp[0] is None
     for j in range(1, len(p)):
@@ -216,11 +218,11 @@ def test_model_failure_fails_the_step_not_the_engine(llm, monkeypatch):
     real = engine.runner.run
     calls = {"n": 0}
 
-    def broken(batch):
+    def broken(step, kv):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("kernel exploded")
-        return real(batch)
+        return real(step, kv)
 
     monkeypatch.setattr(engine.runner, "run", broken)
     out = engine.generate(prompts(6, 7), GREEDY)
@@ -269,13 +271,11 @@ def test_default_model_batched_greedy_equals_alone(default_llm):
 def test_generate_prefill_chunk_does_not_change_tokens(llm, monkeypatch):
     """generate() feeds a long prompt prefill_chunk tokens per native step; any chunk size gives the
     tokens of one whole-prompt step."""
-    from jisu.kernels.native_model import NativeLlama
-
-    if not isinstance(llm.model, NativeLlama):
-        pytest.skip("the reference model takes the prompt in one call")
+    if not isinstance(llm.runner, NativeRunner):
+        pytest.skip("the reference model's steps are bounded by ops.F32_NATIVE_MAX_M")
     prompt = prompts(45, seed=3)[0]
     out = {}
     for chunk in (None, 7, 16):
-        monkeypatch.setattr(NativeLlama, "prefill_chunk", chunk)
+        monkeypatch.setattr(NativeRunner, "prefill_chunk", chunk)
         out[chunk] = llm.generate(prompt, temperature=0, max_tokens=10, ignore_eos=True).token_ids
     assert out[None] == out[7] == out[16] and len(out[None]) == 10

@@ -6,28 +6,31 @@ import pytest
 import torch
 
 import jisu
-from jisu.engine.kv_cache import OutOfBlocks, PagedBatch, PagedKVCache, SeqBlocks
+from jisu.engine.batch import StepBatch
+from jisu.engine.kv_cache import OutOfBlocks, PagedKVCache, SeqBlocks
+from jisu.engine.runner import sequence_logits
 from tests.fixtures import write_hf_llama
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return jisu.load(write_hf_llama(str(tmp_path_factory.mktemp("kv")))).model
+    """The runner jisu.load picks (the native step when built)."""
+    return jisu.load(write_hf_llama(str(tmp_path_factory.mktemp("kv")))).runner
 
 
-def static_logits(model, tokens: list[int]) -> torch.Tensor:
-    cache = model.new_cache(1, len(tokens))
-    return model.forward(torch.tensor([tokens]), cache)[0]
+def static_logits(runner, tokens: list[int]) -> torch.Tensor:
+    return sequence_logits(runner, tokens)
 
 
-def step(model, kv, seqs, chunks):
+def step(runner, kv, seqs, chunks):
     """Run one paged step: chunks[i] are sequence i's new tokens."""
     starts = [s.num_tokens for s in seqs]
     for s, c in zip(seqs, chunks):
         kv.reserve(s, len(c))
-    batch = PagedBatch(kv, seqs, starts, [len(c) for c in chunks])
-    flat = torch.tensor([[t for c in chunks for t in c]])
-    return model.forward(flat, batch)[0]
+    flat = [t for c in chunks for t in c]
+    batch = StepBatch(flat, [len(c) for c in chunks], starts, [s.block_table for s in seqs],
+                      list(range(len(flat))), [0] * len(seqs))
+    return runner.run(batch, kv)
 
 
 def test_paged_batch_matches_static(model):

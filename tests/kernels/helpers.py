@@ -87,15 +87,16 @@ def assert_same_packed_ints(whole: dict, sliced: dict) -> None:
     assert n > 0
 
 
-def paged_step(model, kv, seqs, chunks, logits_index=None):
+def paged_step(runner, kv, seqs, chunks, rows=None):
     """One engine-style step: each sequence in `seqs` appends its chunk (token ids) after its cached
-    positions in the paged cache `kv`; returns the logits rows [sum(len(c)) or R, V]."""
-    from jisu.engine.kv_cache import PagedBatch
+    positions in the paged cache `kv`; returns the logits rows [sum(len(c)) or len(rows), V]."""
+    from jisu.engine.batch import StepBatch
 
     starts = [s.num_tokens for s in seqs]
     for s, c in zip(seqs, chunks):
         kv.reserve(s, len(c))
-    batch = PagedBatch(kv, seqs, starts, [len(c) for c in chunks])
-    flat = torch.tensor([[t for c in chunks for t in c]])
+    flat = [t for c in chunks for t in c]
+    step = StepBatch(flat, [len(c) for c in chunks], starts, [s.block_table for s in seqs],
+                     list(range(len(flat))) if rows is None else list(rows), [0] * len(seqs))
     with torch.inference_mode():
-        return model.forward(flat, batch, logits_index=logits_index)[0]
+        return runner.run(step, kv)

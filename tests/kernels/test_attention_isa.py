@@ -10,7 +10,8 @@ import torch
 
 from jisu.config import ModelConfig
 from jisu.engine.kv_cache import PagedKVCache, SeqBlocks
-from jisu.kernels import native_model as nm
+from jisu.engine.native_runner import NativeRunner
+from jisu.engine.runner import TorchRunner
 from jisu.models import build_model
 from tests.fixtures import tiny_weights
 
@@ -25,7 +26,7 @@ def model_pair(head_dim: int, heads: int, kv_heads: int):
     w = tiny_weights(seed=head_dim + heads, cfg=shape)
     cfg = ModelConfig(arch="llama", vocab_size=97, hidden_size=heads * head_dim, intermediate_size=64, num_layers=2,
                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-5, max_position=256)
-    return build_model(cfg, dict(w)), nm.NativeLlama(build_model(cfg, dict(w))), cfg
+    return TorchRunner(build_model(cfg, dict(w))), NativeRunner(build_model(cfg, dict(w))), cfg
 
 
 def batched(nat, cfg, prompts, dtype, block_size):

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from jisu.engine.engine import Engine, EngineError, resolve_kv_dtype
+from jisu.engine.config import EngineConfig
+from jisu.engine.engine import Engine, EngineError
 from jisu.engine.kv_cache import PagedKVCache, SeqBlocks
+from jisu.engine.native_runner import NativeRunner
+from jisu.engine.runner import TorchRunner, resolve_kv_dtype, sequence_logits
 from jisu.io.sources import load_weights, resolve
 from jisu.kernels import _native, ops
-from jisu.kernels import native_model as nm
 from jisu.kernels.packed import pack
 from jisu.models import build_model
-from jisu.models.layers import KVCache
 
 from .helpers import FORMATS, ISAS, isa, needs_native, paged_step
 
@@ -72,8 +73,8 @@ def test_half_cache_native_equals_reference(tiny, which):
     cfg, w = tiny
     if which != "fp32":
         w = {k: (pack(FORMATS[which](v)) if v.dim() == 2 else v) for k, v in w.items()}
-    ref = build_model(cfg, dict(w))
-    nat = nm.NativeLlama(build_model(cfg, dict(w)))
+    ref = TorchRunner(build_model(cfg, dict(w)))
+    nat = NativeRunner(build_model(cfg, dict(w)))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (7, 21)]
     outs, caches = {}, {}
@@ -96,16 +97,14 @@ def test_half_cache_native_equals_reference(tiny, which):
     if which == "fp32":  # (with int8 activations the tiny random model amplifies any change)
         # the half cache's rounding moves the logits a little, not a lot
         assert float((outs["nat16"] - outs["nat32"]).abs().max()) <= 2e-2 * scale
-    # a static fp16 cache through the native step: bitwise the paged rows
-    cache = KVCache(cfg, 1, 22, dtype=torch.float16)
-    with torch.inference_mode():
-        st = nat.forward(torch.tensor([prompts[1]]), cache)[0]
+    # a one-block fp16 cache through the native step: bitwise the paged rows
+    st = sequence_logits(nat, prompts[1], kv_dtype=torch.float16)
     assert torch.equal(st[:13], outs["nat16"][7:20]) and torch.equal(st[13:], outs["nat16"][21:])
 
 
 def test_half_cache_batch_invariance(tiny):
     cfg, w = tiny
-    nat = nm.NativeLlama(build_model(cfg, dict(w)))
+    nat = NativeRunner(build_model(cfg, dict(w)))
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (4, 12, 9)]
     steps = 8
@@ -114,7 +113,7 @@ def test_half_cache_batch_invariance(tiny):
         kv = PagedKVCache(cfg, num_blocks=64, block_size=4, dtype=torch.float16)
         seqs = [SeqBlocks() for _ in ps]
         ends = np.cumsum([len(p) for p in ps]) - 1
-        out = paged_step(nat, kv, seqs, ps, torch.tensor(ends.tolist()))
+        out = paged_step(nat, kv, seqs, ps, ends.tolist())
         got = [out]
         for _ in range(steps - 1):
             out = paged_step(nat, kv, seqs, [[int(o.argmax())] for o in out])
@@ -128,10 +127,10 @@ def test_half_cache_batch_invariance(tiny):
 
 def test_engine_kv_dtype_choice(tiny):
     cfg, w = tiny
-    ref = build_model(cfg, dict(w))
-    assert nm.NativeLlama(build_model(cfg, dict(w))).kv_dtype == torch.float32  # fp32 weights
-    nat = nm.NativeLlama(build_model(cfg, {k: (pack(FORMATS["q4_0"](v)) if v.dim() == 2 else v)
-                                           for k, v in w.items()}))
+    ref = TorchRunner(build_model(cfg, dict(w)))
+    assert NativeRunner(build_model(cfg, dict(w))).kv_dtype == torch.float32  # fp32 weights
+    nat = NativeRunner(build_model(cfg, {k: (pack(FORMATS["q4_0"](v)) if v.dim() == 2 else v)
+                                         for k, v in w.items()}))
     assert resolve_kv_dtype(nat, None) == torch.float16
     assert resolve_kv_dtype(nat, "auto") == torch.float16
     assert resolve_kv_dtype(ref, None) == torch.float32
@@ -148,7 +147,7 @@ def test_engine_kv_dtype_choice(tiny):
     finally:
         ops.set_act_refine(old)
     # the same megabytes hold twice the blocks in fp16
-    e16 = Engine(nat, kv_memory_mb=4)
-    e32 = Engine(nat, kv_memory_mb=4, kv_dtype="f32")
+    e16 = Engine(nat, config=EngineConfig(kv_memory_mb=4))
+    e32 = Engine(nat, config=EngineConfig(kv_memory_mb=4, kv_dtype="f32"))
     assert e16.kv.k[0].dtype == torch.float16 and e32.kv.k[0].dtype == torch.float32
     assert e16.kv.pool.num_blocks == 2 * e32.kv.pool.num_blocks

@@ -51,13 +51,14 @@ def running(app, timeout: float = 30.0):
 def slow_down(app, seconds: float = 0.02) -> None:
     """Make every engine step take at least `seconds` (streams stay open long enough to cut)."""
     engine = app.state.jisu.engine
-    real = engine.runner.run
+    real = engine.runner  # shared by the LLM's engines: wrapped for this engine only
 
-    def run(batch):
-        time.sleep(seconds)
-        return real(batch)
+    class Slow:
+        def run(self, step, kv):
+            time.sleep(seconds)
+            return real.run(step, kv)
 
-    engine.runner.run = run
+    engine.runner = Slow()
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:

@@ -374,13 +374,13 @@ def test_models_health_metrics(server):
 SERVE_SLOW = """
 import sys, time
 import jisu
-from jisu.engine.engine import ModelRunner
+from jisu.engine.native_runner import NativeRunner
 from jisu.serve.server import serve
-real = ModelRunner.run
-def slow(self, batch):
+real = NativeRunner.run
+def slow(self, step, kv):
     time.sleep(0.02)
-    return real(self, batch)
-ModelRunner.run = slow
+    return real(self, step, kv)
+NativeRunner.run = slow
 sys.exit(serve(jisu.load(sys.argv[1]), "127.0.0.1", int(sys.argv[2]), kv_memory_mb=1))
 """
 

@@ -421,7 +421,7 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
 
 void register_llama_step(py::module_& m) {
   py::class_<NativeModel>(m, "NativeModel",
-                          "A Llama-family model step over a paged KV cache (see jisu.kernels.native_model).")
+                          "A Llama-family model step over a paged KV cache (see jisu.engine.native_runner).")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, uintptr_t>(),
            py::arg("hidden"), py::arg("intermediate"), py::arg("num_layers"), py::arg("num_heads"),
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("vocab"), py::arg("eps"), py::arg("scale"),

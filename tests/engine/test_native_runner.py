@@ -1,5 +1,5 @@
-"""The native forward step (jisu.kernels.native_model / cpu/forward.cpp) against the PyTorch
-reference model: fp32 and packed weights, static and paged caches, chunked prefill, Qwen2 bias,
+"""The native forward step (jisu.engine.native_runner / cpu/llama_step.cpp) against the PyTorch
+reference model: fp32 and packed weights, one- and many-block caches, chunked prefill, Qwen2 bias,
 Qwen3 q/k norm, sliding windows, Llama 3 RoPE; batch invariance (a sequence's logits are bitwise
 the same alone or batched); GGUF Q8_0 / Q4_0 / Q4_1 files loaded packed without loss; and, on
 the default model, the fast path against the reference path (greedy tokens, KL). The tiny-model
@@ -12,14 +12,16 @@ import pytest
 import torch
 
 import jisu
+from jisu.engine.batch import StepBatch
 from jisu.engine.kv_cache import PagedKVCache, SeqBlocks
+from jisu.engine.native_runner import NativeRunner
+from jisu.engine.runner import TorchRunner, make_runner, sequence_logits
 from jisu.io.sources import load_weights, resolve
-from jisu.kernels import native_model as nm
 from jisu.kernels.formats import CodebookWeight, Int4Weight, Int8Weight
-from jisu.kernels.packed import PackedWeight, pack
+from jisu.kernels.packed import PackedWeight, concat_rows, pack
 from jisu.models import build_model
-
-from .helpers import FORMATS, needs_native, paged_step
+from jisu.models.layers import CausalContext
+from tests.kernels.helpers import FORMATS, needs_native, paged_step
 
 pytestmark = [needs_native, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -32,10 +34,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def pair(cfg, weights):
-    """(reference LlamaModel, NativeLlama) over the same weights (the wrapper may turn the dict's
-    entries into views of its fused buffers: same values)."""
+    """(reference LlamaModel, NativeRunner) over the same weights (the runner may turn the dict's
+    entries into views of its joined buffers: same values)."""
     ref = build_model(cfg, dict(weights))
-    return ref, nm.NativeLlama(build_model(cfg, dict(weights)))
+    return ref, NativeRunner(build_model(cfg, dict(weights)))
+
+
+def full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The reference model's whole-sequence logits [B, T, V] (no cache)."""
+    with torch.inference_mode():
+        return model.forward(tokens, CausalContext())
+
+
+def run_logits(runner, tokens: list[int], chunk=None, dtype=torch.float32) -> torch.Tensor:
+    """[T, V] of one sequence through the runner, from an empty one-block cache in `dtype`."""
+    return sequence_logits(runner, tokens, kv_dtype=dtype, chunk=chunk)
 
 
 def quantized(weights, fmt):
@@ -58,22 +71,22 @@ def prompt(n=SEQ, seed=1, vocab=300):
 def check_incremental(ref, nat, tokens, rtol=RTOL):
     """Whole prompt, then prefill / chunk / single tokens through the cache, both models."""
     n = tokens.shape[1]
-    with torch.inference_mode():
-        full = ref.forward(tokens, ref.new_cache(1, n + 2, dtype=torch.float32))
-        got = nat.forward(tokens, nat.new_cache(1, n + 2, dtype=torch.float32))
-        assert got.shape == full.shape
-        assert rel_err(got, full) <= rtol
-        cache = nat.new_cache(1, n + 2, dtype=torch.float32)
-        bounds = [0, 7, 11] + list(range(12, n + 1))
-        for a, b in zip(bounds, bounds[1:]):
-            out = nat.forward(tokens[:, a:b], cache)
-            assert cache.length == b
-            assert rel_err(out, full[:, a:b]) <= rtol, (a, b)
-        # logits_index: only the requested rows
-        c = nat.new_cache(1, n, dtype=torch.float32)
-        last = nat.forward(tokens, c, logits_index=torch.tensor([-1, 3]))
-        assert last.shape == (1, 2, full.shape[-1])
-        assert torch.equal(last[0, 0], got[0, -1]) and torch.equal(last[0, 1], got[0, 3])
+    ids = tokens[0].tolist()
+    full = full_logits(ref, tokens)[0]
+    got = run_logits(nat, ids, chunk=n)
+    assert got.shape == full.shape
+    assert rel_err(got, full) <= rtol
+    kv = PagedKVCache(nat.cfg, num_blocks=8, block_size=4)
+    seq = SeqBlocks()
+    bounds = [0, 7, 11] + list(range(12, n + 1))
+    for a, b in zip(bounds, bounds[1:]):
+        out = paged_step(nat, kv, [seq], [ids[a:b]])
+        assert seq.num_tokens == b
+        assert rel_err(out, full[a:b]) <= rtol, (a, b)
+    # logit_rows: only the requested rows
+    last = paged_step(nat, PagedKVCache(nat.cfg, 1, n), [SeqBlocks()], [ids], rows=[n - 1, 3])
+    assert last.shape == (2, full.shape[-1])
+    assert torch.equal(last[0], got[-1]) and torch.equal(last[1], got[3])
 
 
 # --------------------------------------------------------------------------- fp32 / packed
@@ -99,7 +112,8 @@ def test_packed_embedding_and_tied_head(tiny):
     wq = quantized(w, FORMATS["q8_0"])
     del wq["lm_head.weight"]
     ref, nat = pair(cfg, wq)
-    assert isinstance(nat.w["lm_head.weight"], PackedWeight) and nat.w["lm_head.weight"] is nat.w["model.embed_tokens.weight"]
+    w = nat.model.w
+    assert isinstance(w["lm_head.weight"], PackedWeight) and w["lm_head.weight"] is w["model.embed_tokens.weight"]
     check_incremental(ref, nat, prompt())
 
 
@@ -123,11 +137,11 @@ def test_dequant_rows(name):
     w = torch.randn(21, 256, generator=g)
     p = pack(FORMATS[name](w))
     ids = torch.tensor([[0, 20, 7], [8, 8, 15]])
-    rows = nm.packed_rows(p, ids)
+    rows = p.rows(ids)
     assert torch.equal(rows, p.dequantize()[ids])
 
 
-def test_fuse_rows_keeps_parts_working():
+def test_concat_rows_keeps_parts_working():
     g = torch.Generator().manual_seed(4)
     ws = [torch.randn(n, 64, generator=g) for n in (16, 8, 13)]
     x = torch.randn(5, 64, generator=g)
@@ -135,7 +149,7 @@ def test_fuse_rows_keeps_parts_working():
                 lambda t: CodebookWeight.quantize_rtn(t, 32), lambda t: t):
         parts = [pack(fmt(w)) for w in ws]
         want = [p.linear(x) for p in parts]
-        fused = nm.fuse_rows(parts)
+        fused = concat_rows(parts)
         assert fused.N == 37
         assert torch.equal(fused.linear(x), torch.cat(want, 1))
         for p, y in zip(parts, want):
@@ -173,8 +187,10 @@ def test_architectures_match_reference(name, tmp_path_factory):
 
 # --------------------------------------------------------------------------- paged batches
 def static_logits(model, tokens):
-    with torch.inference_mode():
-        return model.forward(torch.tensor([tokens]), model.new_cache(1, len(tokens), dtype=torch.float32))[0]
+    """[T, V]: the reference model's whole-sequence forward, or a runner's one-block cache."""
+    if isinstance(model, NativeRunner):
+        return run_logits(model, tokens)
+    return full_logits(model, torch.tensor([tokens]))[0]
 
 
 @pytest.mark.parametrize("which", ["fp32", "q4_0", "mistral"])
@@ -201,26 +217,26 @@ def test_paged_batch_with_chunked_prefill(tiny, which, tmp_path_factory):
     assert rel_err(out2[0], want[0][5]) <= RTOL
     assert rel_err(out2[1], want[1][19]) <= RTOL
     assert rel_err(out2[2:], want[2][20:]) <= RTOL
-    # the native path through a static cache gives bitwise the same rows (block size 4 vs max_len)
+    # the native path through a one-block cache gives bitwise the same rows (block size 4 vs the length)
     alone = [static_logits(nat, f) for f in full]
     assert torch.equal(out1[5:24], alone[1][:19]) and torch.equal(out2[1], alone[1][19])
     assert torch.equal(out2[2:], alone[2][20:])
     # the same batch through the reference model's paged path
     kv2 = PagedKVCache(cfg, num_blocks=32, block_size=4)
     seqs2 = [SeqBlocks() for _ in prompts]
-    r1 = paged_step(ref, kv2, seqs2, [prompts[0], prompts[1], prompts[2][:20]])
+    r1 = paged_step(TorchRunner(ref), kv2, seqs2, [prompts[0], prompts[1], prompts[2][:20]])
     assert rel_err(out1, r1) <= RTOL
     # logits_index rows
     kv3 = PagedKVCache(cfg, num_blocks=32, block_size=4)
     seqs3 = [SeqBlocks() for _ in prompts]
-    rows = paged_step(nat, kv3, seqs3, [prompts[0], prompts[1], prompts[2][:20]], torch.tensor([4, 23, 43]))
+    rows = paged_step(nat, kv3, seqs3, [prompts[0], prompts[1], prompts[2][:20]], [4, 23, 43])
     assert torch.equal(rows, out1[[4, 23, 43]])
 
 
 @pytest.mark.parametrize("which", ["fp32", "q4_1", "q8_0"])
 def test_batch_invariance_greedy(tiny, which):
     """Greedy decoding of 3 sequences batched in one paged step per token: every step's logits
-    are bitwise those of the sequence decoded alone (static cache, batch of one)."""
+    are bitwise those of the sequence decoded alone (a one-block cache, batch of one)."""
     cfg, w = tiny
     if which != "fp32":
         w = quantized(w, FORMATS[which])
@@ -231,19 +247,18 @@ def test_batch_invariance_greedy(tiny, which):
     # alone
     alone = []
     for p in prompts:
-        cache = nat.new_cache(1, len(p) + steps, dtype=torch.float32)
-        with torch.inference_mode():
-            logits = nat.forward(torch.tensor([p]), cache, logits_index=torch.tensor([-1]))[0, -1]
-            seq = [logits]
-            for _ in range(steps - 1):
-                logits = nat.forward(torch.tensor([[int(logits.argmax())]]), cache)[0, -1]
-                seq.append(logits)
+        kv1, s1 = PagedKVCache(cfg, 1, len(p) + steps), SeqBlocks()
+        logits = paged_step(nat, kv1, [s1], [p], rows=[len(p) - 1])[0]
+        seq = [logits]
+        for _ in range(steps - 1):
+            logits = paged_step(nat, kv1, [s1], [[int(logits.argmax())]])[0]
+            seq.append(logits)
         alone.append(seq)
     # batched: prefill all three in one step, then decode together
     kv = PagedKVCache(cfg, num_blocks=64, block_size=4)
     seqs = [SeqBlocks() for _ in prompts]
     ends = np.cumsum([len(p) for p in prompts]) - 1
-    out = paged_step(nat, kv, seqs, prompts, torch.tensor(ends.tolist()))
+    out = paged_step(nat, kv, seqs, prompts, ends.tolist())
     for step in range(steps):
         for i in range(3):
             assert torch.equal(out[i], alone[i][step]), (which, step, i)
@@ -251,40 +266,41 @@ def test_batch_invariance_greedy(tiny, which):
             out = paged_step(nat, kv, seqs, [[int(o.argmax())] for o in out])
 
 
-def test_static_batch_of_two(tiny):
+def test_batch_of_two(tiny):
     cfg, w = tiny
     ref, nat = pair(cfg, w)
     tokens = torch.cat([prompt(seed=1), prompt(seed=2)], 0)
-    with torch.inference_mode():
-        want = ref.forward(tokens, ref.new_cache(2, SEQ, dtype=torch.float32))
-        got = nat.forward(tokens, nat.new_cache(2, SEQ, dtype=torch.float32))
-        assert rel_err(got, want) <= RTOL
-        alone = nat.forward(tokens[1:], nat.new_cache(1, SEQ, dtype=torch.float32))
-    assert torch.equal(got[1], alone[0])
+    want = full_logits(ref, tokens)
+    kv = PagedKVCache(cfg, num_blocks=2, block_size=SEQ, dtype=torch.float32)
+    got = paged_step(nat, kv, [SeqBlocks(), SeqBlocks()], tokens.tolist()).view(2, SEQ, -1)
+    assert rel_err(got, want) <= RTOL
+    alone = run_logits(nat, tokens[1].tolist())
+    assert torch.equal(got[1], alone)
 
 
 def test_cache_full_and_bad_tokens(tiny):
     cfg, w = tiny
     _, nat = pair(cfg, w)
-    cache = nat.new_cache(1, 4, dtype=torch.float32)
+    kv = PagedKVCache(cfg, 1, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="KV cache full"):
-        nat.forward(prompt(5), cache)
+        nat.run(StepBatch.single(prompt(5)[0].tolist(), 0, [0], [4]), kv)
     with pytest.raises(ValueError, match="token id"):
-        nat.forward(torch.tensor([[0, 300]]), nat.new_cache(1, 4, dtype=torch.float32))
+        nat.run(StepBatch.single([0, 300], 0, [0], [1]), kv)
 
 
 # --------------------------------------------------------------------------- selection
-def test_accelerate_selects(tiny):
+def test_make_runner_selects(tiny):
     cfg, w = tiny
     model = build_model(cfg, dict(w))
-    fast = nm.accelerate(model)
-    assert isinstance(fast, nm.NativeLlama) and nm.accelerate(fast) is fast
-    assert fast.cfg is cfg and fast.rotary is model.rotary
+    fast = make_runner(model)
+    assert isinstance(fast, NativeRunner) and isinstance(make_runner(model, native=False), TorchRunner)
+    assert fast.cfg is cfg and fast.model is model
     from dataclasses import replace
 
     gemma_cfg = replace(cfg, arch="gemma2", hidden_act="gelu_tanh")
     gemma = build_model(gemma_cfg, dict(w))
-    assert nm.accelerate(gemma) is gemma
+    slow = make_runner(gemma)
+    assert isinstance(slow, TorchRunner) and slow.model is gemma
 
 
 def test_load_uses_native(tmp_path):
@@ -292,7 +308,7 @@ def test_load_uses_native(tmp_path):
 
     folder = write_hf_llama(str(tmp_path / "hf"))
     fast, slow = jisu.load(folder), jisu.load(folder, native=False)
-    assert isinstance(fast.model, nm.NativeLlama) and not isinstance(slow.model, nm.NativeLlama)
+    assert isinstance(fast.runner, NativeRunner) and isinstance(slow.runner, TorchRunner)
     a = fast.generate("the the", temperature=0, max_tokens=6, ignore_eos=True)
     b = slow.generate("the the", temperature=0, max_tokens=6, ignore_eos=True)
     assert a.token_ids == b.token_ids
@@ -321,16 +337,14 @@ def test_gguf_loads_packed_losslessly(qtype, tmp_path):
     # the packed model runs natively and agrees with the fp32 reference up to activation rounding
     fast = jisu.load(path)
     slow = jisu.load(path, packed=False, native=False)
-    assert isinstance(fast.model, nm.NativeLlama)
+    assert isinstance(fast.runner, NativeRunner)
     tokens = prompt()
-    with torch.inference_mode():
-        a = fast.model.forward(tokens, fast.model.new_cache(1, SEQ, dtype=torch.float32))
-        b = slow.model.forward(tokens, slow.model.new_cache(1, SEQ, dtype=torch.float32))
+    a = run_logits(fast.runner, tokens[0].tolist())
+    b = full_logits(slow.model, tokens)[0]
     assert rel_err(a, b) < (0.03 if qtype == "Q8_0" else 0.1)
     # and exactly the reference model running the same packed weights
     ref = build_model(cfg, dict(packed_w))
-    with torch.inference_mode():
-        c = ref.forward(tokens, ref.new_cache(1, SEQ, dtype=torch.float32))
+    c = full_logits(ref, tokens)[0]
     assert rel_err(a, c) <= RTOL
 
 
@@ -358,24 +372,26 @@ KL_BOUNDS = {"fp32_ref": (0.01, 0.05), "packed_ref": (0.02, 0.1)}
 @pytest.fixture(scope="module")
 def default_models(default_gguf):
     """fast: packed + native (what jisu.load gives); packed_ref: the same packed weights through the
-    PyTorch model (ops.linear); fp32_ref: every tensor dequantized to fp32, PyTorch model."""
+    PyTorch model (ops.linear); fp32_ref: every tensor dequantized to fp32, PyTorch model (both
+    references as torch runners, for the paged steps of greedy decoding)."""
     fast = jisu.load(default_gguf)
-    assert isinstance(fast.model, nm.NativeLlama)
+    assert isinstance(fast.runner, NativeRunner)
     fp32 = jisu.load(default_gguf, packed=False, native=False)
-    return {"fast": fast, "packed_ref": fast.model.model, "fp32_ref": fp32.model}
+    return {"fast": fast, "packed_ref": TorchRunner(fast.model), "fp32_ref": fp32.runner}
 
 
-def _greedy(model, ids, n):
-    cache = model.new_cache(1, len(ids) + n)
+def _greedy(runner, ids, n):
+    """Greedy ids and each step's logits: the prompt in one step, then one token per step (a
+    one-block cache in the runner's own KV dtype)."""
+    kv, seq = PagedKVCache(runner.cfg, 1, len(ids) + n, dtype=runner.kv_dtype), SeqBlocks()
     out, steps = [], []
-    with torch.inference_mode():
-        logits = model.forward(torch.tensor([ids]), cache, logits_index=torch.tensor([-1]))[0, -1]
-        while True:
-            steps.append(logits)
-            out.append(int(logits.argmax()))
-            if len(out) == n:
-                return out, steps
-            logits = model.forward(torch.tensor([[out[-1]]]), cache)[0, -1]
+    logits = paged_step(runner, kv, [seq], [ids], rows=[len(ids) - 1])[0]
+    while True:
+        steps.append(logits)
+        out.append(int(logits.argmax()))
+        if len(out) == n:
+            return out, steps
+        logits = paged_step(runner, kv, [seq], [[out[-1]]])[0]
 
 
 @pytest.mark.e2e
@@ -385,16 +401,15 @@ def test_default_model_fast_path_matches_reference(default_models, reference, ch
     fast, ref = default_models["fast"], default_models[reference]
     ids = fast.tokenizer.encode_chat(CHATS[chat])
     want, ref_steps = _greedy(ref, ids, NEW_TOKENS)
-    got, _ = _greedy(fast.model, ids, NEW_TOKENS)
+    got, _ = _greedy(fast.runner, ids, NEW_TOKENS)
     same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), NEW_TOKENS)
     if same < NEW_TOKENS:
         gap = float(ref_steps[same][want[same]] - ref_steps[same][got[same]])
         assert gap < NEAR_TIE, f"first difference at new token {same}: reference top-2 gap {gap:.3f}"
     # KL per token, both teacher-forced on the reference's greedy continuation
-    with torch.inference_mode():
-        full = torch.tensor([ids + want[:-1]])
-        lf = fast.model.forward(full, fast.model.new_cache(1, full.shape[1]))[0, len(ids) - 1:]
-        lr = ref.forward(full, ref.new_cache(1, full.shape[1]))[0, len(ids) - 1:]
+    full = ids + want[:-1]
+    lf = sequence_logits(fast.runner, full)[len(ids) - 1:]
+    lr = full_logits(ref.model, torch.tensor([full]))[0, len(ids) - 1:]
     lp_r, lp_f = torch.log_softmax(lr.double(), -1), torch.log_softmax(lf.double(), -1)
     kl = (lp_r.exp() * (lp_r - lp_f)).sum(-1)
     print(f"\n{reference} chat {chat}: greedy identical for {same}/{NEW_TOKENS} tokens; "
@@ -417,12 +432,11 @@ def test_default_model_precise_fast_path_gives_the_reference_greedy_tokens(defau
         for chat in CHATS:
             ids = fast.tokenizer.encode_chat(chat)
             want, _ = _greedy(ref, ids, NEW_TOKENS)
-            got, _ = _greedy(fast.model, ids, NEW_TOKENS)
+            got, _ = _greedy(fast.runner, ids, NEW_TOKENS)
             assert got == want
-            with torch.inference_mode():
-                full = torch.tensor([ids + want[:-1]])
-                lf = fast.model.forward(full, fast.model.new_cache(1, full.shape[1]))[0]
-                lr = ref.forward(full, ref.new_cache(1, full.shape[1]))[0]
+            full = ids + want[:-1]
+            lf = sequence_logits(fast.runner, full)
+            lr = full_logits(ref.model, torch.tensor([full]))[0]
             lp_r, lp_f = torch.log_softmax(lr.double(), -1), torch.log_softmax(lf.double(), -1)
             kl = (lp_r.exp() * (lp_r - lp_f)).sum(-1)
             assert float(kl.mean()) < 1e-4 and float(kl.max()) < 1e-3
@@ -435,15 +449,14 @@ def test_fp32_weights_in_the_huge_page_arena(tiny, monkeypatch):
     tied embedding and head stay one tensor) and the outputs are bitwise those without it."""
     cfg, w = tiny
     tokens = prompt()
-    with torch.inference_mode():
-        plain = nm.NativeLlama(build_model(cfg, dict(w)))
-        assert plain._arena is None  # below the threshold
-        want = plain.forward(tokens, plain.new_cache(1, SEQ, dtype=torch.float32))
-        monkeypatch.setattr(nm.NativeLlama, "arena_min_bytes", 1)
-        model = build_model(cfg, dict(w))
-        nat = nm.NativeLlama(model)
-        assert nat._arena is not None
-        got = nat.forward(tokens, nat.new_cache(1, SEQ, dtype=torch.float32))
+    plain = NativeRunner(build_model(cfg, dict(w)))
+    assert plain._arena is None  # below the threshold
+    want = run_logits(plain, tokens[0].tolist())
+    monkeypatch.setattr(NativeRunner, "arena_min_bytes", 1)
+    model = build_model(cfg, dict(w))
+    nat = NativeRunner(model)
+    assert nat._arena is not None
+    got = run_logits(nat, tokens[0].tolist())
     assert torch.equal(got, want)
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
                  "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
@@ -451,5 +464,4 @@ def test_fp32_weights_in_the_huge_page_arena(tiny, monkeypatch):
     if w["lm_head.weight"] is w["model.embed_tokens.weight"]:
         assert model.w["lm_head.weight"] is model.w["model.embed_tokens.weight"]
     ref = build_model(cfg, dict(w))
-    with torch.inference_mode():
-        assert rel_err(ref.forward(tokens, ref.new_cache(1, SEQ, dtype=torch.float32)), got) <= RTOL
+    assert rel_err(full_logits(ref, tokens)[0], got) <= RTOL

@@ -1,0 +1,238 @@
+"""NativeRunner: a Llama-family model run by jisu._kernels.NativeModel (cpu/llama_step.cpp), which
+computes a whole step - all layers, attention over the paged KV cache, the LM head - in one call,
+so a decoded token costs one Python -> C++ crossing instead of ~15 per layer.
+
+At build time q|k|v and gate|up of each layer are joined into one packed matrix (one pass over
+the activations, fewer thread-pool jobs); the model's own weights become views of the joined
+buffers, so memory is not duplicated and the reference model still runs on the same bytes."""
+from __future__ import annotations
+
+import weakref
+from array import array
+from typing import Optional
+
+import torch
+
+from ..config import archs
+from ..kernels import _native, ops
+from ..kernels.packed import PackedF32, PackedWeight, can_concat_rows, concat_rows
+from ..memory import HugePageArena, trim_heap
+from ..models.llama import LlamaModel
+from .batch import StepBatch
+from .kv_cache import PagedKVCache
+
+_F32 = torch.float32
+
+
+def _as_packed(w) -> PackedWeight:
+    if isinstance(w, PackedWeight):
+        return w
+    return PackedF32(w)  # a contiguous fp32 tensor is used in place
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=_F32).contiguous()
+
+
+def supported(model) -> Optional[str]:
+    """None if NativeRunner can run `model`, else the reason it cannot."""
+    if _native.K is None or not hasattr(_native.K, "NativeModel"):
+        return "the native module jisu._kernels is not built"
+    if not isinstance(model, LlamaModel):
+        return f"{type(model).__name__} is not a Llama-family model"
+    cfg = model.cfg
+    if not archs()[cfg.arch].NATIVE or cfg.hidden_act != "silu":
+        return f"architecture {cfg.arch} ({cfg.hidden_act}) is not supported natively"
+    if cfg.intermediate_sizes or cfg.layer_heads:
+        return "layers of different widths are not supported natively"
+    if cfg.head_dim % 2:
+        return "odd head_dim"
+    if cfg.attn_softcap or cfg.final_softcap:
+        return "soft-capping is not supported natively"
+    for name, w in model.w.items():
+        if isinstance(w, PackedWeight):
+            if w.data.device.type != "cpu" or not w._addr:
+                return f"{name} is not a CPU packed weight"
+        elif isinstance(w, torch.Tensor):
+            if w.device.type != "cpu":
+                return f"{name} is not on the CPU"
+        else:
+            return f"{name} has an unknown type {type(w).__name__}"
+    return None
+
+
+class NativeRunner:
+    """A LlamaModel's steps in one native call each (see the module docstring)."""
+
+    # the step's results never depend on how many tokens it holds, so the budget is a throughput
+    # choice: 256 for the engine's mixed batches
+    max_step_tokens = 256
+    # one prompt alone goes in steps of this many tokens: the step's scratch grows with its tokens
+    # (a 4k-token prompt in one call would take ~100 MB) and GEMM throughput is flat from M = 64
+    prefill_chunk = 64
+    # fp32 weight matrices totalling at least this many bytes go into a huge-page arena
+    arena_min_bytes = 8 << 20
+
+    def __init__(self, model):
+        why = supported(model)
+        if why:
+            raise ValueError(f"NativeRunner: {why}")
+        self.model = model
+        self.cfg = cfg = model.cfg
+        w = model.w
+        self._keep: list = []  # every tensor / packed weight the handle points into
+
+        def keep(x):
+            self._keep.append(x)
+            return x
+
+        def norm(name: str) -> int:
+            return keep(_f32(w[name])).data_ptr()
+
+        self._quantized = any(isinstance(x, PackedWeight) and not isinstance(x, PackedF32) for x in w.values())
+        self._arena = self._weight_arena(w)
+        inv_freq = keep(_f32(model.rotary.inv_freq))
+        self.handle = _native.K.NativeModel(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+                                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, float(cfg.rms_norm_eps),
+                                            float(model.scale), inv_freq.data_ptr())
+        window = cfg.sliding_window if cfg.layer_types else None  # as LlamaModel.forward
+        self.fused = []
+        qkv_group, gu_group = archs()[cfg.arch].LINEAR_GROUPS  # q|k|v and gate|up, fused where they can be
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            qkv = self._group(w, [p + n + ".weight" for n in qkv_group])
+            biases = [w.get(p + n + ".bias") for n in qkv_group]
+            if len(qkv) == 1:
+                if any(b is not None for b in biases):
+                    sizes = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                             cfg.num_kv_heads * cfg.head_dim)
+                    bias = torch.cat([_f32(b) if b is not None else torch.zeros(n) for b, n in zip(biases, sizes)])
+                    bias_ptrs = [keep(bias).data_ptr()]
+                else:
+                    bias_ptrs = [0]
+            else:
+                bias_ptrs = [keep(_f32(b)).data_ptr() if b is not None else 0 for b in biases]
+            gu = self._group(w, [p + n + ".weight" for n in gu_group])
+            o = keep(self._packed(w, p + "self_attn.o_proj.weight"))
+            down = keep(self._packed(w, p + "mlp.down_proj.weight"))
+            qn = kn = 0
+            if cfg.qk_norm:
+                qn, kn = norm(p + "self_attn.q_norm.weight"), norm(p + "self_attn.k_norm.weight")
+            self.handle.set_layer(i, [keep(x)._addr for x in qkv], bias_ptrs, o._addr, [keep(x)._addr for x in gu],
+                                  down._addr, norm(p + "input_layernorm.weight"),
+                                  norm(p + "post_attention_layernorm.weight"), qn, kn, int(window or 0))
+        emb = w["model.embed_tokens.weight"]
+        tied = w["lm_head.weight"] is emb
+        head = None
+        if isinstance(emb, PackedWeight):
+            emb_f32, emb_desc = 0, keep(emb)._addr
+        else:
+            e = keep(self._arena.take(_f32(emb)) if self._arena is not None else _f32(emb))
+            if self._arena is not None:
+                w["model.embed_tokens.weight"] = e
+                if tied:
+                    w["lm_head.weight"] = e
+            emb_f32, emb_desc = e.data_ptr(), 0
+            if tied:
+                head = _as_packed(e)
+        head = keep(head if head is not None else self._packed(w, "lm_head.weight"))
+        self.handle.set_globals(emb_f32, emb_desc, head._addr, norm("model.norm.weight"))
+        if self.fused or self._arena is not None:
+            trim_heap()  # the parts' old buffers (now copied into the joined ones or the arena)
+        self._kv_ref = self._kv_ptrs = None
+
+    # -- building -----------------------------------------------------------------------------
+    def _linear_names(self) -> list[str]:
+        names = []
+        for i in range(self.cfg.num_layers):
+            p = f"model.layers.{i}."
+            names += [p + f"self_attn.{n}_proj.weight" for n in "qkvo"]
+            names += [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+        return names + ["model.embed_tokens.weight", "lm_head.weight"]
+
+    def _weight_arena(self, w: dict) -> Optional[HugePageArena]:
+        """A huge-page arena for the fp32 weight matrices, when the model has them as tensors."""
+        seen, total = set(), 0
+        for n in self._linear_names():
+            t = w.get(n)
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and id(t) not in seen:
+                seen.add(id(t))
+                total += HugePageArena.round_up(t.numel() * 4)  # as fp32
+        return HugePageArena(total) if total and total >= self.arena_min_bytes else None
+
+    def _packed(self, w: dict, name: str) -> PackedWeight:
+        """w[name] as a packed weight; an fp32 tensor is first moved into the arena (and w[name]
+        becomes that copy, so the old bytes are freed)."""
+        t = w[name]
+        if isinstance(t, torch.Tensor) and self._arena is not None and t.device.type == "cpu":
+            t = w[name] = self._arena.take(_f32(t))
+        return _as_packed(t)
+
+    def _group(self, w: dict, names: list[str]) -> list[PackedWeight]:
+        """The packed weights for `names`, joined into one when their layouts allow."""
+        parts = [_as_packed(w[n]) for n in names]
+        if not can_concat_rows(parts):
+            return [self._packed(w, n) for n in names]
+        fused = concat_rows(parts, self._arena if isinstance(parts[0], PackedF32) else None)
+        for n, p in zip(names, parts):
+            if isinstance(w[n], torch.Tensor):  # an fp32 model: its tensors become views too
+                w[n] = p.data
+        self.fused.append(fused)
+        return [fused]
+
+    # -- running ------------------------------------------------------------------------------
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache dtype by default: fp16 for quantized weights (half the bytes attention
+        reads, as llama.cpp's default cache; its rounding, ~5e-4 relative, is far below that of the
+        int8 activations), fp32 for fp32 weights and under `--precise`, whose point is the
+        reference path's own numbers."""
+        return _F32 if ops.is_precise() or not self._quantized else torch.float16
+
+    def profile(self, on: bool = True) -> None:
+        """Time the native step's parts (see stats())."""
+        self.handle.profile = on
+
+    def stats(self) -> dict:
+        return self.handle.stats()
+
+    def _ptrs(self, kv: PagedKVCache):
+        """(k pointer array, v pointer array, half) of the cache's per-layer tensors, built once per
+        cache (a weak reference tells it is the same cache: a new one can reuse a freed one's id and
+        some of its addresses)."""
+        if self._kv_ref is None or self._kv_ref() is not kv:
+            if kv.k[0].dtype not in (_F32, torch.float16) or kv.k[0].device.type != "cpu":
+                raise ValueError(f"the native step needs a CPU float32 or float16 cache, not {kv.k[0].dtype}")
+            self._kv_ptrs = (array("q", [t.data_ptr() for t in kv.k]), array("q", [t.data_ptr() for t in kv.v]),
+                             kv.k[0].dtype == torch.float16)
+            self._kv_ref = weakref.ref(kv)
+        return self._kv_ptrs
+
+    def run(self, step: StepBatch, kv: PagedKVCache) -> torch.Tensor:
+        """The step's logits rows [R, V] (R = len(step.logit_rows))."""
+        # a decode step's Python cost: build only the arrays the call reads (no tensors but `out`)
+        N, S, bs = len(step.token_ids), len(step.query_lens), kv.block_size
+        kp, vp, half = self._ptrs(kv)
+        tables = step.block_tables
+        if S == 1:
+            maxb = max(1, len(tables[0]))
+            flat = array("i", tables[0]) if tables[0] else array("i", [0])
+            fits = step.start_positions[0] + N <= len(tables[0]) * bs
+        else:
+            maxb = max(1, max(len(t) for t in tables))
+            flat = array("i", [0]) * (S * maxb)
+            for i, t in enumerate(tables):
+                flat[i * maxb:i * maxb + len(t)] = array("i", t)
+            fits = all(a + n <= len(t) * bs for a, n, t in zip(step.start_positions, step.query_lens, tables))
+        if not fits:
+            raise ValueError("KV cache full: a sequence's block table does not cover its new positions")
+        tok = array("q", step.token_ids)
+        rows = array("i", step.logit_rows)
+        R = len(rows)
+        out = torch.empty((R, self.cfg.vocab_size), dtype=_F32)
+        qlens = array("i", step.query_lens)
+        starts = array("i", step.start_positions)
+        self.handle.forward(tok.buffer_info()[0], N, S, qlens.buffer_info()[0], starts.buffer_info()[0],
+                            flat.buffer_info()[0], maxb, kp.buffer_info()[0], vp.buffer_info()[0],
+                            bs, kv.pool.num_blocks, rows.buffer_info()[0], R, out.data_ptr(), half)
+        return out
