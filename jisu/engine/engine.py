@@ -94,7 +94,7 @@ class Engine:
             raise EngineError("the prompt is empty")
         bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise EngineError(f"prompt token ids must lie in [0, {self.vocab_size}): {bad!r} does not")
+            raise EngineError(f"prompt token ids must lie in the vocabulary [0, {self.vocab_size}): {bad!r} does not")
         if max_new_tokens < 0:
             raise EngineError(f"max_tokens must be >= 0 (got {max_new_tokens})")
         if n + max_new_tokens > self.max_context:
