@@ -6,9 +6,14 @@ import torch
 from ..config import ModelConfig
 
 
-def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+def model_class(cfg: ModelConfig):
+    """The model class of the config's family."""
     if cfg.family == "gemma":
         from .gemma import GemmaModel
-        return GemmaModel(cfg, weights)
+        return GemmaModel
     from .llama import LlamaModel
-    return LlamaModel(cfg, weights)
+    return LlamaModel
+
+
+def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+    return model_class(cfg)(cfg, weights)
