@@ -43,7 +43,7 @@ class Quantized:
 def check_model(cfg: ModelConfig, weights: dict, recipe: Recipe) -> None:
     """Every quantized matrix fits its format (group divides K); run before any work."""
     q = recipe.quant
-    if q.method == "mixed":  # each linear needs one choice that fits it (the others are skipped for it)
+    if METHODS[q.method].plan is not None:  # each linear needs one choice that fits it (the others are skipped for it)
         specs = list(q.mixed_choices().values())
         for n in linear_names(cfg):
             if n not in weights:

@@ -10,9 +10,8 @@ import torch
 
 import jisu
 from jisu.compress import pipeline
-from jisu.io import text as calib
 from jisu.compress.recipe import parse_recipe
-from jisu.io import artifact
+from jisu.io import artifact, text
 from jisu.errors import JisuError, ModelFormatError
 from jisu.io.sources import load_weights, resolve
 from jisu.kernels.packed import PackedWeight
@@ -30,7 +29,7 @@ def quantize(path, recipe):
     source = resolve(path)
     cfg, weights, tok = load_weights(source)
     rec = parse_recipe(recipe)
-    ids = calib.calibration_ids(tok, calib.read_calibration(None), 8, 32) if rec.needs_calibration else None
+    ids = text.calibration_ids(tok, text.read_calibration(None), 8, 32) if rec.needs_calibration else None
     return source, pipeline.quantize_model(cfg, weights, rec, ids, progress=False)
 
 
