@@ -112,7 +112,7 @@ def main() -> int:
     import torch
 
     from jisu.eval import quality
-    from jisu.eval.corpus import builtin_text
+    from jisu.io.text import builtin_text
     from jisu.eval.refcache import default_cache_dir
     from jisu.eval.runner import evaluate, reference_logprobs
     from jisu.io.sources import resolve

@@ -1,7 +1,7 @@
 """`jisu compress`: quantize a model by a recipe into an artifact folder jisu.load can run.
 
-    jisu.compress("smollm2", "out/q4", "gptq:w4g32")        # this package is callable
-    jisu.compress.compress(...)                             # the same function
+    from jisu.compress import compress
+    compress("smollm2", "out/q4", "gptq:w4g32", samples=32)    # options: CompressConfig's fields
 
 Steps: parse the recipe and read the calibration / held-out text (every input problem fails
 here, before any work); load the source; quantize (jisu.compress.pipeline); write the artifact
@@ -11,9 +11,40 @@ against the source on held-out text; only then rename it into place. Any failure
 """
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from ..errors import JisuError
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What a compression run takes besides the model, OUT and the recipe."""
+    calib: Optional[str] = None        # calibration text (.txt / .jsonl); None: the built-in corpus's first half
+    samples: int = 64                  # calibration sequences
+    seq_len: int = 256                 # tokens per calibration sequence
+    max_kld: Optional[float] = None    # a result whose measured KLD is above this is discarded (nothing written)
+    force: bool = False                # replace an existing OUT (only once the new artifact is verified)
+    eval_text: Optional[str] = None    # held-out text; None: the built-in corpus's second half
+    eval_chunks: int = 8               # held-out chunks the quality is measured on
+    eval_ctx: int = 256                # tokens per held-out chunk (at most the model's context)
+    evaluate: bool = True              # measure the artifact against the source (False: only load it)
+    threads: Optional[int] = None      # CPU threads (None: all cores)
+    progress: Optional[bool] = None    # progress bars (None: when stderr is a terminal)
+
+    def __post_init__(self):
+        from ..io.text import check_counts
+
+        check_counts(self.samples, self.seq_len)
+        if self.max_kld is not None:
+            if isinstance(self.max_kld, bool) or not isinstance(self.max_kld, (int, float)) \
+                    or not math.isfinite(self.max_kld) or self.max_kld < 0:
+                raise JisuError(f"--max-kld must be a number >= 0 (got {self.max_kld!r})")
+            if not self.evaluate:
+                raise JisuError("--max-kld needs the quality measurement (evaluate=True)")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise JisuError(f"--threads must be >= 1 (got {self.threads})")
 
 
 @dataclass
@@ -40,25 +71,13 @@ class CompressResult:
         return text + f"; {m['timings']['total_s']:.0f} s"
 
 
-def compress(model, out, recipe, *, calib=None, samples: int = 64, seq_len: int = 256, max_kld=None,
-             force: bool = False, eval_text=None, eval_chunks: int = 8, eval_ctx: int = 256,
-             evaluate: bool = True, threads=None, progress=None) -> CompressResult:
+def compress(model, out, recipe, config: Optional[CompressConfig] = None, **options) -> CompressResult:
     """Compress MODEL (a GGUF file, an HF folder, an artifact, a short name; None = the default
-    model) by RECIPE (see jisu.compress.recipe) into the artifact folder OUT."""
+    model) by RECIPE (see jisu.compress.recipe) into the artifact folder OUT. `options` are
+    CompressConfig fields, over `config` (or the defaults)."""
     from .run import run
 
-    return run(model, out, recipe, calib=calib, samples=samples, seq_len=seq_len, max_kld=max_kld, force=force,
-               eval_text=eval_text, eval_chunks=eval_chunks, eval_ctx=eval_ctx, evaluate=evaluate,
-               threads=threads, progress=progress)
+    return run(model, out, recipe, replace(config or CompressConfig(), **options))
 
 
-class _CallableModule(types.ModuleType):
-    """Lets `jisu.compress(...)` call compress() while jisu.compress stays the package."""
-
-    def __call__(self, *args, **kwargs) -> CompressResult:
-        return compress(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-__all__ = ["compress", "CompressResult"]
+__all__ = ["compress", "CompressConfig", "CompressResult"]

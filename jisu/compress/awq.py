@@ -59,3 +59,64 @@ def search_scale(weights: Sequence[torch.Tensor], H: torch.Tensor, act_mean: tor
             if best is None or err < best[0]:
                 best = (err, alpha, s)
     return best[2], best[1], errors
+
+
+def quantize_layer(job) -> None:
+    """The METHODS layer step: scales from the full-precision layer (inputs from the quantized
+    layers before it), folded into what produces each group's input (the model's
+    SCALE_ABSORBERS), then RTN; the layer's output is recomputed with the quantized weights."""
+    from ..io.artifact import to_runtime
+    from .observe import CTX, batches, layer_stats, source_form
+
+    model, w, i, X = job.model, job.model.w, job.i, job.X
+    cfg = model.cfg
+    stats = layer_stats(model, i, X, job.batch, abs_sum=True)
+    spec = job.specs[job.name("q")]
+    groups_per_kv = cfg.num_heads // cfg.num_kv_heads
+    D = cfg.head_dim
+
+    def kv_reduce(t):  # o input channel (head h, d) shares the scale of v row (h // groups, d)
+        return t.view(cfg.num_kv_heads, groups_per_kv, D).mean(1).reshape(-1)
+
+    def kv_expand(s):
+        return s.view(cfg.num_kv_heads, 1, D).expand(cfg.num_kv_heads, groups_per_kv, D).reshape(-1)
+
+    changed = job.out.info.setdefault("changed", {})
+    alphas = {}
+    for shorts in model.LINEAR_GROUPS:
+        kind, target = model.SCALE_ABSORBERS[shorts]
+        expand = kv_expand if kind == "rows" and target == "v" else None
+        stat = stats[shorts].mean_abs
+        if expand is not None:
+            stat = kv_reduce(stat.to(torch.float32))
+        s_red, alpha, errs = search_scale([w[job.name(s)] for s in shorts], stats[shorts].H, stat, spec,
+                                          expand=expand)
+        s = expand(s_red) if expand is not None else s_red
+        alphas[shorts] = (alpha, errs[0.0], errs[alpha])
+        for sh in shorts:  # W' = W diag(s)
+            name = job.name(sh)
+            w[name] = w[name] * s[None, :]
+        if kind == "norm":
+            norm = model.names[i][target]
+            w[norm] = w[norm] / s
+            changed[norm] = source_form(cfg, norm, w[norm])
+        else:  # rows of the preceding linear (and its bias) divided by s
+            name, bias = model.names[i][target]
+            w[name] = w[name] / s_red[:, None]
+            if bias in w:
+                w[bias] = w[bias] / s_red
+                changed[bias] = w[bias]
+    # the scaled model is exact in full precision; quantize every linear with RTN, recording
+    # errors against the *scaled* weights on the *scaled* inputs (H' = diag(1/s) H diag(1/s))
+    for shorts in model.LINEAR_GROUPS:
+        for sh in shorts:
+            name = job.name(sh)
+            fmt = rtn_quantize(w[name], spec)
+            alpha, e0, e1 = alphas[shorts]
+            job.out.tensors[name] = fmt
+            job.out.specs[name] = spec
+            job.out.layers[name] = {"format": spec.name, "alpha": alpha, "group_err": e1, "group_rtn_err": e0}
+            w[name] = to_runtime(fmt)
+            job.weights.pop(name, None)
+    for sl in batches(X.shape[0], job.batch):
+        X[sl] = model.layer(i, X[sl], CTX)

@@ -178,6 +178,12 @@ def gptq_quantize(w: torch.Tensor, H, spec: FormatSpec, *, damp: float = 0.01, a
         return _gptq(w, prep, spec, block, search, overwrite)
 
 
+def quantize_group(weights, H, specs, step) -> list:
+    """The METHODS interface: linears sharing the input statistics H share one `prepare(H)`."""
+    prep = prepare(H, step.damp, step.act_order)
+    return [gptq_quantize(w, prep, spec)[0] for w, spec in zip(weights, specs)]
+
+
 def _gptq(w, prep: Prepared, spec, block, search, overwrite=False):
     N, K = w.shape
     if prep.U.shape != (K, K):

@@ -1,31 +1,14 @@
 """Quality of a compressed model against its source on held-out chunks: mean KL(source || model)
-per token, top-1 agreement and perplexities. The math comes from jisu.eval.quality when that
-module is there; the small fallbacks below compute the same quantities."""
+per token, top-1 agreement and perplexities (the math of jisu.eval.quality)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..eval.quality import kl_divergence, summarize, token_nll
 from ..memory import trim_heap
-
-try:  # the report card's functions (one definition of KLD for the whole project)
-    from ..eval.quality import kl_divergence, log_probs, summarize, token_nll
-except ImportError:  # pragma: no cover - only without jisu.eval
-    def log_probs(logits):
-        return torch.log_softmax(logits.float(), dim=-1)
-
-    def kl_divergence(ref, lp):
-        ref, diff = ref.double(), ref.double() - lp.double()
-        return torch.where(torch.isneginf(ref), torch.zeros_like(diff), ref.exp() * diff).sum(-1)
-
-    def token_nll(lp, targets):
-        return -lp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1).double()
-
-    def summarize(values):
-        v = values.double().flatten()
-        return {"mean": v.mean().item(), "median": torch.quantile(v, 0.5).item(),
-                "p99": torch.quantile(v, 0.99).item(), "max": v.max().item()}
-
+from ..models.layers import HEAD
+from .observe import CTX, ReferenceNumerics, compression_model, model_form
 
 ROWS = 32            # positions per KL block
 PIECE = 64           # tokens per forward call of the measured model
@@ -48,35 +31,33 @@ class ReferenceLogprobs:
     """The source model's log-probs on the held-out chunks, computed once, in full precision, at
     the start of compression (the source is in memory then anyway) and kept in an anonymous
     temporary file, so the source never has to sit next to the compressed model to measure it.
-    The forward runs layer by layer over all chunks (jisu.compress.forward, exact mode: packed
-    source weights are decoded to float32 one matrix at a time)."""
+    The forward runs layer by layer over all chunks (compression's exact numerics: packed source
+    weights are decoded to float32 one matrix at a time)."""
 
     def __init__(self, cfg, weights: dict, chunks: torch.Tensor, folder: str | None = None, progress: bool = False):
         import tempfile
 
         from tqdm import tqdm
 
-        from .forward import EMBED, HEAD, Runner, model_form
-
         self.chunks = chunks
         C, T = chunks.shape
         self._file = tempfile.TemporaryFile(dir=folder)  # unlinked at once: gone even after a crash
-        runner = Runner(cfg, model_form(cfg, weights), exact=True)
+        model = compression_model(cfg, model_form(cfg, weights), ReferenceNumerics(exact=True))
         with torch.inference_mode():
-            x = runner.embed(chunks)
+            x = model.embed(chunks)
             for i in tqdm(range(cfg.num_layers), desc="reference log-probs", unit="layer", disable=not progress,
                           leave=False):
-                x = runner.layer(i, x)
-            h = runner.final_hidden(x)
+                x = model.layer(i, x, CTX)
+            h = model.final_hidden(x)
             del x
-            table = runner.w[HEAD if HEAD in runner.w else EMBED]
+            table = model.w[HEAD]
             self.V = table.shape[0]
             blocks = [(v0, min(v0 + VOCAB_BLOCK, self.V)) for v0 in range(0, self.V, VOCAB_BLOCK)]
             logits = torch.empty(T - 1, self.V)
             for c in range(C):
                 for v0, v1 in blocks:  # the head's float32 rows a block at a time (never the whole matrix)
                     logits[:, v0:v1] = F.linear(h[c, :-1], _rows(table, v0, v1))
-                lp = log_probs_(runner.head_post(logits))
+                lp = log_probs_(model.cap_logits(logits))
                 self._file.write(memoryview(lp.numpy()).cast("B"))
             del logits, h
         self._file.flush()

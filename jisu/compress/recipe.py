@@ -42,7 +42,7 @@ from ..errors import JisuError
 
 GROUPS = (32, 64, 128)
 MIXED_BITS = (2, 3, 4, 8)
-METHODS = ("rtn", "gptq", "awq", "nf4", "kmeans", "mixed")
+STEP_NAMES = ("rtn", "gptq", "awq", "nf4", "kmeans", "mixed")  # nf4 / kmeans: rtn steps of those formats
 VALID_FORMS = ("rtn:w8 | rtn:w8g32 | rtn:wBgG[a] (B=2,3,4; G=32,64,128; a=asymmetric) | gptq:FORMAT[:noact][:damp=F] "
                "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn][:w4|:groups][:max=B] "
                "| options +embed[=FORMAT] +head[=FORMAT] +tune[=STEPS]")
@@ -104,7 +104,14 @@ class QuantStep:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "awq", "mixed")
+        from .methods import METHODS
+
+        return METHODS[self.method].calibrated
+
+    @property
+    def layer_method(self) -> str:
+        """The method that quantizes each layer (mixed: its base, on the formats it chose)."""
+        return self.base if self.method == "mixed" else self.method
 
     def mixed_choices(self) -> dict[float, FormatSpec]:
         """width -> format for mixed precision, widths ordered by size: symmetric wBgG for 2/3/4 and
@@ -256,7 +263,7 @@ def _parse_step(s: str, text: str) -> QuantStep:
         if top is not None and len(step.mixed_choices()) < 2:
             raise _fail(text, f"max={top} leaves fewer than two widths to choose from")
         return step
-    known = ", ".join(METHODS)
+    known = ", ".join(STEP_NAMES)
     raise _fail(text, f"unknown step {method!r} (known steps: {known})")
 
 

@@ -18,3 +18,8 @@ def quantize(w: torch.Tensor, spec: FormatSpec):
     from . import codebook
 
     return codebook.quantize(w, spec)
+
+
+def quantize_group(weights, H, specs, step) -> list:
+    """The METHODS interface: each weight by its spec (H unused)."""
+    return [quantize(w, spec) for w, spec in zip(weights, specs)]

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -21,8 +22,9 @@ import torch
 
 from ..errors import JisuError
 from ..memory import fixed_mmap_threshold, peak_rss_bytes, trim_heap
-from . import CompressResult
-from .calib import calibration_ids, check_counts, heldout_ids, read_calibration, read_heldout, source_sha256
+from ..io.artifact import sha256_file
+from ..io.text import calibration_ids, heldout_ids, read_calibration, read_heldout
+from . import CompressConfig, CompressResult
 from .pipeline import check_model, quantize_model
 from .recipe import parse_recipe
 
@@ -134,6 +136,19 @@ def _take_rows(fmt, idx):
     return out
 
 
+def source_sha256(path: str) -> tuple[str, dict]:
+    """sha256 of a model file, or of a folder's files (sha256 over 'name sha' lines) + per file."""
+    if os.path.isfile(path):
+        return sha256_file(path), {}
+    files = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full) and not name.startswith("."):
+            files[name] = sha256_file(full)
+    combined = hashlib.sha256("".join(f"{n} {s}\n" for n, s in files.items()).encode()).hexdigest()
+    return combined, files
+
+
 def bits_summary(tensors: dict) -> tuple[dict, dict]:
     total_b = total_n = lin_b = lin_n = 0
     for name, e in tensors.items():
@@ -150,29 +165,20 @@ def bits_summary(tensors: dict) -> tuple[dict, dict]:
     return bpw, params
 
 
-def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None, force=False, eval_text=None,
-        eval_chunks=8, eval_ctx=256, evaluate=True, threads=None, progress=None) -> CompressResult:
+def run(model, out, recipe, config: CompressConfig) -> CompressResult:
     from ..io import artifact
     from ..io.sources import load_weights, resolve
 
     t0 = time.perf_counter()
+    c = config
     rec = parse_recipe(recipe)
-    check_counts(samples, seq_len)
-    if max_kld is not None:
-        if isinstance(max_kld, bool) or not isinstance(max_kld, (int, float)) or not math.isfinite(max_kld) \
-                or max_kld < 0:
-            raise JisuError(f"--max-kld must be a number >= 0 (got {max_kld!r})")
-        if not evaluate:
-            raise JisuError("--max-kld needs the quality measurement (evaluate=True)")
-    if threads is not None:
-        if not isinstance(threads, int) or threads < 1:
-            raise JisuError(f"--threads must be >= 1 (got {threads})")
-        torch.set_num_threads(threads)
-    progress = sys.stderr.isatty() if progress is None else progress
-    calib_text = read_calibration(calib) if (calib is not None or rec.needs_calibration) else None
-    held = read_heldout(eval_text) if evaluate else None
+    if c.threads is not None:
+        torch.set_num_threads(c.threads)
+    progress = sys.stderr.isatty() if c.progress is None else c.progress
+    calib_text = read_calibration(c.calib) if (c.calib is not None or rec.needs_calibration) else None
+    held = read_heldout(c.eval_text) if c.evaluate else None
     source = resolve(model)
-    out_abs = check_output(out, source.path, force)
+    out_abs = check_output(out, source.path, c.force)
 
     fixed_mmap_threshold()  # large temporaries go back to the OS when freed (see jisu.memory)
     # packed: a GGUF's Q4_0/Q4_1/Q8_0 matrices (and an artifact's) stay as they are in the file and
@@ -181,11 +187,11 @@ def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None
     check_model(cfg, weights, rec)
     calib_ids = None
     if rec.needs_calibration:
-        if seq_len > cfg.max_position:
-            raise JisuError(f"--seq-len {seq_len} is longer than the model's context ({cfg.max_position})")
-        calib_ids = calibration_ids(tokenizer, calib_text, samples, seq_len)
-    eval_ids, notes = (heldout_ids(tokenizer, held, eval_chunks, min(eval_ctx, cfg.max_position))
-                       if evaluate else (None, []))
+        if c.seq_len > cfg.max_position:
+            raise JisuError(f"--seq-len {c.seq_len} is longer than the model's context ({cfg.max_position})")
+        calib_ids = calibration_ids(tokenizer, calib_text, c.samples, c.seq_len)
+    eval_ids, notes = (heldout_ids(tokenizer, held, c.eval_chunks, min(c.eval_ctx, cfg.max_position))
+                       if c.evaluate else (None, []))
     src_sha, src_files = source_sha256(source.path)
     t_prep = time.perf_counter() - t0
 
@@ -195,7 +201,7 @@ def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None
     ref = None
     try:
         t1 = time.perf_counter()
-        if evaluate:  # the source's log-probs now, while its weights are in memory anyway
+        if c.evaluate:  # the source's log-probs now, while its weights are in memory anyway
             from .measure import ReferenceLogprobs
 
             ref = ReferenceLogprobs(cfg, weights, eval_ids, folder=os.path.dirname(out_abs), progress=progress)
@@ -212,8 +218,8 @@ def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None
                        "sha256": src_sha, **({"files": src_files} if src_files else {})},
             "recipe": rec.to_dict(),
             "calibration": (None if calib_ids is None else
-                            {"text": calib_text.name, "text_sha256": calib_text.sha256, "samples": samples,
-                             "seq_len": seq_len, "tokens": int(calib_ids.numel())}),
+                            {"text": calib_text.name, "text_sha256": calib_text.sha256, "samples": c.samples,
+                             "seq_len": c.seq_len, "tokens": int(calib_ids.numel())}),
         }
         t1 = time.perf_counter()
         m = artifact.write_artifact(tmp, qz.cfg, qz.tensors, base, source_kind=source.kind, source_path=source.path,
@@ -226,13 +232,13 @@ def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None
         # re-open: every sha256, then load it as `jisu.load` would and measure it against the source
         t1 = time.perf_counter()
         artifact.verify_artifact(tmp)
-        quality = _measure(ref, tmp, eval_ids, progress) if evaluate else _load_check(tmp)
+        quality = _measure(ref, tmp, eval_ids, progress) if c.evaluate else _load_check(tmp)
         t_measure = time.perf_counter() - t1 + t_ref
         if quality is not None:
             quality["text"] = held.name
             quality["notes"] = notes
-        if max_kld is not None and quality["kld_mean"] > max_kld:
-            raise JisuError(f"{out}: measured KLD {quality['kld_mean']:.4f} is above --max-kld {max_kld}; "
+        if c.max_kld is not None and quality["kld_mean"] > c.max_kld:
+            raise JisuError(f"{out}: measured KLD {quality['kld_mean']:.4f} is above --max-kld {c.max_kld}; "
                             f"nothing written")
         bpw, params = bits_summary(m["tensors"])
         m.update({"bits_per_weight": bpw, "params": params, "quality": quality, "layers": layers,
@@ -242,7 +248,7 @@ def run(model, out, recipe, *, calib=None, samples=64, seq_len=256, max_kld=None
                   "peak_rss_bytes": peak_rss_bytes()})
         artifact.write_json(os.path.join(tmp, artifact.MANIFEST), m)
         artifact.verify_artifact(tmp)
-        commit(tmp, out_abs, force)
+        commit(tmp, out_abs, c.force)
     except BaseException:
         _remove(tmp)
         raise

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.formats import CodebookWeight, Int8Weight, IntWeight, _f16
-from .forward import EMBED, HEAD, Runner, model_form, source_form
+from ..models.layers import EMBED, HEAD
+from .observe import CTX, ReferenceNumerics, compression_model, model_form, source_form
 
 TOP_K = 64
 LR = 2e-3          # Adam step on the relative corrections of the scales
@@ -47,18 +48,18 @@ def teacher_targets(cfg, weights: dict, ids: torch.Tensor, k: int = TOP_K, batch
     the calibration ids [S, T]; packed source weights are decoded in float32 when used."""
     from tqdm import tqdm
 
-    runner = Runner(cfg, model_form(cfg, weights), exact=True)
+    model = compression_model(cfg, model_form(cfg, weights), ReferenceNumerics(exact=True))
     S, T = ids.shape
     lp_out = torch.empty(S, T, k)
     ix_out = torch.empty(S, T, k, dtype=torch.int32)
     for s0 in tqdm(range(0, S, batch), desc="tune: targets", unit="batch", disable=not progress):
         sl = slice(s0, min(S, s0 + batch))
-        x = runner.embed(ids[sl])
+        x = model.embed(ids[sl])
         for i in range(cfg.num_layers):
-            x = runner.layer(i, x)
-        h = runner.final_hidden(x)
+            x = model.layer(i, x, CTX)
+        h = model.final_hidden(x)
         for t0 in range(0, T, 64):  # the head a few positions at a time: no [B, T, V] buffer
-            lp = torch.log_softmax(runner.head(h[:, t0:t0 + 64]).float(), dim=-1)
+            lp = torch.log_softmax(model.head(h[:, t0:t0 + 64]).float(), dim=-1)
             v, ix = lp.topk(k, dim=-1)
             lp_out[sl, t0:t0 + 64] = v
             ix_out[sl, t0:t0 + 64] = ix.to(torch.int32)
@@ -197,12 +198,12 @@ class _QLinear(torch.autograd.Function):
         return gx, gs, gm, None
 
 
-class TuneRunner(Runner):
-    """The compression forward with tunable quantized matrices (and frozen packed ones decoded in
-    float32, differentiable in their input)."""
+class TuneNumerics(ReferenceNumerics):
+    """Compression's exact numerics with tunable quantized matrices (frozen packed ones are decoded
+    in float32, differentiable in their input)."""
 
-    def __init__(self, cfg, w: dict, tunables: dict):
-        super().__init__(cfg, w, exact=True)
+    def __init__(self, tunables: dict):
+        super().__init__(exact=True)
         self.tunables = tunables            # weight name -> Tunable
         self._cur = {}
 
@@ -213,42 +214,38 @@ class TuneRunner(Runner):
             if id(t) not in self._cur:  # a tied embedding / head is one Tunable under two names
                 self._cur[id(t)] = t.scales()
 
-    def lin(self, x, name, taps=None, short=""):
+    def linear(self, x, weight, bias, name):
         t = self.tunables.get(name)
         if t is None:
-            return super().lin(x, name, taps, short)
+            return super().linear(x, weight, bias, name)
         s, m = self._cur[id(t)]
         y = _QLinear.apply(x, s, m, t)
-        bias = self.w.get(name[:-len("weight")] + "bias")
         return y if bias is None else y + bias
 
-    def embed(self, tokens):
-        t = self.tunables.get(EMBED)
+    def embed(self, table, tokens, name):
+        t = self.tunables.get(name)
         if t is None:
-            return super().embed(tokens)
+            return super().embed(table, tokens, name)
         s, m = self._cur[id(t)]
-        x = t.weight(s, m, rows=tokens.reshape(-1)).view(*tokens.shape, t.K)
-        if self.gemma:
-            x = x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32)
-        return x
+        return t.weight(s, m, rows=tokens.reshape(-1)).view(*tokens.shape, t.K)
 
 
 def _norm_names(w: dict) -> list[str]:
     return [n for n, t in w.items() if n.endswith("norm.weight") and isinstance(t, torch.Tensor)]
 
 
-def _loss(runner: TuneRunner, ids, t_lp, t_ix, checkpoint: bool = True) -> torch.Tensor:
+def _loss(model, ids, t_lp, t_ix, checkpoint: bool = True) -> torch.Tensor:
     from torch.utils.checkpoint import checkpoint as ckpt
 
-    x = runner.embed(ids)
-    for i in range(runner.cfg.num_layers):
-        x = ckpt(runner.layer, i, x, use_reentrant=False) if checkpoint else runner.layer(i, x)
-    h = runner.final_hidden(x)
+    x = model.embed(ids)
+    for i in range(model.cfg.num_layers):
+        x = ckpt(model.layer, i, x, CTX, use_reentrant=False) if checkpoint else model.layer(i, x, CTX)
+    h = model.final_hidden(x)
     T = ids.shape[1]
     total = 0.0
     for t0 in range(0, T, 64):  # head + loss per slice of positions, recomputed in the backward
         def piece(hh, lp, ix):
-            return coarse_kl(runner.head(hh), lp, ix)
+            return coarse_kl(model.head(hh), lp, ix)
         part = (ckpt(piece, h[:, t0:t0 + 64], t_lp[:, t0:t0 + 64], t_ix[:, t0:t0 + 64], use_reentrant=False)
                 if checkpoint else piece(h[:, t0:t0 + 64], t_lp[:, t0:t0 + 64], t_ix[:, t0:t0 + 64]))
         total = total + part * (min(T, t0 + 64) - t0)
@@ -278,7 +275,8 @@ def tune(qz, targets, ids: torch.Tensor, steps: int, *, batch: int = BATCH, lr: 
     params = [p for t in by_id.values() for p in t.params()]
     opt = torch.optim.Adam([{"params": params, "lr": lr},
                             {"params": list(r_norm.values()), "lr": norm_lr}])
-    runner = TuneRunner(cfg, w, tunables)
+    numerics = TuneNumerics(tunables)
+    model = compression_model(cfg, w, numerics)
     t_lp, t_ix = targets
     S = ids.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -290,11 +288,11 @@ def tune(qz, targets, ids: torch.Tensor, steps: int, *, batch: int = BATCH, lr: 
     def evaluate() -> float:
         with torch.no_grad():
             set_norms()
-            runner.refresh()
+            numerics.refresh()
             tot = 0.0
             for s0 in range(0, S, batch):
                 sl = slice(s0, min(S, s0 + batch))
-                tot += float(_loss(runner, ids[sl], t_lp[sl], t_ix[sl], checkpoint=False)) * (sl.stop - s0)
+                tot += float(_loss(model, ids[sl], t_lp[sl], t_ix[sl], checkpoint=False)) * (sl.stop - s0)
             return tot / S
 
     before = evaluate()
@@ -310,8 +308,8 @@ def tune(qz, targets, ids: torch.Tensor, steps: int, *, batch: int = BATCH, lr: 
         for gidx, group in enumerate(opt.param_groups):
             group["lr"] = (lr, norm_lr)[gidx] * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
         set_norms()
-        runner.refresh()
-        loss = _loss(runner, ids[pick], t_lp[pick], t_ix[pick])
+        numerics.refresh()
+        loss = _loss(model, ids[pick], t_lp[pick], t_ix[pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import JisuError
 from . import quality
-from .corpus import EvalText, chunk_ids, encode_prefix, read_text
+from ..io.text import Text, chunk_ids, encode_prefix, read_text
 from .refcache import RefStore, cache_key, default_cache_dir
 
 
@@ -90,7 +90,7 @@ def _name(llm) -> tuple[str, str]:
     return getattr(source, "name", "model"), getattr(source, "path", "")
 
 
-def _tokenize(llm, text: EvalText, chunks: int, ctx: int, notes: list[str]) -> list[list[int]]:
+def _tokenize(llm, text: Text, chunks: int, ctx: int, notes: list[str]) -> list[list[int]]:
     cut, note = chunk_ids(encode_prefix(llm.tokenizer.encode, text.text, chunks * ctx), chunks, ctx, text.name)
     if note and note not in notes:
         notes.append(note)
@@ -106,7 +106,7 @@ class Reference:
     cache: str     # "hit" | "miss" | "off"
 
 
-def reference_logprobs(reference, text: EvalText, chunks: int, ctx: int, *, workdir: str, cache_dir: str | None = "",
+def reference_logprobs(reference, text: Text, chunks: int, ctx: int, *, workdir: str, cache_dir: str | None = "",
                        threads: int | None = None, progress: bool = False, notes: list[str] | None = None) -> Reference:
     """Log-probs of `reference` on the text's chunks: read from the cache, else computed (and cached).
     Only a reference named by path is cached: a loaded LLM's weights may no longer match its files.
@@ -131,17 +131,17 @@ def reference_logprobs(reference, text: EvalText, chunks: int, ctx: int, *, work
     return Reference(store, name, path, state)
 
 
-def evaluate(model, reference=None, *, text: EvalText | str | None = None, chunks: int = 8, ctx: int = 256,
+def evaluate(model, reference=None, *, text: Text | str | None = None, chunks: int = 8, ctx: int = 256,
              cache_dir: str | None = "", threads: int | None = None, progress: bool = False,
              fp32: bool = False) -> QualityResult:
-    """Measure MODEL (a path/name jisu.load accepts, or a loaded LLM) on `text` (EvalText, a file path,
+    """Measure MODEL (a path/name jisu.load accepts, or a loaded LLM) on `text` (Text, a file path,
     or None for the built-in corpus). `reference` (path/name or LLM; default: the source recorded in
     an artifact's manifest) adds KLD, top-1 agreement and delta perplexity. MODEL runs as jisu.load
     gives it (packed / native kernels where available) unless fp32=True; a reference named by path
     always runs on the fp32 reference path. cache_dir "" = the default cache folder, None = no cache.
     The reference runs first and is freed before MODEL loads."""
     t0 = time.perf_counter()
-    if not isinstance(text, EvalText):
+    if not isinstance(text, Text):
         text = read_text(text, min_tokens=ctx)
     if reference is None:
         reference = manifest_source(model)

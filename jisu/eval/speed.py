@@ -256,7 +256,7 @@ def child_main(argv: list[str] | None = None) -> int:
             with open(a.ids) as f:
                 ids = json.load(f)
         else:  # the jisu engine tokenizes the built-in corpus; peers get the same ids
-            from jisu.eval.corpus import builtin_text, encode_prefix
+            from jisu.io.text import builtin_text, encode_prefix
 
             need = max(max(lengths), a.decode_prompt, a.ppl_chunks * a.ppl_ctx)
             ids = encode_prefix(engine.tokenize, builtin_text().text, need)[:need]

@@ -344,13 +344,11 @@ def verify_artifact(folder: str, manifest: Optional[dict] = None) -> dict:
     return m
 
 
-def _runtime(fmt):
+def to_runtime(fmt):
     """A format object as the models run it: packed for the native kernels (dequantized float32
     weights where the packed path cannot take it)."""
-    try:
-        from ..kernels.packed import pack
-    except ImportError:  # kernels package without the packed module
-        return fmt.dequantize()
+    from ..kernels.packed import pack
+
     try:
         return pack(fmt)
     except (TypeError, ValueError):
@@ -465,7 +463,7 @@ def load_artifact(folder: str, progress: bool = False, verify: bool = False, pac
     so is a quantized embedding (its rows are decoded when looked up; a tied LM head runs the
     same packed weight, as with a GGUF). Tensors are decoded and packed one at a time, so loading
     needs little beyond the result."""
-    runtime = _runtime if packed else (lambda fmt: fmt.dequantize())
+    runtime = to_runtime if packed else (lambda fmt: fmt.dequantize())
     from .hf import read_json
 
     m = verify_artifact(folder) if verify else read_manifest(folder)

@@ -43,8 +43,13 @@ def gguf_archs() -> list[str]:
     return sorted(n for n, m in archs().items() if n in m.GGUF_ARCHS)
 
 
+def model_class(cfg: ModelConfig):
+    """The model class of the config's architecture."""
+    return archs()[cfg.arch].MODEL
+
+
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]):
-    return archs()[cfg.arch].build(cfg, weights)
+    return model_class(cfg)(cfg, weights)
 
 
 def model_form(cfg: ModelConfig, weights: dict) -> dict:

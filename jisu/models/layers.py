@@ -1,7 +1,10 @@
-"""Pieces every architecture shares: the per-sequence KV cache, rotary embeddings, attention."""
+"""Pieces every architecture shares: the per-sequence KV cache, rotary embeddings, and the decoder
+model cut into named pieces (embed, attention and MLP halves, head) that both forward and
+compression run; the numerics (RMSNorm, linear, embedding rows) are a per-model strategy."""
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 
@@ -139,22 +142,173 @@ class CausalContext:
         """Nothing is kept between calls: each forward is a whole sequence."""
 
 
-def self_attention(h: torch.Tensor, w: dict, p: str, cfg: ModelConfig, layer: int, cache,
-                   rope: tuple[torch.Tensor, torch.Tensor], scale: float, softcap: float | None = None,
-                   window: int | None = None) -> torch.Tensor:
-    """One attention block over h: [B, T, hidden] with weights named `p`+"self_attn.*" -> [B, T, hidden].
-    `cache` stores the new K/V and runs the attention (KVCache, or a paged batch)."""
-    b, t, _ = h.shape
-    q = ops.linear(h, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
-    k = ops.linear(h, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
-    v = ops.linear(h, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
-    q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)      # [B, H, T, D]
-    k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)   # [B, Hkv, T, D]
-    v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-    if cfg.qk_norm:
-        q = ops.rms_norm(q, w[p + "self_attn.q_norm.weight"], cfg.rms_norm_eps)
-        k = ops.rms_norm(k, w[p + "self_attn.k_norm.weight"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = cache.attend(layer, q, k, v, scale, softcap, window)          # [B, H, T, D]
-    out = out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
-    return ops.linear(out, w[p + "self_attn.o_proj.weight"])
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# short name -> HF name inside "model.layers.{i}." of every linear of a decoder layer
+LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def linear_name(i: int, short: str) -> str:
+    return f"model.layers.{i}.{LINEARS[short]}.weight"
+
+
+def linear_names(cfg: ModelConfig) -> list[str]:
+    return [linear_name(i, s) for i in range(cfg.num_layers) for s in LINEARS]
+
+
+class Numerics:
+    """How a model computes its RMSNorms, linears and embedding rows. This one is inference's: the
+    native kernels (jisu.kernels.ops). Compression swaps in its float32 reference numerics
+    (jisu.compress.observe) on its own model instances."""
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return ops.rms_norm(x, w, eps)
+
+    def linear(self, x: torch.Tensor, weight, bias: Optional[torch.Tensor], name: str) -> torch.Tensor:
+        """x [..., K] @ weight [N, K]^T (+ bias); `name` is the weight's HF name."""
+        return ops.linear(x, weight, bias)
+
+    def embed(self, table, tokens: torch.Tensor, name: str) -> torch.Tensor:
+        return embed_tokens(table, tokens)
+
+
+INFERENCE = Numerics()
+
+
+class DecoderModel:
+    """A pre-norm decoder over weights `w` (HF names; fp32 tensors or packed kernel weights), cut
+    into the pieces compression runs one at a time. forward() is their composition:
+
+        x = embed(tokens); for each layer i: x = layer(i, x, ctx); logits = head(final_hidden(x))
+        layer = attn_out(attn_core(attn_in(x))) then mlp_out(mlp_core(mlp_in(x)))
+
+    `observer`, when set, is called with (weight name, input) before every linear (calibration
+    statistics: GPTQ's Hessians, AWQ's scales). A family subclass sets the class attributes below,
+    `act` (the MLP's activation of the gate) and `_attention_setup`."""
+
+    # groups of linears that read the same input, in the order a layer runs them
+    LINEAR_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+    MLP_NORM = "post_attention_layernorm"        # the norm before the MLP
+    ATTN_POST_NORM: Optional[str] = None         # a norm of the attention block's output (Gemma)
+    MLP_POST_NORM: Optional[str] = None          # a norm of the MLP's output (Gemma)
+    # what absorbs 1/s when a group's input channels are scaled by s (AWQ): a layer norm (key in
+    # `names`) or the rows of the linear that produces the group's input
+    SCALE_ABSORBERS = {("q", "k", "v"): ("norm", "attn_norm"), ("o",): ("rows", "v"),
+                       ("gate", "up"): ("norm", "mlp_norm"), ("down",): ("rows", "up")}
+
+    @classmethod
+    def over(cls, cfg: ModelConfig, w: dict, numerics: Numerics = INFERENCE) -> "DecoderModel":
+        """A model computing over `w` as given (already in the form the model computes with) and
+        not copied: compression edits it in place as it quantizes."""
+        model = cls.__new__(cls)
+        model.w = w
+        model._build(cfg, numerics)
+        return model
+
+    def _build(self, cfg: ModelConfig, numerics: Numerics) -> None:
+        self.cfg = cfg
+        self.numerics = numerics
+        self.observer: Optional[Callable[[str, torch.Tensor], None]] = None
+        if cfg.tie_embeddings or HEAD not in self.w:
+            self.w[HEAD] = self.w[EMBED]
+        self.names = [self._layer_names(i) for i in range(cfg.num_layers)]
+        self._attention_setup(cfg)   # rotaries, layer_kinds, windows, scale, attn_softcap
+
+    def _layer_names(self, i: int) -> dict:
+        p = f"model.layers.{i}."
+        names = {s: (p + n + ".weight", p + n + ".bias") for s, n in LINEARS.items()}
+        names.update({k: (p + n + ".weight" if n else None) for k, n in (
+            ("attn_norm", "input_layernorm"), ("mlp_norm", self.MLP_NORM), ("attn_post", self.ATTN_POST_NORM),
+            ("mlp_post", self.MLP_POST_NORM), ("q_norm", "self_attn.q_norm"), ("k_norm", "self_attn.k_norm"))})
+        return names
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, dtype=dtype or torch.float32)
+
+    # --- the numerics, through the per-model strategy -------------------------------------------
+    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.numerics.rms_norm(x, self.w[name], self.cfg.rms_norm_eps)
+
+    def linear(self, x: torch.Tensor, name: str, bias: Optional[str] = None) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(name, x)
+        return self.numerics.linear(x, self.w[name], self.w.get(bias) if bias else None, name)
+
+    # --- pieces ---------------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> hidden states [B, T, hidden] fp32."""
+        return self.numerics.embed(self.w[EMBED], tokens, EMBED)
+
+    def rope_tables(self, positions: torch.Tensor) -> dict:
+        """Layer kind -> (cos, sin) [T, D] at `positions`."""
+        return {kind: rotary.tables(positions) for kind, rotary in self.rotaries.items()}
+
+    def attn_in(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The normed input of q/k/v."""
+        return self.norm(x, self.names[i]["attn_norm"])
+
+    def attn_core(self, i: int, h: torch.Tensor, ctx, rope: Optional[dict] = None) -> torch.Tensor:
+        """q/k/v projections, q/k norms, RoPE and attention through `ctx` -> the input of o_proj
+        [B, T, H*D]. `rope`: rope_tables at the context's positions (computed when None)."""
+        cfg, n = self.cfg, self.names[i]
+        b, t, _ = h.shape
+        kind = self.layer_kinds[i]
+        cos, sin = (rope if rope is not None else self.rope_tables(ctx.positions(t)))[kind]
+        q = self.linear(h, *n["q"]).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)      # [B, H, T, D]
+        k = self.linear(h, *n["k"]).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)   # [B, Hkv, T, D]
+        v = self.linear(h, *n["v"]).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.norm(q, n["q_norm"]), self.norm(k, n["k_norm"])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = ctx.attend(i, q, k, v, self.scale, self.attn_softcap, self.windows[kind])          # [B, H, T, D]
+        return out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
+
+    def attn_out(self, i: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output `a`, added to the residual x."""
+        n = self.names[i]
+        h = self.linear(a, *n["o"])
+        return x + (self.norm(h, n["attn_post"]) if n["attn_post"] else h)
+
+    def mlp_in(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The normed input of gate/up."""
+        return self.norm(x, self.names[i]["mlp_norm"])
+
+    def mlp_core(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """gate/up projections and the activation -> the input of down_proj."""
+        n = self.names[i]
+        return self.act(self.linear(h, *n["gate"])) * self.linear(h, *n["up"])
+
+    def mlp_out(self, i: int, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """down_proj of `d`, added to the residual x."""
+        n = self.names[i]
+        h = self.linear(d, *n["down"])
+        return x + (self.norm(h, n["mlp_post"]) if n["mlp_post"] else h)
+
+    def layer(self, i: int, x: torch.Tensor, ctx, rope: Optional[dict] = None) -> torch.Tensor:
+        """Decoder layer i over hidden states x [B, T, hidden]."""
+        x = self.attn_out(i, x, self.attn_core(i, self.attn_in(i, x), ctx, rope))
+        return self.mlp_out(i, x, self.mlp_core(i, self.mlp_in(i, x)))
+
+    def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, "model.norm.weight")
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head logits [..., V] of final hidden states."""
+        return self.cap_logits(self.linear(h, HEAD))
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does to the head's output (Gemma: final soft-capping)."""
+        return logits
+
+    def forward(self, tokens: torch.Tensor, ctx, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [B, T] appended after the context's positions (KVCache, CausalContext or the
+        engine's paged batch) -> logits [B, T, V] fp32, or only at positions `logits_index` [R] -> [B, R, V]."""
+        seq = tokens.shape[1]
+        rope = self.rope_tables(ctx.positions(seq))
+        x = self.embed(tokens)
+        for i in range(self.cfg.num_layers):
+            x = self.layer(i, x, ctx, rope)
+        ctx.advance(seq)
+        if logits_index is not None:
+            x = x[:, logits_index]
+        return self.head(self.final_hidden(x))

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import UnsupportedError
-from ..kernels import ops
 from . import common
-from .layers import KVCache, Rotary, embed_tokens, rope_inv_freq, self_attention
+from .layers import INFERENCE, DecoderModel, Numerics, Rotary, rope_inv_freq
 
 # --- architecture declaration (jisu.models registers it; the loaders read it) --------------------------
 
@@ -46,47 +45,29 @@ def load_transform(cfg: ModelConfig, source: str, name: str):
     return None
 
 
-def build(cfg: ModelConfig, weights: dict):
-    return LlamaModel(cfg, weights)
-
 # --- end of the architecture declaration ------------------------------------------------------------
 
 
-class LlamaModel:
+class LlamaModel(DecoderModel):
     """Holds the weights (HF names, fp32 tensors or packed kernel weights) and runs forward passes."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], numerics: Numerics = INFERENCE):
         self.w = weights
-        if cfg.tie_embeddings or "lm_head.weight" not in weights:
-            self.w["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        self._build(cfg, numerics)
+        weights.pop("rope_freqs", None)  # folded into the rotary's frequencies
+
+    def _attention_setup(self, cfg: ModelConfig) -> None:
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        if "rope_freqs" in weights:  # GGUF Llama 3: per-frequency divisors stored as a tensor
-            inv_freq = inv_freq / weights.pop("rope_freqs").float()
+        if "rope_freqs" in self.w:  # GGUF Llama 3: per-frequency divisors stored as a tensor
+            inv_freq = inv_freq / self.w["rope_freqs"].float()
         self.rotary = Rotary(cfg.head_dim, inv_freq)
+        self.rotaries = {"full": self.rotary}
+        self.layer_kinds = ["full"] * cfg.num_layers
+        self.windows = {"full": cfg.sliding_window if cfg.layer_types else None}
         self.scale = cfg.head_dim ** -0.5
+        self.attn_softcap = None
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, dtype=dtype or torch.float32)
+    act = staticmethod(F.silu)
 
-    def forward(self, tokens: torch.Tensor, cache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: [B, T] appended after the cached positions (cache: KVCache or engine PagedBatch)
-        -> logits [B, T, V] fp32, or only at positions `logits_index` [R] -> [B, R, V]."""
-        cfg, w = self.cfg, self.w
-        seq = tokens.shape[1]
-        cos, sin = self.rotary.tables(cache.positions(seq))
-        x = embed_tokens(w["model.embed_tokens.weight"], tokens)
-        window = cfg.sliding_window if cfg.layer_types else None
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            h = ops.rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-            x = x + self_attention(h, w, p, cfg, i, cache, (cos, sin), self.scale, window=window)
-            h = ops.rms_norm(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            gate = ops.linear(h, w[p + "mlp.gate_proj.weight"])
-            up = ops.linear(h, w[p + "mlp.up_proj.weight"])
-            x = x + ops.linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"])
-        cache.advance(seq)
-        if logits_index is not None:
-            x = x[:, logits_index]
-        x = ops.rms_norm(x, w["model.norm.weight"], cfg.rms_norm_eps)
-        return ops.linear(x, w["lm_head.weight"])
+
+MODEL = LlamaModel  # the model class of this architecture (the registry builds it)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import jisu
-from jisu.compress import calib, pipeline
+from jisu.compress import pipeline
 from jisu.compress.recipe import parse_recipe
-from jisu.io import artifact
+from jisu.io import artifact, text
 from jisu.errors import JisuError, ModelFormatError
 from jisu.io.sources import load_weights, resolve
 from jisu.kernels.packed import PackedWeight
@@ -29,7 +29,7 @@ def quantize(path, recipe):
     source = resolve(path)
     cfg, weights, tok = load_weights(source)
     rec = parse_recipe(recipe)
-    ids = calib.calibration_ids(tok, calib.read_calibration(None), 8, 32) if rec.needs_calibration else None
+    ids = text.calibration_ids(tok, text.read_calibration(None), 8, 32) if rec.needs_calibration else None
     return source, pipeline.quantize_model(cfg, weights, rec, ids, progress=False)
 
 
@@ -65,7 +65,7 @@ def test_tied_embeddings_with_head_and_embed(tiny_hf_tied, tmp_path):
     for recipe, stored_once in (("rtn:w4g32+embed+head", True), ("gptq:w4g32+embed+head", True),
                                 ("rtn:w4g32+head", False)):
         out = str(tmp_path / recipe.replace(":", "_").replace("+", "_"))
-        r = jisu.compress(tiny_hf_tied, out, recipe, **FAST)
+        r = jisu.compress.compress(tiny_hf_tied, out, recipe, **FAST)
         entry = r.manifest["tensors"]["lm_head.weight"]
         assert ("same_as" in entry) == stored_once
         with open(os.path.join(out, "config.json")) as f:
@@ -77,7 +77,7 @@ def test_tied_embeddings_with_head_and_embed(tiny_hf_tied, tmp_path):
 
 def test_gguf_source_keeps_tokenizer_and_template(tiny_gguf, tmp_path):
     out = str(tmp_path / "from_gguf")
-    jisu.compress(tiny_gguf, out, "rtn:w4g32", **FAST)
+    jisu.compress.compress(tiny_gguf, out, "rtn:w4g32", **FAST)
     assert os.path.isfile(os.path.join(out, "tokenizer_gguf.json"))
     src, art = jisu.load(tiny_gguf), jisu.load(out)
     text = "the cat in the hat"
@@ -91,7 +91,7 @@ def test_gguf_source_keeps_tokenizer_and_template(tiny_gguf, tmp_path):
 
 def test_hf_source_copies_tokenizer(tiny_hf, tmp_path):
     out = str(tmp_path / "from_hf")
-    r = jisu.compress(tiny_hf, out, "rtn:w8", **FAST)
+    r = jisu.compress.compress(tiny_hf, out, "rtn:w8", **FAST)
     assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= set(r.manifest["files"])
     src, art = jisu.load(tiny_hf), jisu.load(out)
     assert art.tokenizer.encode_chat([{"role": "user", "content": "x"}]) == \
@@ -101,7 +101,7 @@ def test_hf_source_copies_tokenizer(tiny_hf, tmp_path):
 
 def test_manifest_contents(tiny_hf, tmp_path):
     out = str(tmp_path / "m")
-    m = jisu.compress(tiny_hf, out, "gptq:w4g32", **FAST).manifest
+    m = jisu.compress.compress(tiny_hf, out, "gptq:w4g32", **FAST).manifest
     assert m["format"] == "jisu-artifact" and m["format_version"] == artifact.FORMAT_VERSION
     assert m["jisu_version"] == jisu.__version__
     assert m["source"]["path"] == os.path.abspath(tiny_hf) and len(m["source"]["sha256"]) == 64
@@ -124,7 +124,7 @@ def test_manifest_contents(tiny_hf, tmp_path):
 
 def test_corrupt_artifact_is_refused(tiny_hf, tmp_path):
     out = str(tmp_path / "c")
-    jisu.compress(tiny_hf, out, "rtn:w4g32", **FAST)
+    jisu.compress.compress(tiny_hf, out, "rtn:w4g32", **FAST)
     path = os.path.join(out, "model.safetensors")
     with open(path, "r+b") as f:
         f.seek(-10, 2)

@@ -185,7 +185,7 @@ def test_mixed_allocation_with_choices_per_linear():
 def test_dequant_linear_in_row_blocks_matches_whole(monkeypatch):
     """The Fisher pass runs a large packed matrix (an LM head) a block of rows at a time, forward
     and backward; the result is the whole matrix's up to float summation order."""
-    from jisu.compress import forward as fw
+    from jisu.compress import observe as fw
     from jisu.kernels.formats import Int8Weight
     from jisu.kernels.packed import pack
 
@@ -212,31 +212,32 @@ def test_fisher_layer_by_layer_equals_one_backward_pass(tiny_hf):
     """mixed.fisher backpropagates a layer at a time (each layer recomputed from its stored input);
     the squared output gradients are those of one backward pass through the whole model."""
     from jisu.compress import mixed
-    from jisu.compress.forward import Runner, linear_names, model_form
+    from jisu.compress.observe import CTX, ReferenceNumerics, compression_model, model_form
     from jisu.io.sources import load_weights, resolve
+    from jisu.models.layers import linear_names
 
     cfg, weights, _ = load_weights(resolve(tiny_hf), packed=False)
-    runner = Runner(cfg, model_form(cfg, weights), exact=True)
+    runner = compression_model(cfg, model_form(cfg, weights), ReferenceNumerics(exact=True))
     names = linear_names(cfg)
     ids = torch.randint(0, cfg.vocab_size, (3, 24), generator=torch.Generator().manual_seed(3))
     got = mixed.fisher(runner, ids, names, batch=2)
 
     want = {n: torch.zeros(runner.w[n].shape[0], dtype=torch.float64) for n in names}
     outs = {}
-    runner.hooks = lambda name, y: outs.__setitem__(name, y) if name in want else None
+    runner.numerics.on_output = lambda name, y: outs.__setitem__(name, y) if name in want else None
     for b0 in range(0, 3, 2):
         tok = ids[b0:b0 + 2]
         outs.clear()
         x = runner.embed(tok).requires_grad_(True)
         for i in range(cfg.num_layers):
-            x = runner.layer(i, x)
+            x = runner.layer(i, x, CTX)
         logits = runner.head(runner.final_hidden(x))[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1),
                                                  reduction="sum")
         grads = torch.autograd.grad(loss, [outs[n] for n in names])
         for n, g in zip(names, grads):
             want[n] += (g.double() ** 2).reshape(-1, g.shape[-1]).sum(0)
-    runner.hooks = None
+    runner.numerics.on_output = None
     count = 3 * 23
     assert set(got) == set(names)
     for n in names:
@@ -245,7 +246,7 @@ def test_fisher_layer_by_layer_equals_one_backward_pass(tiny_hf):
 
 def test_transposed_float_of_a_packed_head_in_blocks(monkeypatch):
     """The LM head's transposed float32 copy for GPTQ is filled a block of rows at a time."""
-    from jisu.compress import forward as fw
+    from jisu.compress import observe as fw
     from jisu.compress.pipeline import _transposed_float
     from jisu.kernels.formats import Int8Weight
     from jisu.kernels.packed import pack

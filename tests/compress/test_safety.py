@@ -47,7 +47,7 @@ def test_existing_out_refused_without_force(tiny_hf, tmp_path, no_work):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(JisuError, match="already exists; use --force"):
-        jisu.compress(tiny_hf, str(out), "rtn:w4g32", **FAST)
+        jisu.compress.compress(tiny_hf, str(out), "rtn:w4g32", **FAST)
     assert tree(str(out)) == {"keep.txt": b"mine"} and not leftovers(str(tmp_path))
 
 
@@ -56,7 +56,7 @@ def test_input_never_overwritten_without_force(tiny_hf, tmp_path, no_work, insid
     before = tree(tiny_hf)
     target = tiny_hf if not inside else os.path.dirname(tiny_hf)  # OUT is the input, or contains it
     with pytest.raises(JisuError, match="input model"):
-        jisu.compress(tiny_hf, target, "rtn:w4g32", **FAST)
+        jisu.compress.compress(tiny_hf, target, "rtn:w4g32", **FAST)
     assert tree(tiny_hf) == before
 
 
@@ -74,7 +74,7 @@ def test_force_replaces_only_at_the_end(tiny_hf, tmp_path, monkeypatch):
         return real_commit(tmp, dest, force)
 
     monkeypatch.setattr(run, "commit", spy)
-    jisu.compress(tiny_hf, str(out), "rtn:w4g32", force=True, **FAST)
+    jisu.compress.compress(tiny_hf, str(out), "rtn:w4g32", force=True, **FAST)
     assert seen == [{"old.txt": b"old"}]
     assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
     assert not leftovers(str(tmp_path))
@@ -92,7 +92,7 @@ def test_crash_mid_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
 
     monkeypatch.setattr(artifact, "write_tokenizer", crash)
     with pytest.raises(KeyboardInterrupt):
-        jisu.compress(tiny_hf, str(out), "rtn:w4g32", **FAST)
+        jisu.compress.compress(tiny_hf, str(out), "rtn:w4g32", **FAST)
     assert not out.exists() and not leftovers(str(tmp_path))
 
 
@@ -102,7 +102,7 @@ def test_crash_with_force_keeps_old_out(tiny_hf, tmp_path, monkeypatch):
     (out / "old.txt").write_text("old")
     monkeypatch.setattr(run, "_measure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("measure failed")))
     with pytest.raises(RuntimeError):
-        jisu.compress(tiny_hf, str(out), "rtn:w4g32", force=True, **FAST)
+        jisu.compress.compress(tiny_hf, str(out), "rtn:w4g32", force=True, **FAST)
     assert tree(str(out)) == {"old.txt": b"old"} and not leftovers(str(tmp_path))
 
 
@@ -121,7 +121,7 @@ def test_bad_calibration_fails_before_any_work(tiny_hf, tmp_path, no_work, conte
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(JisuError, match=problem) as e:
-        jisu.compress(tiny_hf, str(tmp_path / "out"), "gptq:w4g32", calib=str(path), **FAST)
+        jisu.compress.compress(tiny_hf, str(tmp_path / "out"), "gptq:w4g32", calib=str(path), **FAST)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists() and not leftovers(str(tmp_path))
 
@@ -129,16 +129,16 @@ def test_bad_calibration_fails_before_any_work(tiny_hf, tmp_path, no_work, conte
 def test_good_jsonl_calibration(tiny_hf, tmp_path):
     path = tmp_path / "calib.jsonl"
     path.write_text("\n".join('{"text": "%s"}' % (f"line {i} of some calibration text " * 20) for i in range(40)))
-    r = jisu.compress(tiny_hf, str(tmp_path / "out"), "gptq:w4g32", calib=str(path), **FAST)
+    r = jisu.compress.compress(tiny_hf, str(tmp_path / "out"), "gptq:w4g32", calib=str(path), **FAST)
     assert r.manifest["calibration"]["text"] == str(path)
 
 
 def test_max_kld_discards_result(tiny_hf, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(JisuError, match=r"measured KLD [0-9.]+ is above --max-kld 1e-09; nothing written"):
-        jisu.compress(tiny_hf, str(out), "rtn:w2g64", max_kld=1e-9, **FAST)
+        jisu.compress.compress(tiny_hf, str(out), "rtn:w2g64", max_kld=1e-9, **FAST)
     assert not out.exists() and not leftovers(str(tmp_path))
-    r = jisu.compress(tiny_hf, str(out), "rtn:w8", max_kld=10.0, **FAST)
+    r = jisu.compress.compress(tiny_hf, str(out), "rtn:w8", max_kld=10.0, **FAST)
     assert r.quality["kld_mean"] <= 10.0 and out.exists()
 
 
@@ -146,11 +146,11 @@ def test_bad_arguments_fail_fast(tiny_hf, tmp_path, no_work):
     for kwargs, problem in (({"samples": 0}, "--samples"), ({"seq_len": 1}, "--seq-len"),
                             ({"max_kld": -1}, "--max-kld"), ({"seq_len": 100000}, "longer than the model")):
         with pytest.raises(JisuError, match=problem):
-            jisu.compress(tiny_hf, str(tmp_path / "o"), "gptq:w4g32", **{**FAST, **kwargs})
+            jisu.compress.compress(tiny_hf, str(tmp_path / "o"), "gptq:w4g32", **{**FAST, **kwargs})
     with pytest.raises(JisuError, match="parent folder"):
-        jisu.compress(tiny_hf, str(tmp_path / "nope" / "o"), "rtn:w4g32", **FAST)
+        jisu.compress.compress(tiny_hf, str(tmp_path / "nope" / "o"), "rtn:w4g32", **FAST)
     with pytest.raises(JisuError, match="not a multiple of the group size"):
-        jisu.compress(tiny_hf, str(tmp_path / "o"), "rtn:w4g128", **FAST)
+        jisu.compress.compress(tiny_hf, str(tmp_path / "o"), "rtn:w4g128", **FAST)
 
 
 def cli(*args):

@@ -79,8 +79,8 @@ def test_coarse_kl_is_zero_on_itself_and_a_lower_bound():
 
 
 def test_tuning_lowers_calibration_kl_and_heldout_kld(tiny_hf_tied, tmp_path):
-    base = jisu.compress(tiny_hf_tied, str(tmp_path / "base"), "rtn:w3g32+embed=w4g32+head=w4g32", **FAST)
-    tuned = jisu.compress(tiny_hf_tied, str(tmp_path / "tuned"), "rtn:w3g32+embed=w4g32+head=w4g32+tune=24",
+    base = jisu.compress.compress(tiny_hf_tied, str(tmp_path / "base"), "rtn:w3g32+embed=w4g32+head=w4g32", **FAST)
+    tuned = jisu.compress.compress(tiny_hf_tied, str(tmp_path / "tuned"), "rtn:w3g32+embed=w4g32+head=w4g32+tune=24",
                           **FAST)
     info = tuned.manifest["quantize_info"]["tune"]
     assert info["kept"] and info["calib_kl_after"] < 0.8 * info["calib_kl_before"]

@@ -9,7 +9,7 @@ import torch
 
 from jisu.api import LLM
 from jisu.eval import quality, runner
-from jisu.eval.corpus import EvalText
+from jisu.io.text import Text
 from jisu.models import build_model
 
 CHUNKS, CTX = 2, 32
@@ -96,7 +96,7 @@ def test_reference_cache_reused_and_invalidated(tiny_gguf, tiny_hf, tmp_path, mo
     assert second.reference_cache == "hit" and loaded == [tiny_hf]  # the reference was not run again
     assert second.kld == first.kld and second.perplexity == first.perplexity
     loaded.clear()
-    other = EvalText("other", "A different text, long enough for two chunks of tokens. " * 20)
+    other = Text("other", "A different text, long enough for two chunks of tokens. " * 20)
     third = runner.evaluate(tiny_hf, tiny_gguf, text=other, chunks=CHUNKS, ctx=CTX, cache_dir=cache)
     assert third.reference_cache == "miss" and loaded == [tiny_gguf, tiny_hf]
     loaded.clear()
@@ -135,7 +135,7 @@ def test_text_too_short_in_tokens_is_one_line(tmp_path, capsys, tiny_gguf):
 
 
 def test_fewer_chunks_than_asked_is_a_note(tiny_llm):
-    text = EvalText("short", "A short text that fills a few chunks only. " * 4)
+    text = Text("short", "A short text that fills a few chunks only. " * 4)
     r = runner.evaluate(tiny_llm, text=text, chunks=100, ctx=CTX)
     assert 1 <= r.chunks < 100 and r.notes and "using" in r.notes[0]
 

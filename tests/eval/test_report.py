@@ -54,7 +54,7 @@ def test_eval_artifact_defaults_to_its_source(tmp_path, tiny_hf, capsys):
     from jisu.io.artifact import verify_artifact
 
     art = str(tmp_path / "art")
-    jisu.compress(tiny_hf, art, "rtn:w8", samples=8, seq_len=64, evaluate=False, progress=False)
+    jisu.compress.compress(tiny_hf, art, "rtn:w8", samples=8, seq_len=64, evaluate=False, progress=False)
     assert runner.manifest_source(art) == os.path.abspath(tiny_hf)
     assert cli.main(["eval", art, "--chunks", "2", "--ctx", "32", "--no-cache"]) == 0
     assert "report card written" in capsys.readouterr().err

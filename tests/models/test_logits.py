@@ -88,6 +88,33 @@ def test_gguf_matches_transformers(name, tmp_path_factory):
     check_logits(llm, tokens, expected, f"{name} (GGUF)")
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_compression_numerics_match_transformers(name, tmp_path_factory):
+    """The model as compression runs it (float32 reference numerics over model-form weights, the
+    pieces composed layer by layer on a cache-free context) gives transformers' logits too, and its
+    taps see the input of every linear, in order."""
+    from jisu.compress.observe import CTX, ReferenceNumerics, compression_model, model_form
+    from jisu.io.sources import load_weights, resolve
+    from jisu.models.layers import HEAD, LINEARS, linear_name
+
+    _, _, folder, tokens, expected = reference(name, tmp_path_factory)
+    cfg, weights, _ = load_weights(resolve(folder), packed=False)
+    model = compression_model(cfg, model_form(cfg, weights), ReferenceNumerics(exact=True))
+    seen = []
+    model.observer = lambda n, x: seen.append((n, x.shape[-1]))
+    with torch.no_grad():
+        x = model.embed(tokens)
+        for i in range(cfg.num_layers):
+            x = model.layer(i, x, CTX)
+        logits = model.head(model.final_hidden(x))[0]
+    assert rel_err(logits, expected) <= RTOL
+    width = {"o": cfg.num_heads * cfg.head_dim, "down": cfg.intermediate_size}
+    assert seen == [(linear_name(i, s), width.get(s, cfg.hidden_size)) for i in range(cfg.num_layers)
+                    for s in LINEARS] + [(HEAD, cfg.hidden_size)]
+    model.observer = None
+    assert torch.equal(model.forward(tokens, CTX)[0], logits)
+
+
 def test_sliding_windows_are_exercised():
     for case in CASES.values():
         window = case.config.get("sliding_window")

@@ -49,8 +49,7 @@ def load_transform(cfg: ModelConfig, source: str, name: str):
     return None
 
 
-def build(cfg: ModelConfig, weights: dict):
-    return LlamaModel(cfg, weights)
+MODEL = LlamaModel
 
 
 # --- tests -----------------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ def test_every_registered_name_resolves():
                           num_heads=2, num_kv_heads=1, head_dim=4)
         assert cfg.family == module.__name__.rpartition(".")[2]
         for attr in ("HF_TYPES", "GGUF_ARCHS", "GGUF_LAYER_NAMES", "LINEAR_GROUPS", "NORM_OFFSET", "NATIVE",
-                     "config_from_hf", "config_from_gguf", "load_transform", "build"):
+                     "config_from_hf", "config_from_gguf", "load_transform", "MODEL"):
             assert hasattr(module, attr), (name, attr)
     assert {"llama", "mistral", "smollm2", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text"} <= set(archs())
     w = tiny_weights(0)
