@@ -21,7 +21,7 @@ TOKENS = torch.tensor([[5, 17, 42, 99, 7, 60, 3, 11, 64, 28, 20, 31]])
 
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory) -> str:
-    from tests.models.tiny import CASES, build_hf_model, save_hf
+    from tests.fixtures import CASES, build_hf_model, save_hf
 
     folder = str(tmp_path_factory.mktemp("compress") / "gemma3")
     save_hf(build_hf_model(CASES["gemma3"]), folder)
