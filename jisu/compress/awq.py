@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .gptq import layer_error, one_thread
-from .recipe import FormatSpec
+from .spec import FormatSpec
 from .rtn import quantize as rtn_quantize
 
 N_GRID = 20

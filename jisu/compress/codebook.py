@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ..kernels.formats import NF4_TABLE, CodebookWeight
-from .recipe import FormatSpec
+from .spec import FormatSpec
 
 
 def f16(t: torch.Tensor) -> torch.Tensor:

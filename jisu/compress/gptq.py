@@ -24,7 +24,7 @@ import torch
 
 from ..kernels.formats import CodebookWeight, Int8Weight
 from . import codebook
-from .recipe import FormatSpec
+from .spec import FormatSpec
 from .rtn import INT_CLASSES
 
 BLOCK = 128

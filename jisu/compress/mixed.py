@@ -24,7 +24,7 @@ from ..errors import JisuError
 from ..memory import trim_heap
 from ..models.layers import linear_name, linear_names
 from . import gptq, rtn
-from .observe import CTX, ReferenceNumerics, as_float, compression_model, layer_stats
+from .observe import CTX, ReferenceNumerics, as_float, compression_model, embed_all, layer_stats
 
 MIN_WIDE_BITS = 3  # narrower widths only when the budget leaves no other way
 
@@ -151,8 +151,6 @@ def allocate_formats(model, step, ids: torch.Tensor, out, progress: bool, batch:
     (its own inputs from a layer-by-layer pass of the full-precision model), the greedy allocation
     -> linear name -> FormatSpec. Notes what it measured in out.info["mixed"]."""
     from tqdm import tqdm
-
-    from .pipeline import embed_all
 
     cfg, w = model.cfg, model.w
     names = linear_names(cfg)

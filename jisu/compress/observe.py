@@ -168,3 +168,12 @@ def layer_stats(model, i: int, X: torch.Tensor, batch: int, abs_sum: bool = Fals
     finally:
         model.observer = None
     return stats
+
+
+def embed_all(model, ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """The embedded calibration ids [S, T] -> hidden states [S, T, hidden]."""
+    X = torch.empty(ids.shape[0], ids.shape[1], model.cfg.hidden_size)
+    with torch.no_grad():
+        for sl in batches(ids.shape[0], batch):
+            X[sl] = model.embed(ids[sl])
+    return X

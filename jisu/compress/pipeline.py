@@ -25,7 +25,7 @@ from ..io.artifact import to_runtime
 from ..models.layers import EMBED, HEAD, linear_names
 from . import gptq, rtn
 from .methods import METHODS, LayerJob
-from .observe import Stats, as_float, batches, compression_model, model_form, row_blocks
+from .observe import Stats, as_float, batches, compression_model, embed_all, model_form, row_blocks
 from .recipe import Recipe
 
 
@@ -153,15 +153,6 @@ def _uncalibrated(cfg, weights, step, out, progress):
     for name in tqdm(linear_names(cfg), desc=f"{step.method} {step.fmt.name}", unit="linear", disable=not progress):
         out.tensors[name] = quantize_group([as_float(weights.pop(name))], None, [step.fmt], step)[0]
         out.specs[name] = step.fmt
-
-
-def embed_all(model, ids: torch.Tensor, batch: int) -> torch.Tensor:
-    """The embedded calibration ids [S, T] -> hidden states [S, T, hidden]."""
-    X = torch.empty(ids.shape[0], ids.shape[1], model.cfg.hidden_size)
-    with torch.no_grad():
-        for sl in batches(ids.shape[0], batch):
-            X[sl] = model.embed(ids[sl])
-    return X
 
 
 def _sequential(model, weights, recipe, specs, ids, out, progress, batch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.formats import Int2Weight, Int3Weight, Int4Weight, Int8Weight
-from .recipe import FormatSpec
+from .spec import FormatSpec
 
 INT_CLASSES = {2: Int2Weight, 3: Int3Weight, 4: Int4Weight}
 

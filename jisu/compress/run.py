@@ -24,7 +24,7 @@ from ..errors import JisuError
 from ..memory import fixed_mmap_threshold, peak_rss_bytes, trim_heap
 from ..io.artifact import sha256_file
 from ..io.text import calibration_ids, heldout_ids, read_calibration, read_heldout
-from . import CompressConfig, CompressResult
+from .config import CompressConfig, CompressResult
 from .pipeline import check_model, quantize_model
 from .recipe import parse_recipe
 
