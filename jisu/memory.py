@@ -214,3 +214,23 @@ class HugePageArena:
         out = self.empty(t.shape, t.dtype)
         out.copy_(t)
         return out
+
+
+def zeroed_tensors(n: int, shape: tuple, dtype=None) -> list:
+    """n zero-filled CPU tensors of `shape`, views of one anonymous memory mapping: its pages become
+    resident only as positions are written (no fill to pay for), and all of them go back to the OS
+    when the last view is freed (a cache taken from the heap instead leaves its freed pages there,
+    and caches of other sizes fragment it: RSS then grows by several MB over a few generate calls).
+    dtype: a torch dtype (default float32)."""
+    import math
+    import mmap
+
+    import torch
+
+    dtype = dtype or torch.float32
+    per = math.prod(shape)
+    nbytes = max(1, n * per * torch.empty(0, dtype=dtype).element_size())
+    if nbytes < (1 << 20):  # small caches: the heap is cheaper than a mapping
+        return [torch.zeros(shape, dtype=dtype) for _ in range(n)]
+    flat = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)  # the tensor keeps the mapping alive
+    return [flat[i * per:(i + 1) * per].view(shape) for i in range(n)]

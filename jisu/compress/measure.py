@@ -73,31 +73,20 @@ class ReferenceLogprobs:
         self._file.close()
 
 
-def _model_log_probs(model, tok: torch.Tensor) -> torch.Tensor:
-    """Log-probs [T-1, V] of a [1, T] chunk, fed PIECE tokens at a time through one cache (the
-    logits and the kernels' scratch stay a fraction of a whole chunk's). `model` is a jisu model
-    or an engine runner (jisu.engine.runner)."""
-    T = tok.shape[1]
-    if hasattr(model, "run"):
-        from ..engine.runner import sequence_logits
+def _model_log_probs(runner, tok: torch.Tensor) -> torch.Tensor:
+    """Log-probs [T-1, V] of a [1, T] chunk from an engine runner (jisu.engine.runner), fed PIECE
+    tokens at a time through one cache (the logits and the kernels' scratch stay a fraction of a
+    whole chunk's)."""
+    from ..engine.runner import sequence_logits
 
-        return log_probs_(sequence_logits(model, tok[0, :T - 1].tolist(), chunk=PIECE))
-    cache = model.new_cache(1, T)
-    out = torch.empty(T - 1, 0)
-    for t0 in range(0, T - 1, PIECE):
-        t1 = min(t0 + PIECE, T - 1)
-        lp = log_probs_(model.forward(tok[:, t0:t1], cache)[0])
-        if out.shape[1] == 0:
-            out = torch.empty(T - 1, lp.shape[-1])
-        out[t0:t1] = lp
-    return out
+    return log_probs_(sequence_logits(runner, tok[0, :tok.shape[1] - 1].tolist(), chunk=PIECE))
 
 
 @torch.inference_mode()
 def compare(reference, model, chunks: torch.Tensor, progress: bool = False) -> dict:
-    """reference: a ReferenceLogprobs for these chunks, or a model; model: a jisu model
-    (forward(tokens, cache) / new_cache(batch, len)). chunks: [C, T] token ids; each chunk is
-    scored with a fresh cache, T-1 predictions per chunk."""
+    """reference: a ReferenceLogprobs for these chunks, or a model (run over each whole chunk);
+    model: an engine runner. chunks: [C, T] token ids; each chunk is scored with a fresh cache,
+    T-1 predictions per chunk."""
     from tqdm import tqdm
 
     kls, top1, nll_m, nll_r = [], [], [], []
@@ -106,7 +95,7 @@ def compare(reference, model, chunks: torch.Tensor, progress: bool = False) -> d
         if isinstance(reference, ReferenceLogprobs):
             lr = reference[c]
         else:
-            lr = log_probs_(reference.forward(tok, reference.new_cache(1, tok.shape[1]))[0, :-1])
+            lr = log_probs_(reference.forward(tok, CTX)[0, :-1])
         lm = _model_log_probs(model, tok)
         target = chunk[1:]
         for r0 in range(0, lr.shape[0], ROWS):  # float64 KL over [rows, vocab]: bounded memory

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..config import ModelConfig
-from ..models.layers import zeroed_tensors
+from ..memory import zeroed_tensors
 
 
 class OutOfBlocks(Exception):

@@ -4,6 +4,8 @@ kernels stream (documented in cpu/common.h), plus the metadata and native descri
 `pack(fmt)` -> PackedInt / PackedCodebook. Each knows its bytes (`nbytes`), can rebuild its
 effective float weights (`dequantize()`, pure torch, used on CUDA and without the native
 module) and computes `linear(x, bias)` (jisu.kernels.ops.linear is the public entry point).
+Longer than 400 lines on purpose: the three layouts share the tile layout, the descriptor and the
+row operations (rows, concat_rows) that must agree with cpu/common.h byte for byte.
 """
 from __future__ import annotations
 
@@ -348,7 +350,7 @@ class PackedCodebook(PackedWeight):
 
     def dequantize(self) -> torch.Tensor:
         T = (self.N + NR - 1) // NR
-        nb, ng, bpg = self.K // QK, self.K // self.group, self.group // QK
+        nb, ng = self.K // QK, self.K // self.group
         d = self.data.view(T, -1)
         tab = d[:, :256].reshape(T * NR, 2, 16).permute(0, 2, 1).contiguous().view(torch.int16)
         tab = tab.view(T * NR, 16).to(torch.float32)

@@ -1,4 +1,4 @@
-"""Pieces every architecture shares: the per-sequence KV cache, rotary embeddings, and the decoder
+"""Pieces every architecture shares: rotary embeddings, the cache-free attention context, and the decoder
 model cut into named pieces (embed, attention and MLP halves, head) that both forward and
 compression run; the numerics (RMSNorm, linear, embedding rows) are a per-model strategy."""
 from __future__ import annotations
@@ -10,62 +10,6 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels import ops
-
-
-def zeroed_tensors(n: int, shape: tuple, dtype=torch.float32) -> list[torch.Tensor]:
-    """n zero-filled CPU tensors of `shape`, views of one anonymous memory mapping: its pages become
-    resident only as positions are written (no fill to pay for), and all of them go back to the OS
-    when the last view is freed (a cache taken from the heap instead leaves its freed pages there,
-    and caches of other sizes fragment it: RSS then grows by several MB over a few generate calls)."""
-    import mmap
-
-    per = math.prod(shape)
-    nbytes = max(1, n * per * torch.empty(0, dtype=dtype).element_size())
-    if nbytes < (1 << 20):  # small caches: the heap is cheaper than a mapping
-        return [torch.zeros(shape, dtype=dtype) for _ in range(n)]
-    flat = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)  # the tensor keeps the mapping alive
-    return [flat[i * per:(i + 1) * per].view(shape) for i in range(n)]
-
-
-class KVCache:
-    """Static per-layer K/V tensors for a batch of sequences that advance together.
-    k[layer], v[layer]: [B, Hkv, max_len, D] (fp32, or fp16 to halve the bytes attention reads;
-    values are rounded when stored and widened exactly when read); `length` positions are filled."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        if torch.device(device).type == "cpu":
-            kv = zeroed_tensors(2 * cfg.num_layers, shape, dtype)
-            self.k, self.v = kv[:cfg.num_layers], kv[cfg.num_layers:]
-        else:
-            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.max_len = max_len
-        self.length = 0
-
-    def positions(self, num_new: int) -> torch.Tensor:
-        """Absolute positions [T] of the next `num_new` tokens."""
-        return torch.arange(self.length, self.length + num_new)
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               softcap: float | None, window: int | None) -> torch.Tensor:
-        """Store k/v [B, Hkv, T, D] after the filled positions and attend q [B, H, T, D] over
-        everything cached -> [B, H, T, D]."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} > {self.max_len} positions")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        mask = ops.attention_mask(k.shape[2], start, window)
-        kc, vc = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-        return ops.attention(q, kc.to(q.dtype), vc.to(q.dtype), mask, scale, softcap)
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def truncate(self, length: int) -> None:
-        """Roll back to `length` positions (rejected speculative tokens, regenerated turns)."""
-        self.length = min(self.length, length)
 
 
 def embed_tokens(table, tokens: torch.Tensor) -> torch.Tensor:
@@ -222,9 +166,6 @@ class DecoderModel:
             ("mlp_post", self.MLP_POST_NORM), ("q_norm", "self_attn.q_norm"), ("k_norm", "self_attn.k_norm"))})
         return names
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, dtype=dtype or torch.float32)
-
     # --- the numerics, through the per-model strategy -------------------------------------------
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.numerics.rms_norm(x, self.w[name], self.cfg.rms_norm_eps)
@@ -254,14 +195,15 @@ class DecoderModel:
         b, t, _ = h.shape
         kind = self.layer_kinds[i]
         cos, sin = (rope if rope is not None else self.rope_tables(ctx.positions(t)))[kind]
-        q = self.linear(h, *n["q"]).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)      # [B, H, T, D]
-        k = self.linear(h, *n["k"]).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)   # [B, Hkv, T, D]
-        v = self.linear(h, *n["v"]).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        heads, kv_heads = cfg.heads(i)  # a pruned layer may have fewer
+        q = self.linear(h, *n["q"]).view(b, t, heads, cfg.head_dim).transpose(1, 2)      # [B, H, T, D]
+        k = self.linear(h, *n["k"]).view(b, t, kv_heads, cfg.head_dim).transpose(1, 2)   # [B, Hkv, T, D]
+        v = self.linear(h, *n["v"]).view(b, t, kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.norm(q, n["q_norm"]), self.norm(k, n["k_norm"])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = ctx.attend(i, q, k, v, self.scale, self.attn_softcap, self.windows[kind])          # [B, H, T, D]
-        return out.transpose(1, 2).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return out.transpose(1, 2).reshape(b, t, heads * cfg.head_dim)
 
     def attn_out(self, i: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """o_proj of the attention output `a`, added to the residual x."""
@@ -301,8 +243,8 @@ class DecoderModel:
         return logits
 
     def forward(self, tokens: torch.Tensor, ctx, logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: [B, T] appended after the context's positions (KVCache, CausalContext or the
-        engine's paged batch) -> logits [B, T, V] fp32, or only at positions `logits_index` [R] -> [B, R, V]."""
+        """tokens: [B, T] appended after the context's positions (CausalContext, or the torch runner's
+        PagedAttention over the paged cache) -> logits [B, T, V] fp32, or only at positions `logits_index` [R] -> [B, R, V]."""
         seq = tokens.shape[1]
         rope = self.rope_tables(ctx.positions(seq))
         x = self.embed(tokens)

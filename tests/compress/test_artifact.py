@@ -15,6 +15,7 @@ from jisu.io import artifact, text
 from jisu.errors import JisuError, ModelFormatError
 from jisu.io.sources import load_weights, resolve
 from jisu.kernels.packed import PackedWeight
+from jisu.models.layers import CausalContext
 
 from .conftest import FAST
 
@@ -22,7 +23,7 @@ TOKENS = torch.tensor([[5, 17, 42, 99, 7, 260, 3, 11, 64, 128, 200, 31]])
 
 
 def logits(model):
-    return model.forward(TOKENS, model.new_cache(1, TOKENS.shape[1]))
+    return model.forward(TOKENS, CausalContext())
 
 
 def quantize(path, recipe):

@@ -11,6 +11,7 @@ import torch
 import jisu
 from jisu.compress import pipeline
 from jisu.io import artifact
+from jisu.models.layers import CausalContext
 
 from .test_artifact import quantize
 
@@ -29,7 +30,7 @@ def tiny_gemma(tmp_path_factory) -> str:
 
 
 def logits(model):
-    return model.forward(TOKENS, model.new_cache(1, TOKENS.shape[1]))
+    return model.forward(TOKENS, CausalContext())
 
 
 @pytest.mark.parametrize("recipe", ["gptq:w4g32", "awq:w4g32", "mixed:bpw=4.5", "rtn:w4g32+tune=4"])

@@ -7,7 +7,7 @@ import torch
 
 from jisu.compress import awq, codebook, gptq, rtn
 from jisu.compress.recipe import parse_recipe
-from jisu.io.artifact import encode, pack_bits, unpack_bits
+from jisu.io.artifact_codec import encode, pack_bits, unpack_bits
 from jisu.kernels.formats import NF4_TABLE
 
 
@@ -128,7 +128,7 @@ def test_pack_bits_round_trip(bits):
 def test_pack_bits_in_row_slices_equals_one_pass(bits, monkeypatch):
     """Large matrices are packed a slice of rows at a time (bounded temporaries); a slice size
     that does not divide the rows gives the same bytes."""
-    from jisu.io import artifact
+    from jisu.io import artifact_codec as artifact
 
     g = torch.Generator().manual_seed(10 + bits)
     codes = torch.randint(0, 1 << bits, (37, 64), generator=g, dtype=torch.uint8)

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 import jisu
+from jisu.engine.batch import StepBatch
+from jisu.engine.kv_cache import PagedKVCache
+from jisu.engine.runner import TorchRunner
 from jisu.io.gguf import GGUFFile, gguf_config
+from jisu.models.layers import CausalContext
 
 from tests.fixtures import CASES, VOCAB_SIZE, Case, build_hf_model, save_hf, write_gguf
 
@@ -43,21 +47,23 @@ def reference(name: str, tmp_path_factory) -> tuple[Case, object, str, torch.Ten
 
 
 def check_logits(llm, tokens: torch.Tensor, expected: torch.Tensor, what: str) -> float:
-    """Compare the whole-prompt forward and incremental decoding with `expected`; return the worst error."""
+    """Compare the whole-prompt forward and incremental decoding through a paged KV cache (the torch
+    runner: the reference model over the engine's cache) with `expected`; return the worst error."""
     model = llm.model
     worst = 0.0
     with torch.no_grad():
-        full = model.forward(tokens, model.new_cache(1, SEQ + 4))[0]
+        full = model.forward(tokens, CausalContext())[0]
         assert full.shape == expected.shape
         err = rel_err(full, expected)
         assert err <= RTOL, f"{what}: whole prompt off by {err:.2e}"
         worst = max(worst, err)
 
-        cache = model.new_cache(1, SEQ + 4)
+        runner = TorchRunner(model)
+        kv = PagedKVCache(model.cfg, 1, SEQ + 4)  # one block holds the whole sequence
         bounds = [0, PREFILL, PREFILL + CHUNK] + list(range(PREFILL + CHUNK + 1, SEQ + 1))
         for start, end in zip(bounds, bounds[1:]):
-            out = model.forward(tokens[:, start:end], cache)[0]
-            assert cache.length == end
+            step = StepBatch.single(tokens[0, start:end].tolist(), start, [0], list(range(end - start)))
+            out = runner.run(step, kv)
             err = rel_err(out, expected[start:end])
             assert err <= RTOL, f"{what}: tokens {start}..{end - 1} through the cache off by {err:.2e}"
             worst = max(worst, err)

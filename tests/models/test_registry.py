@@ -16,6 +16,7 @@ from jisu.config import ModelConfig, archs
 from jisu.errors import JisuError
 from jisu.models import build_model, common, llama, names, register
 from jisu.models.llama import LlamaModel
+from jisu.models.layers import CausalContext
 
 from tests.fixtures import TINY, tiny_weights, write_gguf_llama, write_hf_llama
 
@@ -70,11 +71,11 @@ def reference_logits(weights: dict, tokens: torch.Tensor) -> torch.Tensor:
                       num_heads=TINY["num_attention_heads"], num_kv_heads=TINY["num_key_value_heads"],
                       head_dim=TINY["hidden_size"] // TINY["num_attention_heads"], rms_norm_eps=1e-5)
     model = LlamaModel(cfg, dict(weights))
-    return model.forward(tokens, model.new_cache(1, tokens.shape[1]))
+    return model.forward(tokens, CausalContext())
 
 
 def run(llm, tokens: torch.Tensor) -> torch.Tensor:
-    return llm.model.forward(tokens, llm.model.new_cache(1, tokens.shape[1]))
+    return llm.model.forward(tokens, CausalContext())
 
 
 TOKENS = torch.randint(0, TINY["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(3))

@@ -180,6 +180,8 @@ void f32_gemm(const float* W, int64_t, int64_t K, const float* x, int64_t M, int
   }
 }
 
+// The loops below repeat kernels_scalar.cpp's shape on purpose: each NEON kernel sits beside the
+// scalar reference it is checked against (tests/kernels/test_cross_isa.py, under qemu).
 void rms_norm(const float* x, const float* w, float* out, int64_t m0, int64_t m1, int64_t D,
               float eps) {
   for (int64_t m = m0; m < m1; m++) {

@@ -163,7 +163,7 @@ class NativeModel {
                int64_t block_size, int64_t num_blocks, uintptr_t rows_p, int64_t R, uintptr_t logits_p,
                bool kv_half);
 
-  py::dict stats() const {
+  py::dict stats() const {  // a Python dict built field by field, as module.cpp's cpu_features
     py::dict d;
     d["linear_s"] = st_.linear;
     d["attention_s"] = st_.attn;
