@@ -100,7 +100,8 @@ class LLM:
             self._engine = None  # the old pool goes before the new one is built
             self._engine = Engine(runner, self.tokenizer, EngineConfig(
                 eos_ids=self.eos_ids, max_context=self.config.max_position, num_blocks=1,
-                block_size=max(1, num_tokens), max_num_seqs=1, max_step_tokens=step_tokens, prefix_caching=False))
+                block_size=max(1, num_tokens), max_num_seqs=1, max_step_tokens=step_tokens, prefix_caching=False,
+                kv_resident=False))
         return self._engine
 
     def stream(self, prompt: str | Sequence[int] | list[dict], params: SamplingParams | None = None, *,

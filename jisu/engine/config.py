@@ -30,6 +30,9 @@ class EngineConfig:
     max_queue: int = 1024                 # requests in flight (waiting + running) before QueueFull
     prefix_caching: bool = True           # reuse the KV blocks of a prompt prefix seen before
     kv_dtype: torch.dtype | str | None = None  # "f16" / "f32" / a dtype; None or "auto": the runner's
+    kv_resident: bool = True              # the whole pool resident from the start (a server's steady
+    #                                       state: no page faults in the steps); False: pages become
+    #                                       resident only where written (a single request's pool)
 
     def __post_init__(self):
         self.eos_ids = tuple(self.eos_ids)

@@ -59,9 +59,11 @@ class Engine:
         self.kv_dtype = config.resolve_kv_dtype(runner.kv_dtype)
         if config.num_blocks is None:
             mb = 256 if config.kv_memory_mb is None else config.kv_memory_mb
-            self.kv = PagedKVCache.for_memory(cfg, int(mb * 2**20), config.block_size, dtype=self.kv_dtype)
+            self.kv = PagedKVCache.for_memory(cfg, int(mb * 2**20), config.block_size, dtype=self.kv_dtype,
+                                              resident=config.kv_resident)
         else:
-            self.kv = PagedKVCache(cfg, config.num_blocks, config.block_size, dtype=self.kv_dtype)
+            self.kv = PagedKVCache(cfg, config.num_blocks, config.block_size, dtype=self.kv_dtype,
+                                   resident=config.kv_resident)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_step_tokens=config.max_step_tokens or runner.max_step_tokens,
                                    prefix_caching=config.prefix_caching, max_context=self.max_context)

@@ -97,7 +97,7 @@ class NativeRunner:
                                             float(model.scale), inv_freq.data_ptr())
         window = cfg.sliding_window if cfg.layer_types else None  # as LlamaModel.forward
         self.fused = []
-        qkv_group, gu_group = archs()[cfg.arch].LINEAR_GROUPS  # q|k|v and gate|up, fused where they can be
+        qkv_group, gu_group = model.fused_groups()  # q|k|v and gate|up, fused where their layouts allow
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             qkv = self._group(w, [p + n + ".weight" for n in qkv_group])

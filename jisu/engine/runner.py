@@ -136,7 +136,8 @@ def sequence_logits(runner, token_ids: list[int], *, kv_dtype: torch.dtype | Non
     """Logits [T, V] at every position of one sequence scored from an empty cache (perplexity,
     reference comparisons), `chunk` tokens per step (default: the runner's prefill_chunk)."""
     T = len(token_ids)
-    kv = PagedKVCache(runner.cfg, 1, max(1, T), dtype=kv_dtype or resolve_kv_dtype(runner, None))
+    kv = PagedKVCache(runner.cfg, 1, max(1, T), dtype=kv_dtype or resolve_kv_dtype(runner, None),
+                      resident=False)
     chunk = chunk or runner.prefill_chunk
     out = None
     for p0 in range(0, T, chunk):

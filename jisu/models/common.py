@@ -10,9 +10,6 @@ import torch
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 
-# The linear projections a model may run as one matrix (rows concatenated): q|k|v and gate|up.
-LINEAR_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
-
 # GGUF tensor names outside the layers -> HF names.
 GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                      "output.weight": "lm_head.weight", "rope_freqs.weight": "rope_freqs"}

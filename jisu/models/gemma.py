@@ -16,7 +16,6 @@ HF_TYPES = {"gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3"}  # 
 GGUF_ARCHS = ("gemma2", "gemma3")  # GGUF general.architecture (each its own arch)
 GGUF_LAYER_NAMES = {**common.GGUF_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
                     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
-LINEAR_GROUPS = common.LINEAR_GROUPS
 # The norms scale by (1 + w). Weights in memory hold w, as HF files and jisu artifacts store it; the
 # model adds the 1 once when built (common.model_form); llama.cpp stores 1 + w (load_transform).
 NORM_OFFSET = 1.0

@@ -131,6 +131,7 @@ class DecoderModel:
     `act` (the MLP's activation of the gate) and `_attention_setup`."""
 
     # groups of linears that read the same input, in the order a layer runs them
+    # (the groups of more than one read one input: the native step fuses them into one matrix)
     LINEAR_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
     MLP_NORM = "post_attention_layernorm"        # the norm before the MLP
     ATTN_POST_NORM: Optional[str] = None         # a norm of the attention block's output (Gemma)
@@ -148,6 +149,12 @@ class DecoderModel:
         model.w = w
         model._build(cfg, numerics)
         return model
+
+    @classmethod
+    def fused_groups(cls) -> list[tuple[str, ...]]:
+        """The LINEAR_GROUPS of more than one linear, as HF names inside a layer
+        (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))."""
+        return [tuple(LINEARS[s] for s in g) for g in cls.LINEAR_GROUPS if len(g) > 1]
 
     def _build(self, cfg: ModelConfig, numerics: Numerics) -> None:
         self.cfg = cfg

@@ -16,7 +16,6 @@ HF_TYPES = {"llama": "llama", "mistral": "mistral", "smollm": "llama", "smollm2"
             "qwen2": "qwen2", "qwen3": "qwen3"}                                         # model_type -> arch
 GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # GGUF general.architecture (each its own arch)
 GGUF_LAYER_NAMES = {**common.GGUF_LAYER_NAMES, "ffn_norm": "post_attention_layernorm"}
-LINEAR_GROUPS = common.LINEAR_GROUPS
 NORM_OFFSET = 0.0  # the norms scale by w
 NATIVE = True      # jisu.engine.native_runner runs it (when the config's details fit, see its supported())
 

@@ -27,7 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HF_TYPES = {"toyllama": "toyllama"}
 GGUF_ARCHS = ("toyllama",)
 GGUF_LAYER_NAMES = llama.GGUF_LAYER_NAMES
-LINEAR_GROUPS = common.LINEAR_GROUPS
 NORM_OFFSET = 0.0
 NATIVE = False
 
@@ -128,7 +127,7 @@ def test_every_registered_name_resolves():
         cfg = ModelConfig(arch=name, vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1,
                           num_heads=2, num_kv_heads=1, head_dim=4)
         assert cfg.family == module.__name__.rpartition(".")[2]
-        for attr in ("HF_TYPES", "GGUF_ARCHS", "GGUF_LAYER_NAMES", "LINEAR_GROUPS", "NORM_OFFSET", "NATIVE",
+        for attr in ("HF_TYPES", "GGUF_ARCHS", "GGUF_LAYER_NAMES", "NORM_OFFSET", "NATIVE",
                      "config_from_hf", "config_from_gguf", "load_transform", "MODEL"):
             assert hasattr(module, attr), (name, attr)
     assert {"llama", "mistral", "smollm2", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text"} <= set(archs())
