@@ -148,7 +148,8 @@ class LLM:
 
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, progress: bool = False,
-         packed: bool | None = None, native: bool | None = None, precise: bool | None = None) -> LLM:
+         packed: bool | None = None, native: bool | None = None, precise: bool | None = None,
+         isa: str | None = None) -> LLM:
     """Load MODEL (a GGUF file, an HF folder, a short name; None = the default model).
 
     packed: keep a GGUF's Q8_0 / Q4_0 / Q4_1 matrices quantized for the native kernels (default:
@@ -158,7 +159,9 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     precise: True makes the packed kernels carry every int8 activation block's rounding residual
     (~15-bit activations: the output of the plain fp32 path on the same weights, greedy tokens
     included, at about half the prefill speed); False restores plain int8 blocks (the default, as
-    llama.cpp). The setting is process-wide; None leaves it as it is."""
+    llama.cpp). The setting is process-wide; None leaves it as it is.
+    isa: run the kernels on this instruction set ("scalar", "avx2", "avx512", "neon", "best"; the
+    environment's JISU_ISA does the same for a whole process); None leaves it as it is."""
     from .engine.runner import make_runner
     from .kernels import ops
     from .memory import loading_heap
@@ -168,6 +171,8 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
         ops.set_num_threads(threads)
     if precise is not None:
         ops.set_act_refine(ops.PRECISE if precise else 0.0)
+    if isa is not None:
+        ops.force_isa(isa, "isa")
     source = resolve(model)
     t0 = time.perf_counter()
     if packed is None:

@@ -22,6 +22,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--isa", default=None, choices=["best", "avx512", "avx2", "neon", "scalar"],
+                   help="the kernels' instruction set (default: the best this CPU runs)")
     p.add_argument("--precise", action="store_true",
                    help="~15-bit activations in the quantized kernels: the fp32 path's output on the same "
                         "weights (greedy tokens included), at about half the prefill speed")
@@ -42,7 +44,7 @@ def _load(args):
     if args.threads is not None and args.threads < 1:
         raise JisuError(f"--threads must be >= 1 (got {args.threads})")
     return load(args.model, threads=args.threads, progress=sys.stderr.isatty(),
-                precise=True if getattr(args, "precise", False) else None)
+                precise=True if getattr(args, "precise", False) else None, isa=getattr(args, "isa", None))
 
 
 def cmd_run(args) -> int:

@@ -84,3 +84,25 @@ def test_run_precise(model):
         assert ops.get_act_refine() == 0.0
     finally:
         ops.set_act_refine(before)
+
+
+def test_run_isa(tmp_path):
+    """--isa picks the kernels' instruction set: a Q8_0 model's greedy tokens are the same on the
+    scalar reference and the best SIMD path (the kernels are bitwise equal); an ISA this CPU does
+    not run is a one-line error."""
+    import gguf
+
+    path = write_gguf_llama(str(tmp_path / "q8.gguf"), tensor_type=gguf.GGMLQuantizationType.Q8_0)
+    args = ("run", path, "-p", "hello", "-n", "6", "--temp", "0", "--ignore-eos", "--json")
+    best, scalar = jisu(*args, "--isa", "best"), jisu(*args, "--isa", "scalar")
+    assert best.returncode == 0 and scalar.returncode == 0, best.stderr + scalar.stderr
+    assert json.loads(best.stdout)["token_ids"] == json.loads(scalar.stdout)["token_ids"]
+    import platform
+
+    from jisu.kernels import ops
+
+    other = "avx2" if platform.machine().lower() in ("aarch64", "arm64") else "neon"
+
+    if other not in ops.VERIFIED_ISAS:
+        bad = jisu(*args, "--isa", other)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and other in bad.stderr

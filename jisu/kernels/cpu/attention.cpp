@@ -244,6 +244,7 @@ JISU_AVX512_FN static void attn_heads_avx512(const PagedAttn& a, const float* q,
   }
   float inv[NH];
   for (int j = 0; j < NH; j++) inv[j] = softmax_row(sc + j * n, n);
+  // P V as in the AVX2 kernel above, 64 output dims a pass (the same shape, zmm for ymm: same sums)
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int nv = (int)std::min<int64_t>(4, (D - d0) / 16);
     __m512 acc[NH][4];
