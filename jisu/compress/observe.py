@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels.ops import rms_norm_ref
-from ..models import model_class
+from ..models import model_class, model_form, source_form  # noqa: F401  (Gemma's norm offset, for the methods)
 from ..models.layers import CausalContext, Numerics
 
 
@@ -91,23 +91,6 @@ def row_blocks(packed):
     step = max(1, BLOCK_ELEMS // packed.K // NR)
     return ((t0 * NR, min((t0 + step) * NR, packed.N), packed._dequant_tiles(t0, min(T, t0 + step)))
             for t0 in range(0, T, step))
-
-
-def model_form(cfg: ModelConfig, weights: dict) -> dict:
-    """A new dict over the same tensors, in the form the models compute with (Gemma: 1 + norm)."""
-    w = dict(weights)
-    if cfg.family == "gemma":
-        for k, v in weights.items():
-            if k.endswith("norm.weight"):
-                w[k] = v.float() + 1.0
-    return w
-
-
-def source_form(cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
-    """Inverse of model_form for one tensor (only needed for norms AWQ changed)."""
-    if cfg.family == "gemma" and name.endswith("norm.weight"):
-        return t - 1.0
-    return t
 
 
 CTX = CausalContext()  # compression runs whole calibration sequences, no cache
