@@ -7,8 +7,10 @@ file size (no fp32 copy of the whole model is ever made).
     Q4_1 {f16 d; f16 m; u8 qs[16]}  x = q * d + m     -> Int4Weight(q, d, group 32, min=m)     (asym)
 
 In a 4-bit block, value j (0..15) is the low nibble of qs[j] and value j + 16 its high nibble.
-Every other tensor type is dequantized to fp32 (jisu.io.gguf). `iter_gguf_weights` yields a GGUF's
-weights either way."""
+The other types the native GGML kind runs (K-quants, Q5_0/Q5_1, IQ4_NL/IQ4_XS, F16/BF16:
+jisu.kernels.packed_ggml) stay in the file's own bytes, read in place from the memmap. Any other
+type is dequantized to fp32 (jisu.io.gguf), with a warning that says what it costs.
+`iter_gguf_weights` yields a GGUF's weights either way."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -105,14 +107,44 @@ def _transform_rows(fmt, fn):
     return fmt
 
 
+def _ggml_weight(g: GGUFFile, name: str, t: GGUFTensor, fn):
+    """A matrix in its file bytes (PackedGGML). Rows a load transform reorders are copied (the
+    q/k projections: a few per cent of a layer) and their file pages released."""
+    from ..kernels.packed_ggml import PackedGGML, as_bytes
+
+    N, K = t.shape
+    data = as_bytes(t.data)
+    if fn is not None:
+        data = fn(data.view(N, -1)).contiguous().view(-1)
+        g.release(name)
+    return PackedGGML(data, N, K, int(t.qtype))
+
+
+def _fallback_warning(g: GGUFFile, slow: dict) -> None:
+    """One line naming the types that run on the reference path and the memory that costs."""
+    if not slow:
+        return
+    import warnings
+
+    n = sum(e for e, _ in slow.values())
+    file_mb = sum(b for _, b in slow.values()) / 1e6
+    kinds = ", ".join(sorted(q.name for q in slow))
+    warnings.warn(f"{g.path}: {kinds} tensors have no native kernel: dequantized to fp32 on the reference "
+                  f"path ({4 * n / 1e6:.0f} MB in memory for {file_mb:.0f} MB of file, and slower)",
+                  RuntimeWarning, stacklevel=3)
+
+
 def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> Iterator[tuple[str, object]]:
     """Yield (HF name, tensor) for every tensor jisu uses, in the form held in memory (the
     architecture's load_transform applied): fp32 tensors, or with packed=True, Q8_0 / Q4_0 / Q4_1
     matrices as packed kernel weights (jisu.kernels.packed). A matrix's transform may only reorder
     its rows (it is applied to a packed matrix's codes, scales and mins)."""
     from ..kernels.packed import pack
+    from ..kernels.packed_ggml import native_types
 
     arch = archs()[cfg.arch]
+    ggml = native_types() if packed else frozenset()
+    slow: dict = {}
     for name, t in g.tensors.items():
         target = hf_name(name, cfg.arch)
         if target is None:
@@ -128,10 +160,17 @@ def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> It
             g.release(name)  # the file's pages of this tensor are not needed any more
             yield target, w
             continue
+        if packed and int(t.qtype) in ggml and len(t.shape) == 2:
+            yield target, _ggml_weight(g, name, t, fn)
+            continue
+        if packed and len(t.shape) == 2 and t.qtype not in (T.F32,):
+            e, b = slow.get(t.qtype, (0, 0))
+            slow[t.qtype] = (e + t.shape[0] * t.shape[1], b + t.data.size)
         w = g.dequantize(name)
         if fn is not None:
             w = fn(w)
         yield target, w
+    _fallback_warning(g, slow)
     if packed:
         from ..memory import trim_heap
 

@@ -20,7 +20,8 @@ SRC = os.path.join(HERE, "..", "..", "jisu", "kernels", "cpu")
 
 # the kernel tables of every ISA, without the Python bindings
 KERNEL_SOURCES = [os.path.join(SRC, f) for f in ("kernels_scalar.cpp", "kernels_neon.cpp", "kernels_avx2.cpp",
-                                                 "kernels_avx512.cpp", "attention.cpp")]
+                                                 "kernels_avx512.cpp", "attention.cpp", "ggml.cpp",
+                                                 "ggml_q32.cpp", "ggml_kq.cpp")]
 
 
 @pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),

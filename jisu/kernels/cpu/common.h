@@ -42,9 +42,20 @@ constexpr int NR = 8;
 //   the low nibble of byte k (k<16) and index k+16 in the high nibble.
 //
 // F32: the plain row-major [N, K] fp32 matrix (no repacking).
+//
+// GGML: a GGUF tensor's own bytes, row-major (row n at data + n * row_bytes), read in place from
+// the memory-mapped file (no repacking, no copy). gtype is the ggml type id (GgmlType); each row
+// is K / block_size blocks of that type (layouts: ggml-common.h, or ggml_q32.h / ggml_kq.h).
 // ---------------------------------------------------------------------------------
 
-enum Kind : int { KIND_INT = 0, KIND_CODEBOOK = 1, KIND_F32 = 2 };
+enum Kind : int { KIND_INT = 0, KIND_CODEBOOK = 1, KIND_F32 = 2, KIND_GGML = 3 };
+
+// ggml type ids (the values GGUF files store) of the types the GGML kind runs.
+enum GgmlType : int {
+  GG_F32 = 0, GG_F16 = 1, GG_Q4_0 = 2, GG_Q4_1 = 3, GG_Q5_0 = 6, GG_Q5_1 = 7, GG_Q8_0 = 8,
+  GG_Q2_K = 10, GG_Q3_K = 11, GG_Q4_K = 12, GG_Q5_K = 13, GG_Q6_K = 14, GG_IQ4_NL = 20,
+  GG_IQ4_XS = 23, GG_BF16 = 30,
+};
 
 struct PackedDesc {
   int kind = KIND_INT;
@@ -59,6 +70,8 @@ struct PackedDesc {
   const uint8_t* data = nullptr;
   const float* chan_scale = nullptr;  // per-channel int8 scales [ntiles*8]
   const float* f32 = nullptr;         // F32 weights [N, K]
+  int gtype = -1;                     // GGML: the ggml type id
+  int64_t row_bytes = 0;              // GGML: bytes per row
 };
 
 // Bytes of one 8-row x 32-code block for an INT format.
@@ -227,6 +240,14 @@ struct KernelTable {
   // one int16 dot product of the codes with 128 q + q2 replaces the two int8 passes (8-bit codes:
   // half the multiplies; 4-bit: 6 rows per pass instead of 4, +10-20 % measured).
   int qv_gemm;
+  // GGML weights (KIND_GGML): out rows [n0, n1) of W for activation rows [0, M). Quantized types
+  // read A (quantize_act of x: per block b of 32 values, x ~ dr[b] * v with v = q, or, when
+  // A.refine > 0 and A.rf[b] = 1 (a refined block), v = 128 q + q2; sum(v) = sr[b] and
+  // sdr[b] = dr[b] * sr[b]; unrefined, dr = d and sr = s); 16-bit
+  // types (F16, BF16) read x [M][K] directly. The row results must not depend on M (a batch row
+  // equals the same row alone, bit for bit).
+  void (*gg_gemm)(const PackedDesc& W, const float* x, const ActQ& A, int64_t M, int64_t n0,
+                  int64_t n1, float* out, int64_t ldo, const float* bias);
 };
 
 // Refinement thresholds below the mean block maximum refine nearly every block (ops.PRECISE):
@@ -238,6 +259,16 @@ static inline bool dense_refine(const ActQ& A) { return dense_refine_threshold(A
 static inline int64_t gemm_scratch_bytes(const PackedDesc& W) {
   return (W.K / 32) * 512 + (W.K / W.group + 1) * 4 * NR * 4 + 1024;  // pair scales: 2 x 16 floats per group
 }
+
+// The GGML kind (ggml.cpp): whether a type id runs, its bytes per row of K values (0: K is not a
+// whole number of blocks), whether its kernels read quantized activations, the scalar reference
+// GEMM every ISA falls back to for types it has no kernel of, and the reference row decoder.
+bool gg_supported(int gtype);
+int64_t gg_row_bytes(int gtype, int64_t K);
+bool gg_quantized(int gtype);
+void gg_gemm_scalar(const PackedDesc& W, const float* x, const ActQ& A, int64_t M, int64_t n0,
+                    int64_t n1, float* out, int64_t ldo, const float* bias);
+void gg_dequant_row(const PackedDesc& W, int64_t n, float* out);
 
 const KernelTable* scalar_table();
 const KernelTable* avx2_table();    // null when not compiled (non-x86)

@@ -228,6 +228,17 @@ void rope(const float* x, float* out, const float* cs, const float* sn, int64_t 
   }
 }
 
+// ---------------------------------------------------------------- GGML kind
+#include "ggml_q32_neon.inc"
+#include "ggml_kq_neon.inc"
+
+void gg_gemm(const PackedDesc& W, const float* x, const ActQ& A, int64_t M, int64_t n0, int64_t n1, float* out,
+             int64_t ldo, const float* bias) {
+  if (q32_gemm_simd(W, x, A, M, n0, n1, out, ldo, bias)) return;
+  if (kq_gemm_simd(W, x, A, M, n0, n1, out, ldo, bias)) return;
+  gg_gemm_scalar(W, x, A, M, n0, n1, out, ldo, bias);
+}
+
 KernelTable make_table() {
   const KernelTable* s = scalar_table();
   KernelTable t = *s;
@@ -236,6 +247,7 @@ KernelTable make_table() {
   t.f32_gemm = f32_gemm;
   t.rms_norm = rms_norm;
   t.rope = rope;
+  t.gg_gemm = gg_gemm;
   return t;
 }
 

@@ -243,7 +243,7 @@ const KernelTable table = {.name = "scalar", .quantize_act = quantize_act, .int_
                            .cb_gemm = cb_gemm, .f32_gemm = f32_gemm, .rms_norm = rms_norm, .rope = rope,
                            .attn_decode = attn_decode, .attn_paged = attn_paged_scalar,
                            .silu_mul = silu_mul, .to_half = to_half, .panel_mr = 0, .panel = nullptr,
-                           .qv_gemm = 0};
+                           .qv_gemm = 0, .gg_gemm = gg_gemm_scalar};
 
 }  // namespace
 

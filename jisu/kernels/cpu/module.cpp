@@ -161,6 +161,7 @@ int64_t pick_chunks(int nth, int64_t work_bytes, int64_t parts) {
 
 int64_t desc_bytes(const PackedDesc& W) {
   if (W.kind == KIND_F32) return W.N * W.K * 4;
+  if (W.kind == KIND_GGML) return W.N * W.row_bytes;
   return W.ntiles * W.tile_bytes;
 }
 
@@ -194,6 +195,13 @@ void linear_task(void* ctx, int64_t c, int64_t nc, int tid) {
     chunk_range(c, nc, (W.N + 3) / 4, a, b);
     const int64_t n0 = a * 4, n1 = b * 4 < W.N ? b * 4 : W.N;
     if (n0 < n1) j.kt->f32_gemm(W.f32, W.N, W.K, j.x, j.M, n0, n1, j.out, W.N, j.bias);
+    return;
+  }
+  if (W.kind == KIND_GGML) {  // in units of NR rows
+    int64_t a, b;
+    chunk_range(c, nc, (W.N + NR - 1) / NR, a, b);
+    const int64_t n0 = a * NR, n1 = b * NR < W.N ? b * NR : W.N;
+    if (n0 < n1) j.kt->gg_gemm(W, j.x, j.A, j.M, n0, n1, j.out, W.N, j.bias);
     return;
   }
   int64_t t0, t1;
@@ -234,6 +242,18 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
     const int64_t parts = (W.N + 3) / 4;
     nth = pick_threads(bytes, parts);
     nc = pick_chunks(nth, bytes, parts);
+  } else if (W.kind == KIND_GGML) {
+    const int64_t parts = (W.N + NR - 1) / NR;
+    nth = pick_threads(bytes, parts);
+    nc = pick_chunks(nth, bytes, parts);
+    j.q16 = false;
+    if (gg_quantized(W.gtype)) {
+      j.A = act_buffers(M, W.K, false, 0, false);
+      if (M * W.K >= 65536 && nth > 1)
+        pool_run(quant_task, &j, M < 4 * nth ? M : 4 * nth, nth);
+      else
+        quant_task(&j, 0, 1, 0);
+    }
   } else {
     const int64_t parts = M > 1 ? (W.ntiles + 1) / 2 : W.ntiles;
     nth = pick_threads(bytes, parts);
@@ -259,6 +279,10 @@ void dequant_row(const PackedDesc& W, int64_t n, float* out) {
   const int64_t K = W.K;
   if (W.kind == KIND_F32) {
     std::memcpy(out, W.f32 + n * K, K * 4);
+    return;
+  }
+  if (W.kind == KIND_GGML) {
+    gg_dequant_row(W, n, out);
     return;
   }
   const int64_t t = n / NR, r = n % NR, ng = K / W.group, bpg = W.group / QK;
@@ -414,6 +438,25 @@ std::unique_ptr<Desc> make_f32(uintptr_t w, int64_t N, int64_t K) {
   return D;
 }
 
+// A GGUF tensor's bytes in place: N rows of K values of ggml type gtype.
+std::unique_ptr<Desc> make_ggml(uintptr_t data, int64_t N, int64_t K, int gtype) {
+  if (!gg_supported(gtype)) throw std::invalid_argument("ggml type " + std::to_string(gtype) + " has no kernel");
+  const int64_t rb = gg_row_bytes(gtype, K);
+  if (rb == 0 || N <= 0) throw std::invalid_argument("bad N/K for the ggml type");
+  if (gg_quantized(gtype) && K % QK) throw std::invalid_argument("K must be a multiple of 32");
+  auto D = std::make_unique<Desc>();
+  PackedDesc& d = D->d;
+  d.kind = KIND_GGML;
+  d.gtype = gtype;
+  d.N = N;
+  d.K = K;
+  d.group = K;
+  d.row_bytes = rb;
+  d.ntiles = (N + NR - 1) / NR;
+  d.data = (const uint8_t*)data;
+  return D;
+}
+
 void dequant_rows(uintptr_t desc, uintptr_t ids_p, int64_t n, uintptr_t out_p) {
   const PackedDesc& W = *(const PackedDesc*)desc;
   const int64_t* ids = (const int64_t*)ids_p;
@@ -475,6 +518,14 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("asym"), py::arg("per_channel"), py::arg("group"), py::arg("chan_scale"));
   m.def("make_codebook", &make_codebook, py::arg("data"), py::arg("N"), py::arg("K"), py::arg("group"));
   m.def("make_f32", &make_f32, py::arg("w"), py::arg("N"), py::arg("K"));
+  m.def("make_ggml", &make_ggml, py::arg("data"), py::arg("N"), py::arg("K"), py::arg("gtype"));
+  m.def("ggml_types", []() {
+    py::list v;
+    for (int t = 0; t < 64; t++)
+      if (gg_supported(t)) v.append(t);
+    return v;
+  }, "ggml type ids the GGML kind runs natively.");
+  m.def("ggml_row_bytes", &gg_row_bytes, "Bytes per row of K values of a ggml type (0: not whole blocks).");
 
   m.def("linear", unlocked(&linear), "linear(desc_addr, x_ptr, out_ptr, M, bias_ptr_or_0)");
   m.def("linear_f32", unlocked(&linear_f32), "linear_f32(w_ptr, N, K, x_ptr, out_ptr, M, bias_ptr_or_0)");
