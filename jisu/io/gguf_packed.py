@@ -20,7 +20,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from ..config import ModelConfig
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, UnsupportedError
 from ..models import archs
 from .gguf import GGUFFile, GGUFTensor, hf_name
 
@@ -120,18 +120,43 @@ def _ggml_weight(g: GGUFFile, name: str, t: GGUFTensor, fn):
     return PackedGGML(data, N, K, int(t.qtype))
 
 
-def _fallback_warning(g: GGUFFile, slow: dict) -> None:
-    """One line naming the types that run on the reference path and the memory that costs."""
+def _available_bytes() -> int | None:
+    """Memory the kernel says can be allocated without swapping (MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_reference_path(g: GGUFFile, cfg: ModelConfig, native: frozenset) -> None:
+    """Before loading: one warning naming the matrix types that have no native kernel and what
+    dequantizing them to fp32 costs, or a one-line error when that would not fit in memory."""
+    slow: dict = {}
+    for name, t in g.tensors.items():
+        if len(t.shape) != 2 or t.qtype in PACKABLE or int(t.qtype) in native or t.qtype == T.F32:
+            continue
+        if hf_name(name, cfg.arch) is None:
+            continue
+        e, b = slow.get(t.qtype, (0, 0))
+        slow[t.qtype] = (e + t.shape[0] * t.shape[1], b + t.data.size)
     if not slow:
         return
-    import warnings
-
-    n = sum(e for e, _ in slow.values())
+    fp32 = 4 * sum(e for e, _ in slow.values())
     file_mb = sum(b for _, b in slow.values()) / 1e6
     kinds = ", ".join(sorted(q.name for q in slow))
+    avail = _available_bytes()
+    if avail is not None and fp32 > 0.9 * avail:
+        raise UnsupportedError(f"{g.path}: {kinds} tensors have no native kernel and would take {fp32 / 1e9:.1f} GB "
+                               f"as fp32 on the reference path; {avail / 1e9:.1f} GB is available")
+    import warnings
+
     warnings.warn(f"{g.path}: {kinds} tensors have no native kernel: dequantized to fp32 on the reference "
-                  f"path ({4 * n / 1e6:.0f} MB in memory for {file_mb:.0f} MB of file, and slower)",
-                  RuntimeWarning, stacklevel=3)
+                  f"path ({fp32 / 1e6:.0f} MB in memory for {file_mb:.0f} MB of file, and slower)",
+                  RuntimeWarning, stacklevel=4)
 
 
 def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> Iterator[tuple[str, object]]:
@@ -144,7 +169,8 @@ def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> It
 
     arch = archs()[cfg.arch]
     ggml = native_types() if packed else frozenset()
-    slow: dict = {}
+    if packed:
+        check_reference_path(g, cfg, ggml)
     for name, t in g.tensors.items():
         target = hf_name(name, cfg.arch)
         if target is None:
@@ -163,14 +189,10 @@ def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> It
         if packed and int(t.qtype) in ggml and len(t.shape) == 2:
             yield target, _ggml_weight(g, name, t, fn)
             continue
-        if packed and len(t.shape) == 2 and t.qtype not in (T.F32,):
-            e, b = slow.get(t.qtype, (0, 0))
-            slow[t.qtype] = (e + t.shape[0] * t.shape[1], b + t.data.size)
         w = g.dequantize(name)
         if fn is not None:
             w = fn(w)
         yield target, w
-    _fallback_warning(g, slow)
     if packed:
         from ..memory import trim_heap
 
