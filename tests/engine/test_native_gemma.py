@@ -14,7 +14,7 @@ from jisu.config import SamplingParams
 from jisu.engine.engine import Engine
 from jisu.engine.kv_cache import PagedKVCache, SeqBlocks
 from jisu.engine.native_runner import NativeRunner, supported
-from jisu.engine.runner import TorchRunner, make_runner
+from jisu.engine.runner import TorchRunner, make_runner, sequence_logits
 from jisu.io.sources import load_weights, resolve
 from jisu.models import build_model
 from tests.kernels.helpers import FORMATS, ISAS, isa, needs_native, paged_step
@@ -191,3 +191,20 @@ def test_engine_native_equals_reference(name, kv_dtype, tmp_path_factory):
         assert a["token_ids"] == b["token_ids"]
         for x, y in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:]):
             assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=tol)
+
+
+@pytest.mark.parametrize("name", ["gemma2_gguf", "gemma3"])
+def test_gguf_runs_natively(name, tmp_path):
+    """A Gemma GGUF as llama.cpp's converter writes it (norms stored as 1 + w): jisu.load runs it
+    natively, with the logits of the reference model over the same file."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    from tests.fixtures import CASES, VOCAB_SIZE, build_hf_model, write_gguf
+
+    path = str(tmp_path / f"{name}.gguf")
+    write_gguf(build_hf_model(CASES[name], seed=1), CASES[name], path)
+    fast, slow = jisu.load(path), jisu.load(path, native=False)
+    assert isinstance(fast.runner, NativeRunner) and isinstance(slow.runner, TorchRunner)
+    tokens = prompt(vocab=VOCAB_SIZE)
+    got = sequence_logits(fast.runner, tokens[0].tolist(), kv_dtype=torch.float32, chunk=7)
+    assert rel_err(got, full_logits(slow.model, tokens)[0]) <= RTOL
