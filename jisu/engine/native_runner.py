@@ -1,6 +1,6 @@
-"""NativeRunner: a Llama-family model run by jisu._kernels.NativeModel (cpu/llama_step.cpp), which
-computes a whole step - all layers, attention over the paged KV cache, the LM head - in one call,
-so a decoded token costs one Python -> C++ crossing instead of ~15 per layer.
+"""NativeRunner: a Llama-family or Gemma 2/3 model run by jisu._kernels.NativeModel
+(cpu/llama_step.cpp), which computes a whole step - all layers, attention over the paged KV cache,
+the LM head - in one call, so a decoded token costs one Python -> C++ crossing instead of ~15 per layer.
 
 At build time q|k|v and gate|up of each layer are joined into one packed matrix (one pass over
 the activations, fewer thread-pool jobs); the model's own weights become views of the joined
@@ -17,6 +17,7 @@ from ..config import archs
 from ..kernels import _native, ops
 from ..kernels.packed import PackedF32, PackedWeight, can_concat_rows, concat_rows
 from ..memory import HugePageArena, trim_heap
+from ..models.gemma import GemmaModel
 from ..models.llama import LlamaModel
 from .batch import StepBatch
 from .kv_cache import PagedKVCache
@@ -34,21 +35,44 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=_F32).contiguous()
 
 
+# the model classes the step runs, and the MLP activation each computes
+_ACTIVATION = {LlamaModel: "silu", GemmaModel: "gelu_tanh"}
+
+
+def _activation(model) -> Optional[str]:
+    return next((a for c, a in _ACTIVATION.items() if isinstance(model, c)), None)
+
+
+def _required(model) -> list[str]:
+    """The weights the step reads: every layer's linears and norms, the embedding, head and final norm."""
+    names = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
+    for i, n in enumerate(model.names):
+        names += [n[s][0] for s in ("q", "k", "v", "o", "gate", "up", "down")]
+        names += [n[k] for k in ("attn_norm", "mlp_norm", "attn_post", "mlp_post") if n[k]]
+        if model.cfg.qk_norm:
+            names += [n["q_norm"], n["k_norm"]]
+    return names
+
+
 def supported(model) -> Optional[str]:
     """None if NativeRunner can run `model`, else the reason it cannot."""
     if _native.K is None or not hasattr(_native.K, "NativeModel"):
         return "the native module jisu._kernels is not built"
-    if not isinstance(model, LlamaModel):
-        return f"{type(model).__name__} is not a Llama-family model"
+    act = _activation(model)
+    if act is None:
+        return f"{type(model).__name__} is not a Llama-family or Gemma model"
     cfg = model.cfg
-    if not archs()[cfg.arch].NATIVE or cfg.hidden_act != "silu":
+    if not archs()[cfg.arch].NATIVE or cfg.hidden_act != act:
         return f"architecture {cfg.arch} ({cfg.hidden_act}) is not supported natively"
     if cfg.intermediate_sizes or cfg.layer_heads:
         return "layers of different widths are not supported natively"
     if cfg.head_dim % 2:
         return "odd head_dim"
-    if cfg.attn_softcap or cfg.final_softcap:
-        return "soft-capping is not supported natively"
+    if set(model.rotaries) - {"full", "sliding"} or set(model.layer_kinds) - set(model.rotaries):
+        return f"layer kinds {sorted(set(model.layer_kinds))} are not supported natively"
+    missing = next((n for n in _required(model) if n not in model.w), None)
+    if missing:
+        return f"the model has no {missing}"
     for name, w in model.w.items():
         if isinstance(w, PackedWeight):
             if w.data.device.type != "cpu" or not w._addr:
@@ -62,7 +86,7 @@ def supported(model) -> Optional[str]:
 
 
 class NativeRunner:
-    """A LlamaModel's steps in one native call each (see the module docstring)."""
+    """A LlamaModel's or GemmaModel's steps in one native call each (see the module docstring)."""
 
     # the step's results never depend on how many tokens it holds, so the budget is a throughput
     # choice: 256 for the engine's mixed batches
@@ -91,11 +115,16 @@ class NativeRunner:
 
         self._quantized = any(isinstance(x, PackedWeight) and not isinstance(x, PackedF32) for x in w.values())
         self._arena = self._weight_arena(w)
-        inv_freq = keep(_f32(model.rotary.inv_freq))
+        gemma = isinstance(model, GemmaModel)
+        kinds = sorted(model.rotaries, key=lambda k: k != "full")  # table 0: the full layers' RoPE
+        inv_freq = [keep(_f32(model.rotaries[k].inv_freq)) for k in kinds]
         self.handle = _native.K.NativeModel(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
                                             cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, float(cfg.rms_norm_eps),
-                                            float(model.scale), inv_freq.data_ptr())
-        window = cfg.sliding_window if cfg.layer_types else None  # as LlamaModel.forward
+                                            float(model.scale), inv_freq[0].data_ptr(), activation=_activation(model),
+                                            attn_softcap=float(model.attn_softcap or 0.0))
+        rope_index = {kinds[0]: 0}
+        for k, f in zip(kinds[1:], inv_freq[1:]):
+            rope_index[k] = self.handle.add_rope(f.data_ptr())
         self.fused = []
         qkv_group, gu_group = model.fused_groups()  # q|k|v and gate|up, fused where their layouts allow
         for i in range(cfg.num_layers):
@@ -115,12 +144,16 @@ class NativeRunner:
             gu = self._group(w, [p + n + ".weight" for n in gu_group])
             o = keep(self._packed(w, p + "self_attn.o_proj.weight"))
             down = keep(self._packed(w, p + "mlp.down_proj.weight"))
+            names = model.names[i]
             qn = kn = 0
             if cfg.qk_norm:
-                qn, kn = norm(p + "self_attn.q_norm.weight"), norm(p + "self_attn.k_norm.weight")
+                qn, kn = norm(names["q_norm"]), norm(names["k_norm"])
+            kind = model.layer_kinds[i]
             self.handle.set_layer(i, [keep(x)._addr for x in qkv], bias_ptrs, o._addr, [keep(x)._addr for x in gu],
-                                  down._addr, norm(p + "input_layernorm.weight"),
-                                  norm(p + "post_attention_layernorm.weight"), qn, kn, int(window or 0))
+                                  down._addr, norm(names["attn_norm"]), norm(names["mlp_norm"]), qn, kn,
+                                  int(model.windows[kind] or 0), rope=rope_index[kind],
+                                  attn_post_norm=norm(names["attn_post"]) if names["attn_post"] else 0,
+                                  mlp_post_norm=norm(names["mlp_post"]) if names["mlp_post"] else 0)
         emb = w["model.embed_tokens.weight"]
         tied = w["lm_head.weight"] is emb
         head = None
@@ -136,7 +169,9 @@ class NativeRunner:
             if tied:
                 head = _as_packed(e)
         head = keep(head if head is not None else self._packed(w, "lm_head.weight"))
-        self.handle.set_globals(emb_f32, emb_desc, head._addr, norm("model.norm.weight"))
+        self.handle.set_globals(emb_f32, emb_desc, head._addr, norm("model.norm.weight"),
+                                embed_scale=float(cfg.embed_scale) if gemma and cfg.embed_scale else 1.0,
+                                final_softcap=float(cfg.final_softcap or 0.0) if gemma else 0.0)
         if self.fused or self._arena is not None:
             trim_heap()  # the parts' old buffers (now copied into the joined ones or the arena)
         self._kv_ref = self._kv_ptrs = None

@@ -19,7 +19,7 @@ GGUF_LAYER_NAMES = {**common.GGUF_LAYER_NAMES, "post_attention_norm": "post_atte
 # The norms scale by (1 + w). Weights in memory hold w, as HF files and jisu artifacts store it; the
 # model adds the 1 once when built (common.model_form); llama.cpp stores 1 + w (load_transform).
 NORM_OFFSET = 1.0
-NATIVE = False  # soft-capping, GeLU and the extra norms are not in the native step
+NATIVE = True   # jisu.engine.native_runner runs it (when the config's details fit, see its supported())
 
 # Layer counts of the 27B Gemmas, whose queries are scaled by (hidden / heads) ** -0.5 instead of
 # head_dim ** -0.5. GGUF does not store query_pre_attn_scalar; llama.cpp picks the scale this way.

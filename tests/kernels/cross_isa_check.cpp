@@ -69,7 +69,7 @@ static int check(const KernelTable* S, const KernelTable* V){
     for(size_t i=0;i<T*H*D;i++) if(fabsf(o1[i]-o2[i])>1e-5f){ printf("RMS MISMATCH %g %g\n",o1[i],o2[i]); fails++; break; } }
   // every entry of the table is filled (an ISA without its own kernel takes the scalar one)
   if(!V->quantize_act||!V->int_gemm||!V->cb_gemm||!V->f32_gemm||!V->rms_norm||!V->rope||!V->attn_decode||
-     !V->attn_paged||!V->silu_mul||!V->to_half){ printf("TABLE ENTRY MISSING\n"); fails++; }
+     !V->attn_paged||!V->silu_mul||!V->gelu_mul||!V->to_half){ printf("TABLE ENTRY MISSING\n"); fails++; }
   // half store bitwise, SiLU tolerance
   { std::vector<float> x(1003); for(auto& v: x) v=(rand()/(float)RAND_MAX-0.5f)*expf((rand()/(float)RAND_MAX-0.5f)*30.f);
     x[0]=70000.f; x[1]=-1e-7f; x[2]=INFINITY; x[3]=NAN;
@@ -77,16 +77,18 @@ static int check(const KernelTable* S, const KernelTable* V){
     if(h1!=h2){ printf("TO_HALF MISMATCH\n"); fails++; }
     std::vector<float> u(x.size()), o1(x.size()), o2(x.size()); for(size_t i=0;i<x.size();i++){ x[i]=fmaxf(-80.f,fminf(80.f,x[i])); u[i]=rand()/(float)RAND_MAX; }
     S->silu_mul(x.data(),u.data(),o1.data(),x.size()); V->silu_mul(x.data(),u.data(),o2.data(),x.size());
-    for(size_t i=0;i<x.size();i++) if(fabsf(o1[i]-o2[i])>1e-6f*(1.f+fabsf(o1[i]))){ printf("SILU MISMATCH %g %g\n",o1[i],o2[i]); fails++; break; } }
-  // paged attention (block size 3, a shuffled block table, fp32 and half caches, a window), tolerance
-  for(int64_t D: {16,20,24,64}) for(int half: {0,1}) for(int64_t lo: {0,5}) {
+    for(size_t i=0;i<x.size();i++) if(fabsf(o1[i]-o2[i])>1e-6f*(1.f+fabsf(o1[i]))){ printf("SILU MISMATCH %g %g\n",o1[i],o2[i]); fails++; break; }
+    S->gelu_mul(x.data(),u.data(),o1.data(),x.size()); V->gelu_mul(x.data(),u.data(),o2.data(),x.size());
+    for(size_t i=0;i<x.size();i++) if(fabsf(o1[i]-o2[i])>1e-6f*(1.f+fabsf(o1[i]))){ printf("GELU MISMATCH %g %g\n",o1[i],o2[i]); fails++; break; } }
+  // paged attention (block size 3, a shuffled block table, fp32 and half caches, a window, soft-capping), tolerance
+  for(int64_t D: {16,20,24,64}) for(int half: {0,1}) for(int64_t lo: {0,5}) for(float cap: {0.f,0.2f}) {
     const int64_t bs=3, Hkv=2, nblk=8, G=3, hi=17, n=hi-lo+1; std::vector<int32_t> table={5,2,7,0,3,6,1,4};
     std::vector<float> kf(nblk*Hkv*bs*D), vf(kf.size()); for(auto& v: kf) v=rand()/(float)RAND_MAX-0.5f; for(auto& v: vf) v=rand()/(float)RAND_MAX-0.5f;
     std::vector<uint16_t> kh(kf.size()), vh(kf.size()); S->to_half(kf.data(),kh.data(),kf.size()); S->to_half(vf.data(),vh.data(),vf.size());
     std::vector<float> q(G*D), o1(G*D), o2(G*D), sc(G*n+2*n+32); for(auto& v: q) v=rand()/(float)RAND_MAX-0.5f;
     PagedAttn a; a.kc=half?(const void*)kh.data():kf.data(); a.vc=half?(const void*)vh.data():vf.data(); a.table=table.data();
-    a.bs=bs; a.Hkv=Hkv; a.D=D; a.hk=1; a.lo=lo; a.hi=hi; a.scale=0.3f; a.half=half;
+    a.bs=bs; a.Hkv=Hkv; a.D=D; a.hk=1; a.lo=lo; a.hi=hi; a.scale=0.3f; a.half=half; a.softcap=cap;
     S->attn_paged(a,q.data(),o1.data(),G,sc.data()); V->attn_paged(a,q.data(),o2.data(),G,sc.data());
-    for(int64_t i=0;i<G*D;i++) if(fabsf(o1[i]-o2[i])>1e-5f){ printf("ATTN_PAGED MISMATCH D=%ld half=%d %g %g\n",D,half,o1[i],o2[i]); fails++; break; } }
+    for(int64_t i=0;i<G*D;i++) if(fabsf(o1[i]-o2[i])>1e-5f){ printf("ATTN_PAGED MISMATCH D=%ld half=%d cap=%g %g %g\n",D,half,cap,o1[i],o2[i]); fails++; break; } }
   printf("%d failures\n", fails); return fails;
 }

@@ -1,5 +1,6 @@
 // Paged attention of the native step: one token's query heads over its sequence's cached
-// positions, read through the block table, on an fp32 or IEEE-half cache. The scalar kernel is
+// positions, read through the block table, on an fp32 or IEEE-half cache, with optional tanh
+// soft-capping of the scaled scores before the softmax (Gemma 2). The scalar kernel is
 // the reference; the AVX2 kernel (D a multiple of 8) and the AVX-512 kernel (D a multiple of 16)
 // give each other's bits (tests/kernels/test_attention_isa.py). Each ISA's KernelTable points at
 // its attn_paged_* entry; the x86 kernels are compiled for their targets by attribute.
@@ -41,6 +42,8 @@ void attn_scalar(const PagedAttn& a, const float* q, float* out, int64_t nh, flo
       for (int64_t d = 0; d < D; d++) acc += qh[d] * kv_value(kp[d]);
       s[p - a.lo] = acc * a.scale;
     }
+    if (a.softcap > 0.f)
+      for (int64_t i = 0; i < n; i++) s[i] = std::tanh(s[i] / a.softcap) * a.softcap;
     float mx = -INFINITY;
     for (int64_t i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
     float sum = 0.f;
@@ -61,6 +64,31 @@ void attn_scalar(const PagedAttn& a, const float* q, float* out, int64_t nh, flo
 }
 
 #if JISU_ATTN_X86
+// ---------------------------------------------------------------- soft-capping (x86)
+// s[i] = tanh(s[i] / cap) * cap for a row of n scores, shared by the AVX2 and AVX-512 kernels (the
+// same bits). tanh |y| = (1 - e) / (1 + e) with e = exp(-2 |y|): absolute error ~1e-7, so a
+// score moves by ~1e-7 cap (about one ulp of a score near the cap).
+JISU_AVX2_FN static inline __m256 capped8(__m256 s, __m256 inv_cap, __m256 cap) {
+  const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+  const __m256 y = _mm256_mul_ps(s, inv_cap);
+  const __m256 ay = _mm256_andnot_ps(sign, y);
+  const __m256 e = exp8(_mm256_mul_ps(ay, _mm256_set1_ps(-2.f)));
+  const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  return _mm256_mul_ps(_mm256_or_ps(t, _mm256_and_ps(sign, y)), cap);
+}
+
+JISU_AVX2_FN static void softcap_row(float* s, int64_t n, float cap) {
+  const __m256 capv = _mm256_set1_ps(cap), inv = _mm256_set1_ps(1.f / cap);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(s + i, capped8(_mm256_loadu_ps(s + i), inv, capv));
+  if (i < n) {
+    alignas(32) float tmp[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t k = i; k < n; k++) tmp[k - i] = s[k];
+    _mm256_store_ps(tmp, capped8(_mm256_load_ps(tmp), inv, capv));
+    for (int64_t k = i; k < n; k++) s[k] = tmp[k - i];
+  }
+}
+
 // ---------------------------------------------------------------- AVX2
 // The positions [lo, hi] are walked block by block in increasing order (no lambdas: they
 // would not inherit the target attribute).
@@ -130,6 +158,8 @@ JISU_AVX2_FN static void attn_heads_avx2(const PagedAttn& a, const float* q, flo
     for (int j = 0; j < NH; j++) sc[j * n + (p - lo)] = hsum8(_mm256_add_ps(acc0[j], acc1[j])) * a.scale;
   })
   float inv[NH];
+  if (a.softcap > 0.f)
+    for (int j = 0; j < NH; j++) softcap_row(sc + j * n, n, a.softcap);
   for (int j = 0; j < NH; j++) inv[j] = softmax_row(sc + j * n, n);
   // P V in chunks of 32 output dims: NH x 4 accumulators stay in registers
   for (int64_t d0 = 0; d0 < D; d0 += 32) {
@@ -243,6 +273,8 @@ JISU_AVX512_FN static void attn_heads_avx512(const PagedAttn& a, const float* q,
     for (int j = 0; j < NH; j++) _mm256_mask_storeu_ps(sc + j * n + c0, m, _mm256_mul_ps(reduce8_z(z[j]), scale));
   }
   float inv[NH];
+  if (a.softcap > 0.f)
+    for (int j = 0; j < NH; j++) softcap_row(sc + j * n, n, a.softcap);
   for (int j = 0; j < NH; j++) inv[j] = softmax_row(sc + j * n, n);
   // P V as in the AVX2 kernel above, 64 output dims a pass (the same shape, zmm for ymm: same sums)
   for (int64_t d0 = 0; d0 < D; d0 += 64) {

@@ -193,6 +193,7 @@ struct PagedAttn {
   const int32_t* table;  // the sequence's block table
   int64_t bs, Hkv, D, hk, lo, hi;  // block size, KV heads, head size, this KV head, positions
   float scale;           // applied to q . k before the softmax
+  float softcap = 0.f;   // > 0: each scaled score s becomes tanh(s / softcap) * softcap (Gemma)
   bool half = false;     // the cache holds IEEE half (widened exactly on load)
   // Software prefetch of the rows: for a decode step, whose sequences' cached rows come from DRAM
   // in runs of one block. A prefill's queries read rows that the step just wrote and that the
@@ -229,6 +230,8 @@ struct KernelTable {
   void (*attn_paged)(const PagedAttn& a, const float* q, float* out, int64_t nh, float* scratch);
   // out[i] = silu(g[i]) * u[i] for i < n (the MLP's gate).
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
+  // out[i] = gelu_tanh(g[i]) * u[i] for i < n (Gemma's gate; GeLU's tanh approximation).
+  void (*gelu_mul)(const float* g, const float* u, float* out, int64_t n);
   // n floats to IEEE half, rounded to nearest even as torch's .half() (the fp16 KV cache).
   void (*to_half)(const float* src, uint16_t* dst, int64_t n);
   // Optional (null / 0 when the ISA has none): int_gemm reads the activations through a panel of

@@ -205,6 +205,15 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
+// 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))) * u: torch's gelu(approximate="tanh") formula
+void gelu_mul(const float* g, const float* u, float* out, int64_t n) {
+  const float beta = 0.7978845608028654f, kappa = 0.044715f;
+  for (int64_t i = 0; i < n; i++) {
+    const float x = g[i];
+    out[i] = 0.5f * x * (1.f + std::tanh(beta * (x + kappa * x * x * x))) * u[i];
+  }
+}
+
 void to_half(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; i++) dst[i] = f32_to_f16(src[i]);
 }
@@ -242,7 +251,7 @@ void attn_decode(const float* q, const float* k, const float* v, float* out, int
 const KernelTable table = {.name = "scalar", .quantize_act = quantize_act, .int_gemm = int_gemm,
                            .cb_gemm = cb_gemm, .f32_gemm = f32_gemm, .rms_norm = rms_norm, .rope = rope,
                            .attn_decode = attn_decode, .attn_paged = attn_paged_scalar,
-                           .silu_mul = silu_mul, .to_half = to_half, .panel_mr = 0, .panel = nullptr,
+                           .silu_mul = silu_mul, .gelu_mul = gelu_mul, .to_half = to_half, .panel_mr = 0, .panel = nullptr,
                            .qv_gemm = 0, .gg_gemm = gg_gemm_scalar};
 
 }  // namespace

@@ -1,5 +1,7 @@
-// One native forward step of a Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2 q/k/v
-// bias, Qwen3 q/k RMSNorm, optional sliding window) over a paged KV cache.
+// One native forward step of a pre-norm decoder over a paged KV cache: the Llama family (Llama
+// 2/3, Mistral, SmolLM, Qwen2 q/k/v bias, Qwen3 q/k RMSNorm, optional sliding window) and Gemma 2/3
+// (scaled embeddings, norms after the attention and the MLP, GeLU-tanh gate, attention and final
+// logit soft-capping, per-layer sliding windows and RoPE tables).
 //
 // The model handle (NativeModel) holds only pointers: Python keeps the weights alive. A step
 // takes T tokens from S sequences (sequence s appends q_lens[s] tokens after its starts[s]
@@ -12,7 +14,7 @@
 // batch, and the same for any block size.
 //
 // Every kernel it runs comes from the active ISA's KernelTable (linear, RMSNorm, RoPE, paged
-// attention, SiLU, the half KV store), so the ISA is chosen in one place (set_isa).
+// attention, SiLU / GeLU gates, the half KV store), so the ISA is chosen in one place (set_isa).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -82,7 +84,16 @@ struct Layer {
   const float* ffn_norm = nullptr;
   const float* q_norm = nullptr;
   const float* k_norm = nullptr;
+  const float* attn_post = nullptr;  // norm of the attention block's output (Gemma), or null
+  const float* mlp_post = nullptr;   // norm of the MLP's output (Gemma), or null
   int64_t window = 0;  // 0: full causal attention
+  int rope = 0;        // index of its RoPE table (Gemma 3: the sliding layers have their own base)
+};
+
+// cos/sin of one set of inverse frequencies, grown on demand.
+struct RopeTable {
+  std::vector<float> inv_freq, cos, sin;
+  int64_t len = 0;
 };
 
 struct Stats {
@@ -92,20 +103,37 @@ struct Stats {
 
 class NativeModel {
  public:
+  // activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU); attn_softcap > 0: tanh soft-capping of
+  // the scaled attention scores. inv_freq: RoPE table 0 (add_rope adds more).
   NativeModel(int64_t hidden, int64_t inter, int64_t n_layers, int64_t H, int64_t Hkv, int64_t D,
-              int64_t vocab, double eps, double scale, uintptr_t inv_freq)
+              int64_t vocab, double eps, double scale, uintptr_t inv_freq, const std::string& activation,
+              double attn_softcap)
       : hidden_(hidden), inter_(inter), H_(H), Hkv_(Hkv), D_(D), vocab_(vocab), eps_((float)eps),
-        scale_((float)scale), layers_(n_layers) {
+        scale_((float)scale), attn_softcap_((float)attn_softcap), layers_(n_layers) {
     if (hidden <= 0 || inter <= 0 || n_layers <= 0 || H <= 0 || Hkv <= 0 || D <= 0 || D % 2 || H % Hkv || vocab <= 0)
       throw std::invalid_argument("NativeModel: bad config");
+    if (activation != "silu" && activation != "gelu_tanh")
+      throw std::invalid_argument("NativeModel: activation must be silu or gelu_tanh, not " + activation);
+    if (!(attn_softcap >= 0)) throw std::invalid_argument("NativeModel: attn_softcap must be >= 0");
+    gelu_ = activation == "gelu_tanh";
+    add_rope(inv_freq);
+  }
+
+  // Another RoPE table (D/2 inverse frequencies); returns its index for set_layer.
+  int64_t add_rope(uintptr_t inv_freq) {
+    if (!inv_freq) throw std::invalid_argument("add_rope: no inverse frequencies");
     const float* f = (const float*)inv_freq;
-    inv_freq_.assign(f, f + D / 2);
+    ropes_.emplace_back();
+    ropes_.back().inv_freq.assign(f, f + D_ / 2);
+    return (int64_t)ropes_.size() - 1;
   }
 
   void set_layer(int64_t i, std::vector<uintptr_t> qkv, std::vector<uintptr_t> qkv_bias, uintptr_t o,
                  std::vector<uintptr_t> gu, uintptr_t down, uintptr_t attn_norm, uintptr_t ffn_norm,
-                 uintptr_t q_norm, uintptr_t k_norm, int64_t window) {
+                 uintptr_t q_norm, uintptr_t k_norm, int64_t window, int64_t rope, uintptr_t attn_post_norm,
+                 uintptr_t mlp_post_norm) {
     if (i < 0 || i >= (int64_t)layers_.size()) throw std::out_of_range("set_layer: layer index");
+    if (rope < 0 || rope >= (int64_t)ropes_.size()) throw std::out_of_range("set_layer: RoPE table index");
     Layer& L = layers_[i];
     const int64_t nq = H_ * D_, nkv = Hkv_ * D_;
     if (qkv.size() == 1) {
@@ -144,11 +172,20 @@ class NativeModel {
     L.k_norm = (const float*)k_norm;
     if ((q_norm == 0) != (k_norm == 0)) throw std::invalid_argument("set_layer: q_norm and k_norm go together");
     L.window = window > 0 ? window : 0;
+    L.rope = (int)rope;
+    L.attn_post = (const float*)attn_post_norm;
+    L.mlp_post = (const float*)mlp_post_norm;
   }
 
-  // embed_f32: [vocab, hidden] table, or embed_desc: a packed [vocab, hidden] weight.
-  void set_globals(uintptr_t embed_f32, uintptr_t embed_desc, uintptr_t head_desc, uintptr_t final_norm) {
+  // embed_f32: [vocab, hidden] table, or embed_desc: a packed [vocab, hidden] weight; its rows are
+  // multiplied by embed_scale (1: not at all). final_softcap > 0: the logits become
+  // tanh(l / final_softcap) * final_softcap.
+  void set_globals(uintptr_t embed_f32, uintptr_t embed_desc, uintptr_t head_desc, uintptr_t final_norm,
+                   double embed_scale, double final_softcap) {
     if ((embed_f32 == 0) == (embed_desc == 0)) throw std::invalid_argument("set_globals: give one embedding");
+    if (!(final_softcap >= 0)) throw std::invalid_argument("set_globals: final_softcap must be >= 0");
+    embed_scale_ = (float)embed_scale;
+    final_softcap_ = (float)final_softcap;
     if (embed_desc) check(embed_desc, vocab_, hidden_, "embedding");
     check(head_desc, vocab_, hidden_, "lm_head");
     if (!final_norm) throw std::invalid_argument("set_globals: final norm is required");
@@ -186,26 +223,26 @@ class NativeModel {
                                   std::to_string(K) + "]");
   }
 
-  void ensure_rope(int64_t npos) {
-    if (npos <= rope_len_) return;
+  void ensure_rope(RopeTable& r, int64_t npos) const {
+    if (npos <= r.len) return;
     const int64_t h2 = D_ / 2;
-    int64_t n = std::max<int64_t>({npos, 2 * rope_len_, 256});
-    cos_.resize(n * h2);
-    sin_.resize(n * h2);
-    for (int64_t p = rope_len_; p < n; p++)
+    int64_t n = std::max<int64_t>({npos, 2 * r.len, 256});
+    r.cos.resize(n * h2);
+    r.sin.resize(n * h2);
+    for (int64_t p = r.len; p < n; p++)
       for (int64_t i = 0; i < h2; i++) {
         // the angle rounded to float first, as the reference's float32 table
-        const float ang = (float)p * inv_freq_[i];
-        cos_[p * h2 + i] = (float)std::cos((double)ang);
-        sin_[p * h2 + i] = (float)std::sin((double)ang);
+        const float ang = (float)p * r.inv_freq[i];
+        r.cos[p * h2 + i] = (float)std::cos((double)ang);
+        r.sin[p * h2 + i] = (float)std::sin((double)ang);
       }
-    rope_len_ = n;
+    r.len = n;
   }
 
   // rotate-half RoPE of nh heads of x at position pos, in place
-  void rope(const KernelTable* kt, float* x, int64_t nh, int64_t pos) const {
+  void rope(const KernelTable* kt, const RopeTable& r, float* x, int64_t nh, int64_t pos) const {
     const int64_t h2 = D_ / 2;
-    kt->rope(x, x, cos_.data() + pos * h2, sin_.data() + pos * h2, 0, 1, nh, D_);
+    kt->rope(x, x, r.cos.data() + pos * h2, r.sin.data() + pos * h2, 0, 1, nh, D_);
   }
 
   void embed_row(int64_t tok, float* out) const {
@@ -213,17 +250,20 @@ class NativeModel {
       std::memcpy(out, emb_f32_ + tok * hidden_, hidden_ * 4);
     else
       dequant_row(*emb_, tok, out);
+    if (embed_scale_ != 1.f)  // one rounded product, as the reference's fp32 multiply
+      for (int64_t i = 0; i < hidden_; i++) out[i] = out[i] * embed_scale_;
   }
 
   int64_t hidden_, inter_, H_, Hkv_, D_, vocab_;
-  float eps_, scale_;
+  float eps_, scale_, attn_softcap_;
+  bool gelu_ = false;
+  float embed_scale_ = 1.f, final_softcap_ = 0.f;
   std::vector<Layer> layers_;
   const float* emb_f32_ = nullptr;
   const PackedDesc* emb_ = nullptr;
   const PackedDesc* head_ = nullptr;
   const float* final_norm_ = nullptr;
-  std::vector<float> inv_freq_, cos_, sin_;
-  int64_t rope_len_ = 0;
+  std::vector<RopeTable> ropes_;
   FBuf x_, h_, qkv_, q_, k_, v_, att_, tmp_, gu_, g_, u_, act_, xr_;
   std::vector<FBuf> thr_;
   std::vector<int64_t> pos_, seq_;
@@ -271,7 +311,7 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
     if (tokens[i] < 0 || tokens[i] >= vocab_) throw std::invalid_argument("forward: token id out of range");
   for (int64_t r = 0; r < R; r++)
     if (rows[r] < 0 || rows[r] >= T) throw std::invalid_argument("forward: logits row out of range");
-  ensure_rope(max_pos + 1);
+  for (RopeTable& r : ropes_) ensure_rope(r, max_pos + 1);
 
   const bool prof = profile;
   const KernelTable* kt = active_kernels();
@@ -296,6 +336,7 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
 
   for (size_t li = 0; li < layers_.size(); li++) {
     const Layer& L = layers_[li];
+    const RopeTable& rt = ropes_[L.rope];
     void* kcache = (void*)kptrs[li];
     void* vcache = (void*)vptrs[li];
     // ---- attention block
@@ -326,8 +367,8 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
           kt->rms_norm(qi, L.q_norm, qi, 0, H, D, eps_);
           kt->rms_norm(ki, L.k_norm, ki, 0, Hkv, D, eps_);
         }
-        rope(kt, qi, H, pos_[i]);
-        rope(kt, ki, Hkv, pos_[i]);
+        rope(kt, rt, qi, H, pos_[i]);
+        rope(kt, rt, ki, Hkv, pos_[i]);
         const int64_t p = pos_[i];
         const int64_t blk = tables[seq_[i] * max_blocks + p / bs];
         for (int64_t hk = 0; hk < Hkv; hk++) {
@@ -364,6 +405,7 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
         A.hi = pos_[i];
         A.lo = L.window ? std::max<int64_t>(0, pos_[i] - L.window + 1) : 0;
         A.scale = scale_;
+        A.softcap = attn_softcap_;
         A.half = kv_half;
         A.prefetch = qlens[seq_[i]] <= 1;
         kt->attn_paged(A, q + i * qs + h0 * D, att + i * nq + h0 * D, nh, thr_[tid].p);
@@ -371,8 +413,9 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
     }, 16);
     if (prof) t_att += now_s() - ta;
     lin(L.o, att, tmp, nullptr);
-    // residual, then the MLP's norm
+    // (the output's norm,) residual, then the MLP's norm
     parallel_for(T, step_threads(T * E * 12), [&](int64_t a, int64_t b, int) {
+      if (L.attn_post) kt->rms_norm(tmp, L.attn_post, tmp, a, b, E, eps_);
       for (int64_t i = a * E; i < b * E; i++) x[i] = x[i] + tmp[i];
       kt->rms_norm(x, L.ffn_norm, h, a, b, E, eps_);
     });
@@ -391,10 +434,12 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
       g = gb, up = ub, gs = F;
     }
     parallel_for(T, step_threads(T * F * 12), [&](int64_t a, int64_t b, int) {
-      for (int64_t i = a; i < b; i++) kt->silu_mul(g + i * gs, up + i * gs, act + i * F, F);
+      auto gate = gelu_ ? kt->gelu_mul : kt->silu_mul;
+      for (int64_t i = a; i < b; i++) gate(g + i * gs, up + i * gs, act + i * F, F);
     });
     lin(L.down, act, tmp, nullptr);
     parallel_for(T, step_threads(T * E * 8), [&](int64_t a, int64_t b, int) {
+      if (L.mlp_post) kt->rms_norm(tmp, L.mlp_post, tmp, a, b, E, eps_);
       for (int64_t i = a * E; i < b * E; i++) x[i] = x[i] + tmp[i];
     });
   }
@@ -405,6 +450,13 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
     const double t0 = prof ? now_s() : 0;
     linear((uintptr_t)head_, (uintptr_t)xr, (uintptr_t)logits, R, 0);
     if (prof) t_lin += now_s() - t0;
+    if (final_softcap_ > 0.f) {  // as the reference: tanh(l / cap) * cap
+      const float cap = final_softcap_;
+      const int64_t n = R * vocab_;
+      parallel_for((n + 4095) / 4096, step_threads(n * 32), [&](int64_t a, int64_t b, int) {
+        for (int64_t i = a * 4096; i < std::min(n, b * 4096); i++) logits[i] = std::tanh(logits[i] / cap) * cap;
+      });
+    }
   }
   if (prof) {
     const double total = now_s() - t_start;
@@ -421,16 +473,20 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
 
 void register_llama_step(py::module_& m) {
   py::class_<NativeModel>(m, "NativeModel",
-                          "A Llama-family model step over a paged KV cache (see jisu.engine.native_runner).")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, uintptr_t>(),
+                          "A Llama-family or Gemma model step over a paged KV cache (see jisu.engine.native_runner).")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, uintptr_t,
+                    const std::string&, double>(),
            py::arg("hidden"), py::arg("intermediate"), py::arg("num_layers"), py::arg("num_heads"),
            py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("vocab"), py::arg("eps"), py::arg("scale"),
-           py::arg("inv_freq"))
+           py::arg("inv_freq"), py::arg("activation") = "silu", py::arg("attn_softcap") = 0.0)
+      .def("add_rope", &NativeModel::add_rope, py::arg("inv_freq"),
+           "another RoPE table (D/2 fp32 inverse frequencies at this address); returns its index")
       .def("set_layer", &NativeModel::set_layer, py::arg("i"), py::arg("qkv"), py::arg("qkv_bias"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"), py::arg("attn_norm"), py::arg("ffn_norm"), py::arg("q_norm"),
-           py::arg("k_norm"), py::arg("window"))
+           py::arg("k_norm"), py::arg("window"), py::arg("rope") = 0, py::arg("attn_post_norm") = 0,
+           py::arg("mlp_post_norm") = 0)
       .def("set_globals", &NativeModel::set_globals, py::arg("embed_f32"), py::arg("embed_desc"),
-           py::arg("head_desc"), py::arg("final_norm"))
+           py::arg("head_desc"), py::arg("final_norm"), py::arg("embed_scale") = 1.0, py::arg("final_softcap") = 0.0)
       .def("forward",
            [](NativeModel& self, uintptr_t tokens, int64_t T, int64_t S, uintptr_t qlens, uintptr_t starts,
               uintptr_t tables, int64_t max_blocks, uintptr_t kptrs, uintptr_t vptrs, int64_t bs, int64_t nb,
