@@ -7,6 +7,7 @@ import struct
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
@@ -46,8 +47,9 @@ def _checked_child(folder: str, name: Any, what: str) -> str:
     return os.path.join(folder, name)
 
 
-def check_safetensors(path: str) -> None:
-    """Validate a safetensors header before the library maps it: sizes, dtypes, offsets."""
+def check_safetensors(path: str) -> tuple[dict, int]:
+    """Validate a safetensors header before the library maps it: sizes, dtypes, offsets. Returns
+    the header and the file offset of the data (data_offsets count from there)."""
     with _reading(path, "corrupt safetensors header"):
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -77,6 +79,7 @@ def check_safetensors(path: str) -> None:
             raise UnsupportedError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size):
             raise ModelFormatError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
+    return header, 8 + n
 
 
 def safetensors_files(folder: str) -> list[str]:
@@ -95,19 +98,49 @@ def safetensors_files(folder: str) -> list[str]:
     raise ModelFormatError(f"{folder}: no *.safetensors weights found")
 
 
-def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+# safetensors dtypes the GGML kind runs in place (ggml type ids)
+_GGML_DTYPES = {"F16": 1, "BF16": 30}
+
+
+def iter_safetensors(files: list[str], packed: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) for every tensor of the files. packed=True: a 2-D F16 / BF16 tensor becomes a
+    PackedGGML whose bytes view a read-only memory map of the file (no copy; the kernels read the
+    16-bit values in place); other tensors are read as they are stored."""
     from safetensors import safe_open
 
+    ggml = frozenset()
+    if packed:
+        from ..kernels.packed_ggml import native_types
+
+        ggml = native_types()
     for path in files:
-        check_safetensors(path)
+        header, base = check_safetensors(path)
+        mm = None
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    info = header.get(name)
+                    gtype = _GGML_DTYPES.get(info["dtype"]) if info else None
+                    if gtype in ggml and len(info["shape"]) == 2 and min(info["shape"]) > 0:
+                        if mm is None:
+                            mm = np.memmap(path, dtype=np.uint8, mode="r")
+                        yield name, _in_place(mm, base, info, gtype)
+                    else:
+                        yield name, f.get_tensor(name)
         except Exception as e:  # SafetensorError and friends
             if isinstance(e, (ModelFormatError, UnsupportedError)):
                 raise
             raise ModelFormatError(f"{path}: corrupt safetensors file ({e})") from None
+
+
+def _in_place(mm: np.memmap, base: int, info: dict, gtype: int):
+    """The PackedGGML of one 2-D 16-bit tensor over its bytes in the file's memory map."""
+    from ..kernels.packed_ggml import PackedGGML, as_bytes
+
+    (N, K), (start, end) = info["shape"], info["data_offsets"]
+    if end - start != 2 * N * K:
+        raise ModelFormatError(f"tensor of shape {[N, K]} holds {end - start} bytes, not {2 * N * K}")
+    return PackedGGML(as_bytes(mm[base + start:base + end]), N, K, gtype)
 
 
 def hf_config(folder: str) -> ModelConfig:

@@ -91,7 +91,9 @@ def load_weights(source: ModelSource, progress: bool = False,
                  packed: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
     """(config, fp32/bf16 weights by HF name, tokenizer) for a resolved source. packed=True: a
     GGUF's Q8_0 / Q4_0 / Q4_1 matrices, and an artifact's quantized linears, stay quantized as
-    packed kernel weights (lossless, memory near the file size); False dequantizes them."""
+    packed kernel weights (lossless, memory near the file size), a GGUF's other natively run
+    matrices and an HF folder's 16-bit (F16 / BF16) matrices stay in the file's bytes
+    (PackedGGML over the memory map); False dequantizes them."""
     from tqdm import tqdm
 
     if source.kind == "artifact":
@@ -118,7 +120,7 @@ def load_weights(source: ModelSource, progress: bool = False,
 
         cfg = hf_config(source.path)
         tokenizer = load_hf_tokenizer(source.path)
-        items = _transformed(cfg, "hf", iter_safetensors(safetensors_files(source.path)))
+        items = _transformed(cfg, "hf", iter_safetensors(safetensors_files(source.path), packed=packed))
         total = None
     weights = {}
     for name, tensor in tqdm(items, total=total, desc=f"loading {source.name}", unit="tensor",
@@ -132,13 +134,22 @@ def load_weights(source: ModelSource, progress: bool = False,
 
 def _transformed(cfg: ModelConfig, source: str, items):
     """(name, tensor) pairs with the architecture's load transform applied (the GGUF iterator
-    applies it itself, packed matrices included)."""
+    applies it itself, packed matrices included). A 16-bit matrix kept in the file's bytes
+    (PackedGGML) is transformed as its 16-bit tensor into a copy of its own."""
     arch = archs()[cfg.arch]
     for name, t in items:
         fn = arch.load_transform(cfg, source, name)
         if fn is not None:
-            t = fn(t)
+            t = fn(t) if isinstance(t, torch.Tensor) else _transform_16bit(t, fn)
         yield name, t
+
+
+def _transform_16bit(w, fn):
+    from ..kernels.packed_ggml import BF16, PackedGGML
+
+    dtype = torch.bfloat16 if w.gtype == BF16 else torch.float16
+    t = fn(w.data.view(dtype).view(w.N, w.K)).to(dtype).contiguous()
+    return PackedGGML(t.view(torch.uint8).view(-1), t.shape[0], t.shape[1], w.gtype)
 
 
 TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
