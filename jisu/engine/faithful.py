@@ -20,8 +20,8 @@ class FaithfulRunner:
     Why whole steps: plain int8 activations move each logit by up to ~2 (mean per-row maximum
     0.74 on SmolLM2-135M Q4_1) and the error lives on in every K/V row they wrote; recomputing only
     the near-tied rows precise over a fast cache, or precise prompts with fast decode, or the
-    reverse, left most sequences of 64 tokens different from the fp32 reference's (see
-    benchmarks/bench_faithful.py). A step is still computed the same way whatever it holds, so
+    reverse, left most sequences of 64 tokens different from the fp32 reference's (README.md,
+    "Faithful by default"; benchmarks/bench_faithful.py counts the modes). A step is still computed the same way whatever it holds, so
     batch invariance is kept. The setting is process-wide: engines of one process should not run
     fast and faithful steps on two threads at once."""
 
