@@ -4,6 +4,8 @@ mode's; batched greedy equals one at a time; and on the default model the France
 fp32 reference's tokens."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -75,6 +77,31 @@ def test_setting_restored_when_the_step_fails(refine):
     with pytest.raises(RuntimeError):
         FaithfulRunner(Failing()).run(StepBatch.single([1], 0, [0], [0]), None)
     assert ops.get_act_refine() == 0.0
+
+
+def test_faithful_steps_on_two_threads(refine):
+    """The setting goes back to plain int8 only when the last concurrent faithful step ends."""
+    refine(0.0)
+    both = threading.Barrier(2)
+    first_done = threading.Event()
+
+    class Slow(Recorder):
+        def run(self, step, kv):
+            both.wait(timeout=10)
+            if step.token_ids == [1]:
+                first_done.set()
+            else:
+                first_done.wait(timeout=10)
+            return super().run(step, kv)
+
+    inner = Slow()
+    f = FaithfulRunner(inner)
+    ts = [threading.Thread(target=f.run, args=(StepBatch.single([t], 0, [0], [0]), None)) for t in (1, 2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=20)
+    assert inner.seen == [pytest.approx(ops.PRECISE)] * 2 and ops.get_act_refine() == 0.0
 
 
 @pytest.fixture(scope="module")
