@@ -137,8 +137,14 @@ def main(argv=None) -> int:
                      if "decode_tok_s" in r else ""), flush=True)
     finally:
         ops.set_act_refine(before)
+    lc = None
     if args.llama_bench:
-        lc = result["llama_cpp"] = llama_bench(path, args.threads)
+        try:
+            lc = result["llama_cpp"] = llama_bench(path, args.threads)
+        except (OSError, subprocess.CalledProcessError, ValueError, KeyError) as e:  # e.g. built for another CPU
+            result["llama_cpp_error"] = str(e)
+            print(f"llama-bench failed: {e}", file=sys.stderr)
+    if lc:
         for name, r in result["modes"].items():
             if "decode_tok_s" in r:
                 r["decode_ratio"] = r["decode_tok_s"] / lc["decode_tok_s"]
