@@ -175,8 +175,9 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     (default: when supported); False: the reference model (engine/runner.TorchRunner).
     precise: True makes the packed kernels carry every int8 activation block's rounding residual
     (~15-bit activations: the output of the plain fp32 path on the same weights, greedy tokens
-    included, at about half the prefill speed); False restores plain int8 blocks (the default, as
-    llama.cpp). The setting is process-wide; None leaves it as it is.
+    included, at about half the prefill speed, and an fp32 KV cache); False restores plain int8
+    blocks (the kernels' default, as llama.cpp; faithful generation still switches its own steps
+    to precise activations). The setting is process-wide; None leaves it as it is.
     fast: generate with the kernels' process-wide setting as it is (plain int8 activation blocks
     unless `precise`). By default (False) the LLM is faithful: every generation step runs under
     precise activations with the fast mode's fp16 KV cache (engine/faithful.py), so greedy tokens
