@@ -58,7 +58,8 @@ class LLM:
     messages. Generation runs through one Engine on the calling thread, built on first use with a
     KV pool for the request and rebuilt only when a request needs more."""
 
-    def __init__(self, model, tokenizer: Tokenizer, source: ModelSource, runner: Runner | None = None):
+    def __init__(self, model, tokenizer: Tokenizer, source: ModelSource, runner: Runner | None = None, *,
+                 faithful: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
@@ -67,7 +68,23 @@ class LLM:
 
             runner = TorchRunner(model)
         self.runner = runner
+        self.faithful = faithful
+        self._step_runner = None
         self._engine: Engine | None = None
+
+    @property
+    def step_runner(self) -> Runner:
+        """The runner generation steps go through: `runner` itself with `faithful` False (`--fast`),
+        else engine/faithful.FaithfulRunner around it (precise activations in every step, greedy
+        tokens as the fp32 reference's on the same weights). `runner` stays the plain one, for
+        code that wants the kernels' process-wide setting as it is."""
+        if not self.faithful:
+            return self.runner
+        if self._step_runner is None or self._step_runner.inner is not self.runner:
+            from .engine.faithful import FaithfulRunner
+
+            self._step_runner = FaithfulRunner(self.runner)
+        return self._step_runner
 
     @property
     def config(self) -> ModelConfig:
@@ -93,7 +110,7 @@ class LLM:
         from .engine.config import EngineConfig
         from .engine.engine import Engine
 
-        e, runner = self._engine, self.runner
+        e, runner = self._engine, self.step_runner
         step_tokens = runner.prefill_chunk or runner.max_step_tokens
         if (e is None or e.runner is not runner or e.kv.block_size < num_tokens or e.kv_dtype != runner.kv_dtype
                 or e.scheduler.max_step_tokens != step_tokens):
@@ -149,7 +166,7 @@ class LLM:
 
 def load(model: str | os.PathLike | None = None, *, threads: int | None = None, progress: bool = False,
          packed: bool | None = None, native: bool | None = None, precise: bool | None = None,
-         isa: str | None = None) -> LLM:
+         fast: bool = False, isa: str | None = None) -> LLM:
     """Load MODEL (a GGUF file, an HF folder, a short name; None = the default model).
 
     packed: keep a GGUF's Q8_0 / Q4_0 / Q4_1 matrices quantized for the native kernels (default:
@@ -158,8 +175,14 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     (default: when supported); False: the reference model (engine/runner.TorchRunner).
     precise: True makes the packed kernels carry every int8 activation block's rounding residual
     (~15-bit activations: the output of the plain fp32 path on the same weights, greedy tokens
-    included, at about half the prefill speed); False restores plain int8 blocks (the default, as
-    llama.cpp). The setting is process-wide; None leaves it as it is.
+    included, at about half the prefill speed, and an fp32 KV cache); False restores plain int8
+    blocks (the kernels' default, as llama.cpp; faithful generation still switches its own steps
+    to precise activations). The setting is process-wide; None leaves it as it is.
+    fast: generate with the kernels' process-wide setting as it is (plain int8 activation blocks
+    unless `precise`). By default (False) the LLM is faithful: every generation step runs under
+    precise activations with the fast mode's fp16 KV cache (engine/faithful.py), so greedy tokens
+    are the fp32 reference's on the same weights; `precise=True` also keeps the KV cache in fp32
+    (bit for bit the reference path's numbers).
     isa: run the kernels on this instruction set ("scalar", "avx2", "avx512", "neon", "best"; the
     environment's JISU_ISA does the same for a whole process); None leaves it as it is."""
     from .engine.runner import make_runner
@@ -169,6 +192,8 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
     if threads:
         torch.set_num_threads(threads)
         ops.set_num_threads(threads)
+    if fast and precise:
+        raise JisuError("fast and precise exclude each other")
     if precise is not None:
         ops.set_act_refine(ops.PRECISE if precise else 0.0)
     if isa is not None:
@@ -182,6 +207,6 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
         net = build_model(cfg, weights)
         del weights
         runner = make_runner(net, native)
-    llm = LLM(net, tokenizer, source, runner)
+    llm = LLM(net, tokenizer, source, runner, faithful=not fast)
     llm.load_s = time.perf_counter() - t0
     return llm

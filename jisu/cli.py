@@ -27,6 +27,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precise", action="store_true",
                    help="~15-bit activations in the quantized kernels: the fp32 path's output on the same "
                         "weights (greedy tokens included), at about half the prefill speed")
+    p.add_argument("--fast", action="store_true",
+                   help="plain int8 activations (as llama.cpp): fastest, but near-ties can flip greedy tokens "
+                        "away from the fp32 reference's (default: faithful, see README)")
 
 
 def _params(args):
@@ -44,7 +47,8 @@ def _load(args):
     if args.threads is not None and args.threads < 1:
         raise JisuError(f"--threads must be >= 1 (got {args.threads})")
     return load(args.model, threads=args.threads, progress=sys.stderr.isatty(),
-                precise=True if getattr(args, "precise", False) else None, isa=getattr(args, "isa", None))
+                precise=True if getattr(args, "precise", False) else None, fast=getattr(args, "fast", False),
+                isa=getattr(args, "isa", None))
 
 
 def cmd_run(args) -> int:
@@ -194,6 +198,7 @@ def _serve_parser(sub) -> None:
     s.add_argument("--served-model-name", default=None, help="model id reported by /v1/models")
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     s.add_argument("--precise", action="store_true", help="~15-bit activations in the quantized kernels (see jisu run)")
+    s.add_argument("--fast", action="store_true", help="plain int8 activations, not faithful (see jisu run)")
     s.set_defaults(func=cmd_serve)
 
 

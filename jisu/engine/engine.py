@@ -84,8 +84,8 @@ class Engine:
 
     @classmethod
     def from_llm(cls, llm, **kw) -> "Engine":
-        """An engine over `llm`'s runner (built once per LLM); `kw` are EngineConfig fields."""
-        return cls(llm.runner, llm.tokenizer, EngineConfig(eos_ids=llm.eos_ids, max_context=llm.config.max_position,
+        """An engine over `llm`'s step runner (built once per LLM); `kw` are EngineConfig fields."""
+        return cls(getattr(llm, "step_runner", llm.runner), llm.tokenizer, EngineConfig(eos_ids=llm.eos_ids, max_context=llm.config.max_position,
                                                            **kw))
 
     # --- requests (any thread) -----------------------------------------------------------------
