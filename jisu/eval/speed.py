@@ -170,7 +170,7 @@ class JisuEngine:
     def prefill(self, ids):
         from jisu.engine.runner import sequence_logits
 
-        sequence_logits(self.llm.runner, list(ids))
+        sequence_logits(self.llm.step_runner, list(ids))
 
     def generate(self, ids, n):
         from jisu.config import SamplingParams
@@ -182,7 +182,7 @@ class JisuEngine:
     def next_token_logits(self, ids):
         from jisu.engine.runner import sequence_logits
 
-        return sequence_logits(self.llm.runner, list(ids))
+        return sequence_logits(self.llm.step_runner, list(ids))
 
     def weight_bytes_per_token(self):
         w = self.llm.model.w
