@@ -58,8 +58,15 @@ static int check(const KernelTable* S, const KernelTable* V) {
             A.q16 = q16.data(), A.q2 = q2.data(), A.rf = rf.data(), A.dr = dr.data(), A.sr = sr.data();
             A.sdr = sdr.data();
             S->quantize_act(x.data(), 0, M, A, false);
-            if (mode == 3)  // largest magnitudes the integer sums must carry
-              for (int64_t i = 0; i < M * K; i++) q[i] = (i / 64) % 2 ? 127 : -127, q2[i] = (i / 32) % 2 ? 64 : -64;
+            if (mode == 3) {  // largest magnitudes the integer sums must carry (sr kept the blocks' sums)
+              for (int64_t i = 0; i < M * K; i++)
+                q[i] = (i / 64) % 2 ? 127 : -127, q2[i] = rf[i / 32] ? ((i / 32) % 2 ? 64 : -64) : 0;
+              for (int64_t i = 0; i < M * K / 32; i++) {
+                int32_t a = 0, a2 = 0;
+                for (int j = 0; j < 32; j++) a += q[32 * i + j], a2 += q2[32 * i + j];
+                sr[i] = rf[i] ? 128 * a + a2 : a;
+              }
+            }
             std::vector<float> bias(N), o1(M * N), o2(M * N, -1.f);
             for (auto& v : bias) v = rand() / (float)RAND_MAX;
             const float* bp = M == 2 ? nullptr : bias.data();

@@ -22,6 +22,7 @@
 // then per row lane b of an 8-float accumulator (one lane per 32-block of a super-block):
 //   t = fma(float(I_b), D, -(float(Mn_b) * Dm))  (types with mins; else t = float(I_b) * D)
 //   acc_b = fma(t, dr_b, acc_b)
+// (Q4_K / Q5_K: one scale and min per 32, so I_b = sc (dot_0 + dot_1) and Mn_b = mn A.sr[b], the same integers)
 // and the row's result is the fixed-order sum ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)) (+ bias). Every ISA
 // follows these float steps, so each agrees with the scalar reference bit for bit and no row depends on M.
 #pragma once
