@@ -1,0 +1,171 @@
+"""The GGML kind's K-quant kernels (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): the native row decoder against
+gguf.quants.dequantize, linear against the dequantized matrix, batch invariance, every ISA against scalar,
+and the C++ check (AVX2 / AVX-512 natively, NEON under qemu-aarch64)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from jisu.kernels import ops
+
+from .helpers import ISAS, isa, needs_native, quantize_act_ref, threads
+from .test_cross_isa import HERE, KERNEL_SOURCES, SRC
+
+# ggml type id -> (bytes per 256 values, byte offsets of its fp16 scale fields)
+KQ_TYPES = {
+    "Q2_K": (10, 84, (80, 82)),
+    "Q3_K": (11, 110, (108,)),
+    "Q4_K": (12, 144, (0, 2)),
+    "Q5_K": (13, 176, (0, 2)),
+    "Q6_K": (14, 210, (208,)),
+    "IQ4_XS": (23, 136, (0,)),
+}
+NAMES = list(KQ_TYPES)
+
+
+def make_blocks(name: str, N: int, K: int, seed: int) -> np.ndarray:
+    """Random valid super-blocks [N, K/256 * bytes]: random bytes, fp16 scales set to sane values."""
+    _, bb, offs = KQ_TYPES[name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(N, K // 256, bb), dtype=np.uint8)
+    for o in offs:
+        h = (rng.uniform(0.2, 1.0, size=(N, K // 256)) * 2e-3).astype(np.float16)
+        raw[:, :, o:o + 2] = h.view(np.uint8).reshape(N, K // 256, 2)
+    return raw.reshape(N, -1)
+
+
+def packed(name: str, N: int, K: int, seed: int = 0):
+    from jisu.kernels.packed_ggml import PackedGGML, as_bytes
+
+    return PackedGGML(as_bytes(make_blocks(name, N, K, seed)), N, K, KQ_TYPES[name][0])
+
+
+def _x(M: int, K: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    x[:, ::97] *= 30.0  # outlier channels: refined blocks when refinement is on
+    return x
+
+
+def native_has(name: str) -> bool:
+    from jisu.kernels.packed_ggml import native_types
+
+    return KQ_TYPES[name][0] in native_types()
+
+
+needs_kq = pytest.mark.parametrize("name", NAMES)
+
+
+@needs_native
+@needs_kq
+@pytest.mark.parametrize("K", [256, 1536])
+def test_dequant_rows_equal_gguf(name, K):
+    from gguf.quants import dequantize
+
+    assert native_has(name)
+    w = packed(name, 13, K, seed=K)
+    got = w.rows(torch.arange(13))
+    ref = dequantize(w.data.numpy().reshape(13, -1), w.qtype).astype(np.float32)
+    assert np.array_equal(got.numpy(), ref)
+
+
+@needs_native
+@needs_kq
+@pytest.mark.parametrize("N,K", [(37, 256), (21, 2048), (9, 4352)])
+def test_linear_matches_dequantized(name, N, K):
+    """Within the int8 activation rounding (1e-2 of the output norm) by default, equal to the product with
+    the int8-rounded activations within 1e-5 of each dot product's magnitude (sum of |terms|), and within
+    5e-5 of it against the exact activations with every activation block refined (~15-bit activations:
+    each value within d/256 of its block's step d; measured <= 1.5e-5 at K = 256)."""
+    w = packed(name, N, K, seed=N)
+    wd = w.dequantize().double()
+    x = _x(5, K, seed=K)
+    mag = x.double().abs() @ wd.abs().T
+    old = ops.get_act_refine()
+    try:
+        ops.set_act_refine(0.0)
+        y = ops.linear(x, w).double()
+        refq = quantize_act_ref(x).double() @ wd.T
+        assert ((y - refq).abs() <= 1e-5 * mag + 1e-6).all(), ((y - refq).abs() / mag).max()
+        xs = torch.randn(3, K)  # no outlier channels
+        ys, refs = ops.linear(xs, w).double(), xs.double() @ wd.T
+        assert (ys - refs).norm() <= 1e-2 * refs.norm()
+        ops.set_act_refine(ops.PRECISE)
+        y, mag = ops.linear(xs, w).double(), xs.double().abs() @ wd.abs().T
+        assert ((y - refs).abs() <= 5e-5 * mag + 1e-6).all(), ((y - refs).abs() / mag).max()
+    finally:
+        ops.set_act_refine(old)
+
+
+@needs_native
+@needs_kq
+@pytest.mark.parametrize("refine", [0.0, 2.0, ops.PRECISE])
+def test_rows_independent_of_batch_and_split(name, refine):
+    """A row's result is bitwise the same alone, at any position of a batch of 7 or 33, and under any
+    split of the output rows across threads."""
+    N, K = 43, 1024
+    w = packed(name, N, K, seed=3)
+    x = _x(33, K, seed=4)
+    old = ops.get_act_refine()
+    try:
+        ops.set_act_refine(refine)
+        alone = torch.cat([ops.linear(x[m:m + 1], w) for m in range(33)])
+        for M in (7, 33):
+            assert torch.equal(ops.linear(x[:M], w), alone[:M])
+        for nt in (2, 3):
+            with threads(nt):
+                assert torch.equal(ops.linear(x, w), alone)
+                assert torch.equal(ops.linear(x[5:6], w), alone[5:6])
+    finally:
+        ops.set_act_refine(old)
+
+
+@needs_native
+@needs_kq
+@pytest.mark.parametrize("refine", [0.0, 2.0, ops.PRECISE])
+def test_every_isa_equals_scalar(name, refine):
+    """Each ISA follows the reference's integer sums and float steps, so it equals scalar bit for bit
+    (tolerance 0), for M = 1 and M > 1, with a bias."""
+    N, K = 29, 768
+    w = packed(name, N, K, seed=5)
+    bias = torch.randn(N)
+    old = ops.get_act_refine()
+    try:
+        ops.set_act_refine(refine)
+        outs = {}
+        for name_isa in ISAS:
+            with isa(name_isa):
+                outs[name_isa] = [ops.linear(_x(M, K, seed=M), w, bias) for M in (1, 6, 19)]
+        for name_isa, o in outs.items():
+            for a, b in zip(o, outs["scalar"]):
+                assert torch.equal(a, b), name_isa
+    finally:
+        ops.set_act_refine(old)
+
+
+def _build(cc, exe):
+    subprocess.run([cc, "-O1", "-std=c++20", "-ffp-contract=off", "-I", SRC, os.path.join(HERE, "ggml_kq_check.cpp"),
+                    *KERNEL_SOURCES, "-o", str(exe)], check=True)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") and os.uname().machine == "x86_64"), reason="needs g++ on x86-64")
+def test_kq_check_x86_natively(tmp_path):
+    exe = tmp_path / "ggml_kq_check"
+    _build("g++", exe)
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert "testing avx2" in r.stdout and r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
+                    reason="needs aarch64-linux-gnu-g++ and qemu-aarch64")
+def test_kq_check_neon_under_qemu(tmp_path):
+    exe = tmp_path / "ggml_kq_check"
+    _build("aarch64-linux-gnu-g++", exe)
+    r = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe)],
+                       capture_output=True, text=True, timeout=600)
+    assert "testing neon" in r.stdout and r.returncode == 0, r.stdout + r.stderr
