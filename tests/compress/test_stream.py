@@ -141,3 +141,12 @@ def test_kquant_gguf_streams(qtype, tmp_path, monkeypatch):
     _check_tables(r, tied=HEAD not in r.manifest["tensors"], smaller=qtype != T.Q4_K)
     assert (r.growth() is not None) is (r.artifact_bytes > r.source_bytes)
     assert np.isfinite(r.manifest["quality"]["kld_mean"])
+
+
+def test_default_model_not_larger(default_gguf, tmp_path):
+    """The default model (Q4_1 linears, a Q8_0 embedding tied to the head): rtn:w4g32 gives an
+    artifact no larger than the GGUF file, the embedding int8 group 32, the KLD measured."""
+    r = jisu.compress.compress(default_gguf, str(tmp_path / "d"), "rtn:w4g32", eval_chunks=1, eval_ctx=32,
+                               progress=False)
+    _check_tables(r, tied=True)
+    assert r.artifact_bytes <= r.source_bytes and r.growth() is None
