@@ -134,6 +134,9 @@ def cmd_compress(args) -> int:
     result = compress(args.model, args.output, args.recipe, calib=args.calib, samples=args.samples,
                       seq_len=args.seq_len, max_kld=args.max_kld, force=args.force, eval_text=args.eval_text,
                       threads=args.threads, progress=sys.stderr.isatty())
+    grew = result.growth()
+    if grew:
+        print(grew, file=sys.stderr)
     if args.json:
         m = result.manifest
         print(json.dumps({"path": result.path, "recipe": m["recipe"], "bits_per_weight": m["bits_per_weight"],

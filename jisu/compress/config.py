@@ -51,11 +51,31 @@ class CompressResult:
     def bits_per_weight(self) -> dict:
         return self.manifest["bits_per_weight"]
 
+    @property
+    def source_bytes(self) -> Optional[int]:
+        """The source model's size on disk (its file, or its folder's files)."""
+        return self.manifest["sizes"].get("source")
+
+    @property
+    def artifact_bytes(self) -> int:
+        return self.manifest["sizes"]["total"]
+
+    def growth(self) -> Optional[str]:
+        """One line when the artifact is larger than its source (the recipe stores more bits than
+        the source has, e.g. w8 of a Q4 GGUF), else None."""
+        src, art = self.source_bytes, self.artifact_bytes
+        if src is None or art <= src:
+            return None
+        return (f"note: the artifact ({art / 1e6:.1f} MB) is larger than its source ({src / 1e6:.1f} MB): "
+                f"the recipe {self.manifest['recipe']['text']!r} stores more bits per weight than the source has")
+
     def summary(self) -> str:
         m, q = self.manifest, self.quality
         bpw = m["bits_per_weight"]
+        src = self.source_bytes
         text = (f"{self.path}: {m['recipe']['text']} -> {bpw['linear']:.3f} bits/weight in the linears "
-                f"({bpw['total']:.3f} overall), {m['sizes']['total'] / 1e6:.1f} MB")
+                f"({bpw['total']:.3f} overall), {m['sizes']['total'] / 1e6:.1f} MB"
+                + (f" (source {src / 1e6:.1f} MB)" if src is not None else ""))
         if q:
             text += (f"; KLD {q['kld_mean']:.4f} (top-1 {q['top1_agreement']:.3f}, perplexity "
                      f"{q['perplexity']:.3f} vs {q['reference_perplexity']:.3f}) on {q['tokens_scored']} held-out tokens")

@@ -9,12 +9,16 @@ The source weights may be packed kernel weights (a GGUF's Q4_0/Q4_1/Q8_0 matrice
 are in the file): a layer is decoded to float32 only when its turn comes, and once quantized it
 runs packed, as the artifact will. Besides the (packed) model, only the hidden states
 [samples, seq_len, hidden], one layer in float32 and that layer's intermediates are held.
+A source read by jisu.compress.stream keeps its matrices in the file until their turn; with
+encode=True each quantized layer is kept only in its stored (bit-packed) form once done.
+Without +embed / +head the embedding and an untied head are stored as int8 group 32 (= GGUF
+Q8_0, 8.5 bits per weight), or in the source's own Q8_0/Q4_0/Q4_1 format when it has one.
 """
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -22,11 +26,16 @@ import torch
 from ..config import ModelConfig
 from ..errors import JisuError
 from ..io.artifact import to_runtime
+from ..io.artifact_codec import Encoded
+from ..kernels.packed import PackedInt
 from ..models.layers import EMBED, HEAD, linear_names
 from . import gptq, rtn
 from .methods import METHODS, LayerJob
 from .observe import Stats, as_float, batches, compression_model, embed_all, model_form, row_blocks
 from .recipe import Recipe
+from .spec import FormatSpec
+
+TABLE_DEFAULT = FormatSpec("int", 8, 32)  # the embedding's / head's default: int8 group 32 (= GGUF Q8_0)
 
 
 @dataclass
@@ -69,8 +78,10 @@ def check_model(cfg: ModelConfig, weights: dict, recipe: Recipe) -> None:
 
 
 def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: Optional[torch.Tensor] = None, *,
-                   progress: Optional[bool] = None, batch: int = 8, fisher_samples: int = 8) -> Quantized:
-    """Quantize `weights` (source form, float; entries of quantized linears are consumed) by `recipe`."""
+                   progress: Optional[bool] = None, batch: int = 8, fisher_samples: int = 8,
+                   encode: bool = False) -> Quantized:
+    """Quantize `weights` (source form, float; entries of quantized linears are consumed) by `recipe`.
+    encode=True: the quantized linears are kept as Encoded (their artifact parts), layer by layer."""
     check_model(cfg, weights, recipe)
     progress = sys.stderr.isatty() if progress is None else progress
     q = recipe.quant
@@ -87,14 +98,14 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
         targets = tune.teacher_targets(cfg, weights, calib_ids, progress=progress)
 
     if not method.calibrated:
-        _uncalibrated(cfg, weights, q, out, progress)
+        _uncalibrated(cfg, weights, q, out, progress, encode)
         head_h = None
     else:
         model = compression_model(cfg, model_form(cfg, weights))
         specs = {n: q.fmt for n in linear_names(cfg)}
         if method.plan is not None:
             specs = method.plan(model, q, calib_ids, out, progress, batch, fisher_samples)
-        head_h = _sequential(model, weights, recipe, specs, calib_ids, out, progress, batch)
+        head_h = _sequential(model, weights, recipe, specs, calib_ids, out, progress, batch, encode)
         del model
 
     # embedding / LM head (only when the recipe asks)
@@ -110,19 +121,24 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
                                         overwrite=True)
             del wt
         else:
-            fmt = rtn.quantize(as_float(weights[head_src]), recipe.head)
+            fmt = quantize_rows(weights[head_src], recipe.head)
         out.tensors[HEAD] = fmt
         out.specs[HEAD] = recipe.head
     if recipe.embed is not None:
-        out.tensors[EMBED] = out.tensors[HEAD] if tie_same else rtn.quantize(as_float(weights[EMBED]), recipe.embed)
+        out.tensors[EMBED] = out.tensors[HEAD] if tie_same else quantize_rows(weights[EMBED], recipe.embed)
         out.specs[EMBED] = recipe.embed
         out.tied_head = tie_same
     if recipe.head is not None and head_src == EMBED:
         out.cfg = replace(cfg, tie_embeddings=False)  # the head is its own (quantized) tensor now
+    # without +embed / +head: never float32 (a tied head follows the embedding)
+    if recipe.embed is None:
+        _default_table(weights, EMBED, out)
+    if recipe.head is None and head_src == HEAD:
+        _default_table(weights, HEAD, out)
     # every other tensor as in the source
     for name, t in weights.items():
         if name not in out.tensors and not (name == HEAD and cfg.tie_embeddings):
-            out.tensors[name] = t
+            out.tensors[name] = t if isinstance(t, (torch.Tensor, PackedInt)) else as_float(t)
     for name in list(out.tensors):
         if name in out.info.get("changed", {}):
             out.tensors[name] = out.info["changed"][name]
@@ -133,10 +149,41 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
     return out
 
 
+def _default_table(weights: dict, name: str, out: Quantized) -> None:
+    """The embedding / untied head the recipe leaves alone: a packed source matrix stays in its
+    own format (restored when written: jisu.compress.run), a GGUF Q8_0/Q4_0/Q4_1 one is taken in
+    its format, anything else is quantized to int8 group 32 (per output channel when 32 does not
+    divide its width)."""
+    t = weights[name]
+    if isinstance(t, PackedInt):
+        return
+    fmt = t.source_format() if hasattr(t, "source_format") else None
+    if fmt is not None:
+        bits = 8 if type(fmt).__name__ == "Int8Weight" else fmt.bits
+        spec = FormatSpec("int", bits, fmt.group_size, sym=getattr(fmt, "min", None) is None)
+    else:
+        spec = TABLE_DEFAULT if TABLE_DEFAULT.check_k(t.shape[1]) else FormatSpec("int", 8, None)
+        fmt = quantize_rows(t, spec)
+    out.tensors[name] = fmt
+    out.specs[name] = spec
+
+
+def quantize_rows(t, spec):
+    """RTN of a (large) source matrix; an integer format is quantized a block of rows at a time from
+    a SourceWeight (rows are independent: the same result as the whole matrix at once)."""
+    if spec.kind != "int" or not hasattr(t, "blocks"):
+        return rtn.quantize(as_float(t), spec)
+    parts = [rtn.quantize(w, spec) for _, _, w in t.blocks()]
+    first = parts[0]
+    kw = {f.name: (torch.cat([getattr(p, f.name) for p in parts]) if isinstance(getattr(first, f.name), torch.Tensor)
+                   else getattr(first, f.name)) for f in fields(first)}
+    return type(first)(**kw)
+
+
 def _transposed_float(t) -> torch.Tensor:
     """The float32 [K, N] transpose of a weight [N, K]; a large packed matrix (an LM head) is decoded
     into it a block of rows at a time, so its float32 values are never held twice."""
-    blocks = None if isinstance(t, torch.Tensor) else row_blocks(t)
+    blocks = None if isinstance(t, torch.Tensor) else (t.blocks() if hasattr(t, "blocks") else row_blocks(t))
     if blocks is None:
         return as_float(t).T.to(torch.float32).contiguous()
     wt = torch.empty(t.K, t.N)
@@ -145,17 +192,18 @@ def _transposed_float(t) -> torch.Tensor:
     return wt
 
 
-def _uncalibrated(cfg, weights, step, out, progress):
+def _uncalibrated(cfg, weights, step, out, progress, encode=False):
     """A method without calibration: each linear on its own, straight from the source."""
     from tqdm import tqdm
 
     quantize_group = METHODS[step.method].quantize_group
     for name in tqdm(linear_names(cfg), desc=f"{step.method} {step.fmt.name}", unit="linear", disable=not progress):
-        out.tensors[name] = quantize_group([as_float(weights.pop(name))], None, [step.fmt], step)[0]
+        fmt = quantize_group([as_float(weights.pop(name))], None, [step.fmt], step)[0]
+        out.tensors[name] = Encoded.of(name, fmt) if encode else fmt
         out.specs[name] = step.fmt
 
 
-def _sequential(model, weights, recipe, specs, ids, out, progress, batch):
+def _sequential(model, weights, recipe, specs, ids, out, progress, batch, encode=False):
     """The calibrated methods over the layers; returns the LM head's H (or None)."""
     from tqdm import tqdm
 
@@ -171,6 +219,13 @@ def _sequential(model, weights, recipe, specs, ids, out, progress, batch):
                 for s in group:
                     w[job.name(s)] = as_float(w[job.name(s)])
             layer_method.quantize_layer(job)
+            if encode:  # done with this layer: only its stored form stays
+                for group in model.LINEAR_GROUPS:
+                    for s in group:
+                        name = job.name(s)
+                        if name in out.tensors:
+                            out.tensors[name] = Encoded.of(name, out.tensors[name])
+                        w.pop(name, None)
         if recipe.head is None or q.layer_method != "gptq":
             return None
         acc = Stats()
@@ -183,6 +238,8 @@ def runtime_weights(qz: Quantized) -> dict:
     """The weights a model runs with, straight from memory (as jisu.io.artifact loads them)."""
     w = {}
     for name, obj in qz.tensors.items():
+        if isinstance(obj, Encoded):
+            obj = obj.decode()
         w[name] = obj if isinstance(obj, torch.Tensor) else to_runtime(obj)
     if qz.tied_head:
         w[HEAD] = w[EMBED]

@@ -26,8 +26,9 @@ Grammar (whitespace is ignored, case-insensitive):
 
 Only one quantization step is allowed per recipe; the comma is reserved for later steps (e.g.
 pruning: "gptq:w4g32,prune:2:4"), which are rejected as unknown for now. "+embed" / "+head" also
-quantize the token embedding / LM head (default: kept as in the source); without "=FORMAT" they
-take the step's format (w8 for mixed). "+tune" (calibration data) trains every scale and norm of
+quantize the token embedding / LM head in FORMAT (default without them: int8 group 32 = Q8_0, or the
+source's own Q8_0/Q4_0/Q4_1 format: jisu.compress.pipeline); without "=FORMAT" they take the
+step's format (w8 for mixed). "+tune" (calibration data) trains every scale and norm of
 the result end to end against the source's next-token distribution, codes fixed
 (jisu.compress.tune), for STEPS steps (default 64). The embedding is stored quantized and dequantized to
 float32 when loaded (a row lookup, not a matmul); the head runs as a packed weight.

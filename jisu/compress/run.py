@@ -27,6 +27,7 @@ from ..io.text import calibration_ids, heldout_ids, read_calibration, read_heldo
 from .config import CompressConfig, CompressResult
 from .pipeline import check_model, quantize_model
 from .recipe import parse_recipe
+from .stream import source_bytes
 
 LINEAR_SUFFIXES = tuple(f"{s}.weight" for s in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"))
@@ -181,9 +182,14 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
     out_abs = check_output(out, source.path, c.force)
 
     fixed_mmap_threshold()  # large temporaries go back to the OS when freed (see jisu.memory)
-    # packed: a GGUF's Q4_0/Q4_1/Q8_0 matrices (and an artifact's) stay as they are in the file and
-    # are decoded one layer at a time, so no float32 copy of the whole model is ever held
-    cfg, weights, tokenizer = load_weights(source, progress=progress, packed=True)
+    # a GGUF's or HF folder's matrices stay in the file until their turn (jisu.compress.stream); an
+    # artifact's stay packed: no float32 copy of the whole model is ever held
+    if source.kind in ("gguf", "hf"):
+        from .stream import load_streamed
+
+        cfg, weights, tokenizer = load_streamed(source, progress=progress)
+    else:
+        cfg, weights, tokenizer = load_weights(source, progress=progress, packed=True)
     check_model(cfg, weights, rec)
     calib_ids = None
     if rec.needs_calibration:
@@ -208,7 +214,7 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
             trim_heap(collect=True)
         t_ref = time.perf_counter() - t1
         t1 = time.perf_counter()
-        qz = quantize_model(cfg, weights, rec, calib_ids, progress=progress)
+        qz = quantize_model(cfg, weights, rec, calib_ids, progress=progress, encode=not rec.tune)
         t_quant = time.perf_counter() - t1
         del weights
         trim_heap(collect=True)
@@ -241,6 +247,7 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
             raise JisuError(f"{out}: measured KLD {quality['kld_mean']:.4f} is above --max-kld {c.max_kld}; "
                             f"nothing written")
         bpw, params = bits_summary(m["tensors"])
+        m["sizes"]["source"] = source_bytes(source.path)
         m.update({"bits_per_weight": bpw, "params": params, "quality": quality, "layers": layers,
                   "quantize_info": info,
                   "timings": {"prepare_s": t_prep, "quantize_s": t_quant, "write_s": t_write, "verify_measure_s": t_measure,

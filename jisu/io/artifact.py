@@ -113,13 +113,40 @@ def write_tokenizer(folder: str, source_kind: str, source_path: str) -> list[str
     return written
 
 
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+def save_safetensors(path: str, tensors: dict, metadata: dict) -> None:
+    """Write a safetensors file one tensor at a time (safetensors' save_file first copies every
+    tensor into one buffer: twice the output in memory). Tensors are laid out by element size,
+    largest first, then name, after a header padded to 8 bytes, so every tensor is aligned."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header, offset = {"__metadata__": metadata}, 0
+    for name in order:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in order:
+            t = tensors[name].detach().contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_artifact(folder: str, cfg: ModelConfig, tensors: dict, manifest: dict, *,
                    source_kind: str, source_path: str, same_as: Optional[dict] = None) -> dict:
     """Write model.safetensors, config.json, the tokenizer and manifest.json into `folder` (which
     must exist). `tensors`: name -> format object or tensor; `same_as`: name -> name stored once.
     Returns the manifest written (with per-tensor entries, sizes and file hashes)."""
-    from safetensors.torch import save_file
-
     from ..version import __version__
 
     same_as = same_as or {}
@@ -132,7 +159,7 @@ def write_artifact(folder: str, cfg: ModelConfig, tensors: dict, manifest: dict,
         entries[name] = entry
     for name, target in same_as.items():
         entries[name] = {**{k: v for k, v in entries[target].items() if k != "bytes"}, "same_as": target, "bytes": 0}
-    save_file(st, os.path.join(folder, MODEL_FILE), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+    save_safetensors(os.path.join(folder, MODEL_FILE), st, {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(os.path.join(folder, MODEL_FILE), 0o666 & ~umask)  # like the other files (not the 0600 of a temp file)

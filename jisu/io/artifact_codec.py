@@ -70,10 +70,39 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 # --- formats <-> tensors ------------------------------------------------------------------------
 
+class Encoded:
+    """A weight already in its stored form (the named parts encode() gives and its manifest
+    entry): what a streaming compression keeps of a finished layer (codes bit-packed)."""
+
+    def __init__(self, name: str, parts: dict, entry: dict):
+        self.name, self.parts, self.entry = name, parts, entry
+
+    @classmethod
+    def of(cls, name: str, obj) -> "Encoded":
+        return obj if isinstance(obj, Encoded) else cls(name, *encode(name, obj))
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.entry["shape"])
+
+    def decode(self):
+        """The format object (or tensor) again."""
+        return decode(self.name, self.entry, lambda key: self.parts[key])
+
+    def dequantize(self) -> torch.Tensor:
+        obj = self.decode()
+        return obj if isinstance(obj, torch.Tensor) else obj.dequantize()
+
+
 def encode(name: str, obj) -> tuple[dict[str, torch.Tensor], dict]:
-    """(safetensors entries, manifest entry) for one weight: a format object or a tensor."""
+    """(safetensors entries, manifest entry) for one weight: a format object, a tensor or an
+    Encoded one."""
     from ..kernels.formats import NF4_TABLE, CodebookWeight, Int8Weight, IntWeight
 
+    if isinstance(obj, Encoded):
+        if obj.name != name:
+            raise ValueError(f"{obj.name} stored as {name}")
+        return obj.parts, obj.entry
     if isinstance(obj, torch.Tensor):
         t = obj.detach().contiguous()
         entry = {"format": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "parts": {"data": name}}
