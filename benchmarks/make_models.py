@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 DEFAULT_OUT = os.path.expanduser("~/.cache/jisu/bench-models")
