@@ -184,6 +184,19 @@ def _dec_iq4_nl(b: torch.Tensor, out: torch.Tensor) -> None:
     torch.mul(_f16(b, 0), values, out=out)
 
 
+def _dec_iq4_xs(b: torch.Tensor, out: torch.Tensor) -> None:
+    # {f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]}: 8 sub-blocks of 32, 6-bit scale
+    # ls = low nibble of scales_l[i / 2] (>> 4 for odd i) | bits 2i..2i+1 of scales_h << 4;
+    # x = d * (ls - 32) * kvalue, each sub-block's 16 bytes holding its nibbles as in IQ4_NL
+    n = len(b)
+    lo = _fan(b[:, 4:8], _SHIFT_NIBBLES, 0x0F).transpose(1, 2).reshape(n, 8).to(torch.int32)
+    sh = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = (sh >> torch.arange(0, 16, 2, dtype=torch.int32).view(1, 8)) & 3
+    dl = _f16(b, 0) * ((lo | (hi << 4)) - 32).to(torch.float32)
+    values = _IQ4_NL_VALUES[_nibbles32(b[:, 8:].reshape(n * 8, 16)).long()].view(n, 8, 32)
+    torch.mul(dl.view(n, 8, 1), values, out=out.view(n, 8, 32))
+
+
 _DECODERS: dict[T, Decoder] = {
     T.F32: _dec_f32,
     T.F16: _dec_f16,
@@ -199,6 +212,7 @@ _DECODERS: dict[T, Decoder] = {
     T.Q5_K: _dec_q5_k,
     T.Q6_K: _dec_q6_k,
     T.IQ4_NL: _dec_iq4_nl,
+    T.IQ4_XS: _dec_iq4_xs,
 }
 
 SUPPORTED_TYPES: frozenset[T] = frozenset(_DECODERS)

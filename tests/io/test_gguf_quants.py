@@ -23,7 +23,7 @@ QUANTIZABLE = (T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
 F16_FIELDS = {
     T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-    T.IQ4_NL: (0,),
+    T.IQ4_NL: (0,), T.IQ4_XS: (0,),
 }
 ALL_TYPES = sorted(gq.SUPPORTED_TYPES, key=lambda t: t.value)
 
@@ -175,7 +175,7 @@ def test_unsupported_type(qtype):
 def test_supported_types():
     assert gq.SUPPORTED_TYPES == {
         T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
-        T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL,
+        T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
     }
 
 
