@@ -6,7 +6,8 @@ peak memory against file size and decode speed against the machine's measured me
 
 Per file and round: jisu in a fresh process (load, warm-up, then greedy, EOS ignored:
   decode tok/s  = (N2 - N1) / (t(N2 new tokens) - t(N1 new tokens)) after a short chat prompt,
-  prefill tok/s = 256 / t(256-token prompt + 1 new token)) and `llama-bench -t 2 -p 256 -n 128
+  prefill tok/s = 256 / t(256-token prompt + 1 new token)), in the default (faithful) mode and then
+  in the same process with --fast, and `llama-bench -t 2 -p 256 -n 128
 -r 1 -o json` (pp256, tg128), in the order jisu, llama, llama, jisu, ...; medians over --reps.
 Memory: the jisu process's peak RSS (VmHWM, its ru_maxrss) minus its RSS after importing the runtime with no
 model, against file size + KV cache. Bytes per token: jisu's linear weights' nbytes + one embedding
@@ -150,13 +151,19 @@ def worker(path: str, threads: int, n1: int, n2: int, n_pre: int) -> dict:
         llm.generate(prompt, temperature=0, max_tokens=n, ignore_eos=True)
         return time.perf_counter() - t
 
-    timed(ids, n1), timed(long_ids, 1)  # warm-up
-    t1, t2, tp = timed(ids, n1), timed(ids, n2), timed(long_ids, 1)
+    def measure():
+        timed(ids, n1), timed(long_ids, 1)  # warm-up
+        return timed(ids, n1), timed(ids, n2), timed(long_ids, 1)
+
+    t1, t2, tp = measure()  # the default (faithful) mode
+    llm.faithful, llm._engine = False, None  # --fast: plain int8 activations
+    f1, f2, fp = measure()
     kv_item = llm.runner.kv_dtype.itemsize
     ctx = max(len(ids) + n2, n_pre + 1)
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_item * ctx
     peak = peak_rss()
     return {"decode_tok_s": (n2 - n1) / (t2 - t1), "prefill_tok_s": n_pre / tp, "load_s": load_s,
+            "fast_decode_tok_s": (n2 - n1) / (f2 - f1), "fast_prefill_tok_s": n_pre / fp,
             "runtime_rss": base, "runtime_rss_now": base_now, "peak_rss": peak, "kv_bytes": kv,
             "jisu_bytes_per_token": bpt, "weight_kinds": kinds, "native_runner": type(llm.runner).__name__,
             "warnings": [str(c.message)[:300] for c in caught if issubclass(c.category, RuntimeWarning)]}
@@ -214,6 +221,8 @@ def bench_file(path: str, args, bw: float) -> dict:
     for eng, runs in (("jisu", jr), ("llama", res["llama_runs"])):
         for k in ("decode_tok_s", "prefill_tok_s"):
             res[f"{eng}_{k}"] = med(runs, k)
+    for k in ("decode_tok_s", "prefill_tok_s"):
+        res[f"jisu_fast_{k}"] = med(jr, f"fast_{k}")
     if jr:
         last = jr[-1]
         res.update({k: last[k] for k in ("weight_kinds", "native_runner", "warnings", "jisu_bytes_per_token", "kv_bytes")})
@@ -232,6 +241,8 @@ def bench_file(path: str, args, bw: float) -> dict:
     for k in ("decode_tok_s", "prefill_tok_s"):
         if res.get(f"jisu_{k}") and res.get(f"llama_{k}"):
             res[f"{k.split('_')[0]}_ratio"] = res[f"jisu_{k}"] / res[f"llama_{k}"]
+        if res.get(f"jisu_fast_{k}") and res.get(f"llama_{k}"):
+            res[f"fast_{k.split('_')[0]}_ratio"] = res[f"jisu_fast_{k}"] / res[f"llama_{k}"]
     return res
 
 
@@ -253,7 +264,8 @@ def path_of(r: dict) -> str:
 
 
 def report(results: list[dict], bw: float) -> None:
-    head = ("| file | MB | jisu tg | llama tg128 | ratio | jisu pp | llama pp256 | ratio | jisu GB/s (% bw) "
+    head = ("| file | MB | jisu tg | llama tg128 | ratio | jisu pp | llama pp256 | ratio | --fast tg / pp ratios "
+            "| jisu GB/s (% bw) "
             "| llama GB/s (% bw) | jisu RSS MB / (file+KV) | jisu weights |")
     print("\n" + head + "\n" + "|---" * (head.count("|") - 1) + "|")
     for r in results:
@@ -264,7 +276,8 @@ def report(results: list[dict], bw: float) -> None:
         print(f"| {Path(r['model']).name} | {r['file_bytes'] / 1e6:.0f} | {_f(r.get('jisu_decode_tok_s'))} | "
               f"{_f(r.get('llama_decode_tok_s'))} | {_f(r.get('decode_ratio'), '{:.2f}')} | "
               f"{_f(r.get('jisu_prefill_tok_s'))} | {_f(r.get('llama_prefill_tok_s'))} | "
-              f"{_f(r.get('prefill_ratio'), '{:.2f}')} | {share('jisu') or '–'} | {share('llama') or '–'} | {rss} | "
+              f"{_f(r.get('prefill_ratio'), '{:.2f}')} | {_f(r.get('fast_decode_ratio'), '{:.2f}')} / "
+              f"{_f(r.get('fast_prefill_ratio'), '{:.2f}')} | {share('jisu') or '–'} | {share('llama') or '–'} | {rss} | "
               f"{path_of(r) or '–'} |")
     print(f"\nbandwidth: {bw:.1f} GB/s (torch.sum over 1 GiB fp32, best of 5)")
 
@@ -303,7 +316,8 @@ def main() -> int:
     ap.add_argument("--models", default=DEFAULT_OUT, help="make_models.py's folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--llama-bench", default=os.path.join(DEFAULT_LLAMA_CPP, "build", "bin", "llama-bench"))
+    ap.add_argument("--llama-bench", default=os.path.join(DEFAULT_LLAMA_CPP, "build", "bin", "llama-bench"),
+                    help="a llama-bench built for this CPU (benchmarks/README: a GGML_NATIVE build crashed on a Xeon with AMX)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 rep, short runs (decode 4 -> 32, "
                                                          "prefill 64, llama-bench -p 64 -n 32)")
     ap.add_argument("--out", default=str(HERE / "results" / "gguf.json"))
