@@ -92,17 +92,30 @@ class loading_heap:
         return False
 
 
+def _proc_kib(path: str, key: str) -> int | None:
+    """A "Key:  N kB" field of a /proc file, in bytes, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel says can be allocated without swapping (MemAvailable), or None."""
+    return _proc_kib("/proc/meminfo", "MemAvailable:")
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far. On Linux VmHWM, because getrusage's ru_maxrss
     carries over across exec the RSS of the parent that spawned this process. (Peers' measurement
     processes load this file by path, without the jisu package: it imports nothing from jisu.)"""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = _proc_kib("/proc/self/status", "VmHWM:")
+    if hwm is not None:
+        return hwm
     try:
         import resource
 

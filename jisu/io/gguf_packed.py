@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError, UnsupportedError
+from ..memory import available_bytes as _available_bytes
 from ..models import archs
 from .gguf import GGUFFile, GGUFTensor, hf_name
 
@@ -118,18 +119,6 @@ def _ggml_weight(g: GGUFFile, name: str, t: GGUFTensor, fn):
         data = fn(data.view(N, -1)).contiguous().view(-1)
         g.release(name)
     return PackedGGML(data, N, K, int(t.qtype))
-
-
-def _available_bytes() -> int | None:
-    """Memory the kernel says can be allocated without swapping (MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_reference_path(g: GGUFFile, cfg: ModelConfig, native: frozenset) -> None:
