@@ -169,9 +169,11 @@ def load(model: str | os.PathLike | None = None, *, threads: int | None = None, 
          fast: bool = False, isa: str | None = None) -> LLM:
     """Load MODEL (a GGUF file, an HF folder, a short name; None = the default model).
 
-    packed: keep a GGUF's Q8_0 / Q4_0 / Q4_1 matrices quantized for the native kernels (default:
-    when jisu._kernels is built); False dequantizes every tensor to fp32 (the reference path).
-    native: run Llama-family models through the native forward step, engine/native_runner.py
+    packed: keep a GGUF's matrices quantized for the native kernels (Q8_0 / Q4_0 / Q4_1 repacked,
+    every other type with a native kernel in the file's own bytes) and an HF folder's bf16 / f16
+    matrices in the file (default: when jisu._kernels is built); False dequantizes every tensor to
+    fp32 (the reference path).
+    native: run the model through the native forward step, engine/native_runner.py
     (default: when supported); False: the reference model (engine/runner.TorchRunner).
     precise: True makes the packed kernels carry every int8 activation block's rounding residual
     (~15-bit activations: the output of the plain fp32 path on the same weights, greedy tokens

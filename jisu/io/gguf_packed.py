@@ -151,8 +151,9 @@ def check_reference_path(g: GGUFFile, cfg: ModelConfig, native: frozenset) -> No
 def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> Iterator[tuple[str, object]]:
     """Yield (HF name, tensor) for every tensor jisu uses, in the form held in memory (the
     architecture's load_transform applied): fp32 tensors, or with packed=True, Q8_0 / Q4_0 / Q4_1
-    matrices as packed kernel weights (jisu.kernels.packed). A matrix's transform may only reorder
-    its rows (it is applied to a packed matrix's codes, scales and mins)."""
+    matrices as packed kernel weights (jisu.kernels.packed) and the other natively run types as
+    PackedGGML views of the file. A matrix's transform may only reorder its rows (it is applied to
+    a packed matrix's codes, scales and mins, or to a PackedGGML's rows of bytes)."""
     from ..kernels.packed import pack
     from ..kernels.packed_ggml import native_types
 
