@@ -15,29 +15,14 @@ from jisu.engine.engine import Engine
 from jisu.engine.kv_cache import PagedKVCache, SeqBlocks
 from jisu.engine.native_runner import NativeRunner, supported
 from jisu.engine.runner import TorchRunner, make_runner, sequence_logits
-from jisu.io.sources import load_weights, resolve
 from jisu.models import build_model
 from tests.kernels.helpers import FORMATS, ISAS, isa, needs_native, paged_step
 
-from .test_native_runner import RTOL, check_incremental, full_logits, pair, prompt, quantized, rel_err
+from .test_native_runner import RTOL, check_incremental, full_logits, hf_case, pair, prompt, quantized, rel_err
 
 pytestmark = [needs_native, pytest.mark.usefixtures("one_torch_thread")]
 
 GEMMAS = ["gemma2", "gemma3", "gemma3_pattern"]
-_hf: dict = {}
-
-
-def hf_case(name, tmp_path_factory):
-    """(cfg, weights as loaded, vocab, folder) of a fixture architecture saved as an HF folder."""
-    pytest.importorskip("transformers")
-    from tests.fixtures import CASES, VOCAB_SIZE, build_hf_model, save_hf
-
-    if name not in _hf:
-        folder = str(tmp_path_factory.mktemp(name))
-        save_hf(build_hf_model(CASES[name], seed=0), folder)
-        cfg, w, _ = load_weights(resolve(folder))
-        _hf[name] = (cfg, w, VOCAB_SIZE, folder)
-    return _hf[name]
 
 
 def prompts(vocab, *lengths, seed=0):

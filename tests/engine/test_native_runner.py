@@ -163,6 +163,7 @@ _hf: dict = {}
 
 
 def hf_case(name, tmp_path_factory):
+    """(cfg, weights as loaded, vocab, folder) of a fixture architecture saved as an HF folder."""
     pytest.importorskip("transformers")
     from tests.fixtures import CASES as MODEL_CASES, VOCAB_SIZE, build_hf_model, save_hf
 
@@ -170,14 +171,14 @@ def hf_case(name, tmp_path_factory):
         folder = str(tmp_path_factory.mktemp(name))
         save_hf(build_hf_model(MODEL_CASES[name], seed=0), folder)
         cfg, w, _ = load_weights(resolve(folder))
-        _hf[name] = (cfg, w, VOCAB_SIZE)
+        _hf[name] = (cfg, w, VOCAB_SIZE, folder)
     return _hf[name]
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_architectures_match_reference(name, tmp_path_factory):
     """Qwen2 q/k/v bias, Qwen3 q/k norm + tied head, Mistral sliding window (5 < SEQ), Llama 3 RoPE."""
-    cfg, w, vocab = hf_case(name, tmp_path_factory)
+    cfg, w, vocab, _ = hf_case(name, tmp_path_factory)
     ref, nat = pair(cfg, w)
     check_incremental(ref, nat, prompt(vocab=vocab))
     # and with packed weights
@@ -196,7 +197,7 @@ def static_logits(model, tokens):
 @pytest.mark.parametrize("which", ["fp32", "q4_0", "mistral"])
 def test_paged_batch_with_chunked_prefill(tiny, which, tmp_path_factory):
     if which == "mistral":
-        cfg, w, vocab = hf_case("mistral", tmp_path_factory)  # sliding window 5 across blocks of 4
+        cfg, w, vocab, _ = hf_case("mistral", tmp_path_factory)  # sliding window 5 across blocks of 4
     else:
         cfg, w = tiny
         vocab = 300
