@@ -118,6 +118,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # llama.cpp/HF style multiplicative penalty
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    speculative: str | None = None   # "auto" | "ngram" | "draft" | "off"; None: the engine's default
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -136,6 +137,8 @@ class SamplingParams:
             ("repetition_penalty", _finite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "in (0, 10]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("speculative", self.speculative in (None, "auto", "ngram", "draft", "off"),
+             "one of auto, ngram, draft, off"),
         ]
         for name, ok, what in checks:
             if not ok:

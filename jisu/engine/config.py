@@ -30,6 +30,9 @@ class EngineConfig:
     max_queue: int = 1024                 # requests in flight (waiting + running) before QueueFull
     prefix_caching: bool = True           # reuse the KV blocks of a prompt prefix seen before
     kv_dtype: torch.dtype | str | None = None  # "f16" / "f32" / a dtype; None or "auto": the runner's
+    speculative: str = "auto"             # requests' default speculation: auto (n-gram, off when it does
+    #                                       not pay) | ngram | draft (the engine's draft model) | off
+    max_draft: int = 16                   # draft tokens per request and step, at most
     kv_resident: bool = True              # the whole pool resident from the start (a server's steady
     #                                       state: no page faults in the steps); False: pages become
     #                                       resident only where written (a single request's pool)
@@ -40,6 +43,10 @@ class EngineConfig:
             raise EngineError("max_num_seqs and max_step_tokens must be >= 1")
         if isinstance(self.kv_dtype, str) and self.kv_dtype != "auto" and self.kv_dtype not in KV_DTYPES:
             raise EngineError(f"unknown KV cache dtype {self.kv_dtype!r}: use auto, f16 or f32")
+        if self.speculative not in ("auto", "ngram", "draft", "off"):
+            raise EngineError(f"unknown speculative mode {self.speculative!r}: use auto, ngram, draft or off")
+        if self.max_draft < 0:
+            raise EngineError("max_draft must be >= 0")
         if isinstance(self.kv_dtype, torch.dtype) and self.kv_dtype not in (torch.float32, torch.float16):
             raise EngineError(f"the KV cache holds float32 or float16, not {self.kv_dtype}")
 

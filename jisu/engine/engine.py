@@ -39,6 +39,7 @@ from .kv_cache import PagedKVCache
 from .request import OutputCallback, Request, RequestOutput, Status, TokenLogprob
 from .sampling import Sampler
 from .scheduler import Scheduler
+from .speculator import SpecState, Speculator
 
 log = logging.getLogger("jisu.engine")
 
@@ -47,7 +48,7 @@ class Engine:
     """Requests in, RequestOutputs out; `runner` (runner.py) computes the steps, `config` sizes
     the KV pool and the steps."""
 
-    def __init__(self, runner, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, runner, tokenizer=None, config: EngineConfig | None = None, draft=None):
         config = config or EngineConfig()
         cfg = runner.cfg
         self.config = config
@@ -68,6 +69,8 @@ class Engine:
                                    max_step_tokens=config.max_step_tokens or runner.max_step_tokens,
                                    prefix_caching=config.prefix_caching, max_context=self.max_context)
         self.sampler = Sampler()
+        # speculation (speculator.py): `draft` is a speculative.DraftModelProposer for mode "draft"
+        self.speculator = Speculator(self, draft, config.max_draft) if config.max_draft else None
         self.max_queue = config.max_queue
         self._requests: dict[str, Request] = {}      # live requests (engine thread's view)
         self._inbox: deque[Request] = deque()        # added by any thread, taken by step()
@@ -85,8 +88,9 @@ class Engine:
     @classmethod
     def from_llm(cls, llm, **kw) -> "Engine":
         """An engine over `llm`'s step runner (built once per LLM); `kw` are EngineConfig fields."""
+        draft = kw.pop("draft", None)
         return cls(getattr(llm, "step_runner", llm.runner), llm.tokenizer, EngineConfig(eos_ids=llm.eos_ids, max_context=llm.config.max_position,
-                                                           **kw))
+                                                           **kw), draft=draft)
 
     # --- requests (any thread) -----------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
@@ -125,12 +129,23 @@ class Engine:
         req = Request(rid, prompt_ids, params, max_new_tokens=max_new, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs, stop_ids=stop_ids, tokenizer=self.tokenizer,
                       callback=callback, vocab_size=self.vocab_size)
+        req.spec = self._spec_state(params)
         with self._cv:
             if self.num_unfinished >= self.max_queue:
                 raise QueueFull(f"{self.num_unfinished} requests in flight (limit {self.max_queue})")
             self._inbox.append(req)
             self._cv.notify()
         return rid
+
+    def _spec_state(self, params: SamplingParams) -> SpecState | None:
+        """The request's speculation: none when off; `auto` drafts for greedy requests only (a
+        sampled request's tokens are then drawn by the plain sampler's generator)."""
+        mode = params.speculative or self.config.speculative
+        if mode == "draft" and (self.speculator is None or self.speculator.draft is None):
+            raise EngineError("speculative=draft needs an engine with a draft model (jisu run --speculative draft:MODEL)")
+        if self.speculator is None or mode == "off" or (mode == "auto" and not params.is_greedy):
+            return None
+        return SpecState(mode, params)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks return to the pool before the next step (at once when no
@@ -171,13 +186,23 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch:
             t0 = time.perf_counter()
+            spec = self.speculator
             try:
+                if spec is not None:
+                    spec.extend(batch)
+                t1 = time.perf_counter()
                 logits = self.runner.run(batch.to_step(), self.kv)
+                t2 = time.perf_counter()
             except Exception as e:  # noqa: BLE001 - the step failed for every request in it
                 log.error("model step failed: %s", traceback.format_exc())
                 outputs += self.scheduler.fail(batch, f"{type(e).__name__}: {e}")
             else:
-                outputs += self.scheduler.update(batch, self.sampler(batch, logits))
+                if spec is None:
+                    outputs += self.scheduler.update(batch, self.sampler(batch, logits))
+                else:
+                    results = spec.sample(batch, logits, self.sampler)
+                    outputs += self.scheduler.update(batch, results)
+                    spec.observe(batch, results, t2 - t1)
             self.step_time_s += time.perf_counter() - t0
             self.num_steps += 1
         self._dispatch(outputs)
@@ -300,7 +325,8 @@ class Engine:
                 "kv_blocks_used": s.num_blocks_used, "kv_blocks_total": self.kv.pool.num_blocks,
                 "kv_block_size": self.kv.block_size, "preemptions": s.num_preemptions,
                 "prefix_hit_tokens": s.num_prefix_hit_tokens, "steps": self.num_steps,
-                "finished": self.num_finished, "errors": self.num_errors}
+                "finished": self.num_finished, "errors": self.num_errors,
+                **(self.speculator.stats() if self.speculator is not None else {})}
 
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "QueueFull", "RequestOutput", "TokenLogprob", "Status"]

@@ -102,6 +102,7 @@ class Request:
 
             self.decoder = StreamDecoder(tokenizer, self.prompt_ids)
         self.text = ""                             # text emitted so far
+        self.spec = None                           # speculation state (speculator.SpecState), if any
 
     # --- state -----------------------------------------------------------------------------
     @property

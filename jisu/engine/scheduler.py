@@ -26,11 +26,21 @@ class ScheduledChunk:
     num_tokens: int
     sample: bool                    # the chunk ends the known tokens: sample the next one
     prompt_positions: list[int]     # positions whose logits give prompt-token log-probs
+    draft: list[int] = field(default_factory=list)  # speculative tokens after the known ones (counted
+    #                                                 in num_tokens), each verified by its own row
 
     @property
     def logit_positions(self) -> list[int]:
         """Absolute positions whose logits the step must return, in row order."""
-        return self.prompt_positions + ([self.start + self.num_tokens - 1] if self.sample else [])
+        if not self.sample:
+            return self.prompt_positions
+        end = self.start + self.num_tokens
+        return self.prompt_positions + list(range(end - 1 - len(self.draft), end))
+
+    @property
+    def token_ids(self) -> list[int]:
+        known = self.req.tokens[self.start:self.start + self.num_tokens - len(self.draft)]
+        return known + self.draft if self.draft else known
 
 
 @dataclass
@@ -49,15 +59,15 @@ class ScheduledBatch:
         if len(self.chunks) == 1:  # one sequence (a decode token or a prompt chunk): no flattening
             c = self.chunks[0]
             rows = c.logit_positions
-            return StepBatch(c.req.tokens[c.start:c.start + c.num_tokens], [c.num_tokens], [c.start],
-                             [c.req.seq.block_table], [p - c.start for p in rows] if c.start else rows, [0])
+            return StepBatch(c.token_ids, [c.num_tokens], [c.start],
+                             [c.req.seq.block_table], [p - c.start for p in rows] if c.start else rows, [len(c.draft)])
         tokens, rows, off = [], [], 0
         for c in self.chunks:
-            tokens += c.req.tokens[c.start:c.start + c.num_tokens]
+            tokens += c.token_ids
             rows += [off + p - c.start for p in c.logit_positions]
             off += c.num_tokens
         return StepBatch(tokens, [c.num_tokens for c in self.chunks], [c.start for c in self.chunks],
-                         [c.req.seq.block_table for c in self.chunks], rows, [0] * len(self.chunks))
+                         [c.req.seq.block_table for c in self.chunks], rows, [len(c.draft) for c in self.chunks])
 
 
 @dataclass
@@ -67,6 +77,8 @@ class SampleResult:
     logprob: TokenLogprob | None = None         # of the sampled token, when asked for
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None                    # this request failed; the others go on
+    accepted: list[int] = field(default_factory=list)   # verified draft tokens, emitted before token_id
+    accepted_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
 class Scheduler:
@@ -213,7 +225,9 @@ class Scheduler:
             req = chunk.req
             if req.finished:
                 continue
-            req.num_computed = chunk.start + chunk.num_tokens
+            req.num_computed = chunk.start + chunk.num_tokens - len(chunk.draft) + len(res.accepted)
+            if chunk.draft:                 # rejected drafts: their K/V roll back
+                self.kv.truncate(req.seq, req.num_computed)
             if res.error is not None:
                 self.running.remove(req)
                 outputs.append(self._finish(req, "error", res.error))
@@ -231,25 +245,31 @@ class Scheduler:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
-            token = res.token_id
-            if token in req.stop_ids:
-                self.running.remove(req)
-                outputs.append(self._finish(req, "stop"))
-                continue
-            piece, stopped = req.append_token(token)
-            lps = None if req.logprobs is None else [res.logprob]
-            reason = None
-            if stopped:
-                reason = "stop"
-            elif len(req.output_ids) >= req.max_new_tokens or (
-                    self.max_context is not None and len(req.tokens) >= self.max_context):
-                reason = "length"
+            tokens, text, reason = [], "", None
+            lps = None if req.logprobs is None else []
+            all_lps = res.accepted_logprobs + [res.logprob]
+            for j, token in enumerate(res.accepted + [res.token_id]):
+                if token in req.stop_ids:
+                    reason = "stop"
+                    break
+                piece, stopped = req.append_token(token)
+                tokens.append(token)
+                text += piece
+                if lps is not None:
+                    lps.append(all_lps[j])
+                if stopped:
+                    reason = "stop"
+                elif len(req.output_ids) >= req.max_new_tokens or (
+                        self.max_context is not None and len(req.tokens) >= self.max_context):
+                    reason = "length"
+                if reason is not None:
+                    break
             if reason is None:
-                outputs.append(req.make_output([token], piece, lps))
+                outputs.append(req.make_output(tokens, text, lps))
             else:
                 self.running.remove(req)
                 last = self._finish(req, reason)
-                last.token_ids, last.text, last.logprobs = [token], piece + last.text, lps
+                last.token_ids, last.text, last.logprobs = tokens, text + last.text, lps
                 outputs.append(last)
         return outputs
 
