@@ -28,6 +28,7 @@ class Completion:
     prefill_s: float = 0.0              # seconds to process the prompt
     decode_s: float = 0.0               # seconds from the first generated token to the last
     decode_steps: int = 0               # forward passes after the prefill (an EOS token costs one too)
+    decode_tokens: int = 0              # tokens they produced (more than the steps when drafts were accepted)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -35,7 +36,7 @@ class Completion:
 
     @property
     def decode_tok_s(self) -> float:
-        steps = self.decode_steps
+        steps = max(self.decode_steps, self.decode_tokens)
         return steps / self.decode_s if steps > 0 and self.decode_s else 0.0
 
     def to_dict(self) -> dict:
@@ -43,7 +44,8 @@ class Completion:
                 "finish_reason": self.finish_reason,
                 "timings": {"prefill_s": self.prefill_s, "decode_s": self.decode_s,
                             "prompt_tokens": len(self.prompt_token_ids), "generated_tokens": len(self.token_ids),
-                            "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}}
+                            "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+                            "decode_steps": self.decode_steps}}
 
 
 @dataclass
@@ -71,6 +73,7 @@ class LLM:
         self.faithful = faithful
         self._step_runner = None
         self._engine: Engine | None = None
+        self.draft = None   # a speculative.DraftModelProposer for requests with speculative="draft"
 
     @property
     def step_runner(self) -> Runner:
@@ -113,13 +116,18 @@ class LLM:
         e, runner = self._engine, self.step_runner
         step_tokens = runner.prefill_chunk or runner.max_step_tokens
         if (e is None or e.runner is not runner or e.kv.block_size < num_tokens or e.kv_dtype != runner.kv_dtype
-                or e.scheduler.max_step_tokens != step_tokens):
+                or e.scheduler.max_step_tokens != step_tokens
+                or (e.speculator is not None and e.speculator.draft is not self.draft)):
             self._engine = None  # the old pool goes before the new one is built
             self._engine = Engine(runner, self.tokenizer, EngineConfig(
                 eos_ids=self.eos_ids, max_context=self.config.max_position, num_blocks=1,
                 block_size=max(1, num_tokens), max_num_seqs=1, max_step_tokens=step_tokens, prefix_caching=False,
-                kv_resident=False))
+                kv_resident=False), draft=self.draft)
         return self._engine
+
+    def engine_stats(self) -> dict:
+        """The generation engine's counters (speculation included); empty before the first request."""
+        return self._engine.stats() if self._engine is not None else {}
 
     def stream(self, prompt: str | Sequence[int] | list[dict], params: SamplingParams | None = None, *,
                state: StreamState | None = None, **options) -> Iterator[str]:
@@ -130,13 +138,15 @@ class LLM:
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams, state: StreamState) -> Iterator[str]:
         engine = self.engine_for(len(prompt_ids) + params.max_tokens)
-        text, finish, steps = [], "length", -1
+        text, finish, steps, decoded = [], "length", -1, 0
         t0 = first = last = time.perf_counter()
         for out in engine.stream(prompt_ids, params):
             # the first output comes out of the prefill; each later one took a decode step
             last = time.perf_counter()
             if steps < 0:
                 first = last
+            else:
+                decoded += max(1, len(out.token_ids))
             steps += 1
             if out.error is not None:
                 raise JisuError(f"generation failed: {out.error}")
@@ -147,7 +157,7 @@ class LLM:
             if out.finished:
                 finish = out.finish_reason
         state.completion = Completion("".join(text), state.token_ids, prompt_ids, finish, first - t0, last - first,
-                                      max(steps, 0))
+                                      max(steps, 0), decoded)
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **options) -> Completion:
         """Complete raw text (no chat template)."""

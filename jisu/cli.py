@@ -41,6 +41,24 @@ def _params(args):
                           seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
 
 
+def _speculative_arg(value: str) -> str:
+    if value in ("auto", "ngram", "off") or (value.startswith("draft:") and len(value) > 6):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: use auto, ngram, off or draft:MODEL")
+
+
+def _speculative(args, llm) -> str:
+    """The requests' speculative mode; `draft:MODEL` loads the draft model onto `llm` (its vocabulary
+    checked against the target's)."""
+    spec = getattr(args, "speculative", "auto")
+    if spec.startswith("draft:"):
+        from .engine.speculative import make_proposer
+
+        llm.draft = make_proposer(spec, llm)
+        return "draft"
+    return spec
+
+
 def _load(args):
     from .api import load
 
@@ -54,8 +72,11 @@ def _load(args):
 def cmd_run(args) -> int:
     from .api import StreamState
 
+    from dataclasses import replace
+
     params = _params(args)  # validate options before the (slow) load
     llm = _load(args)
+    params = replace(params, speculative=_speculative(args, llm))
     if args.raw or not llm.tokenizer.chat_template:
         if not args.raw:
             print("jisu: the model has no chat template; sending the prompt as raw text", file=sys.stderr)
@@ -70,7 +91,9 @@ def cmd_run(args) -> int:
             sys.stdout.flush()
     c = state.completion
     if args.json:
-        print(json.dumps({"model": llm.source.name, **c.to_dict()}, ensure_ascii=False))
+        spec = {k[5:]: v for k, v in llm.engine_stats().items() if k.startswith("spec_")}
+        print(json.dumps({"model": llm.source.name, **c.to_dict(), "speculative": {"mode": args.speculative, **spec}},
+                         ensure_ascii=False))
     else:
         print()
         print(f"[prompt {len(c.prompt_token_ids)} tok, {c.prefill_tok_s:.1f} tok/s | generated "
@@ -180,10 +203,11 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"jisu: warning: serving on {args.host} without an API key", file=sys.stderr)
     llm = _load(args)
+    spec = _speculative(args, llm)
     print(f"jisu: serving {llm.source.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     return serve(llm, args.host, args.port, api_key=api_key, max_concurrency=args.max_concurrency,
                  max_queue=args.max_queue, kv_memory_mb=args.kv_memory, served_model_name=args.served_model_name,
-                 kv_dtype=args.kv_dtype)
+                 kv_dtype=args.kv_dtype, speculative=spec, draft=getattr(llm, "draft", None))
 
 
 def _serve_parser(sub) -> None:
@@ -202,7 +226,12 @@ def _serve_parser(sub) -> None:
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     s.add_argument("--precise", action="store_true", help="~15-bit activations in the quantized kernels (see jisu run)")
     s.add_argument("--fast", action="store_true", help="plain int8 activations, not faithful (see jisu run)")
+    s.add_argument("--speculative", type=_speculative_arg, default="auto", metavar="MODE", help=SPEC_HELP)
     s.set_defaults(func=cmd_serve)
+
+
+SPEC_HELP = ("speculative decoding: auto (default: n-gram prompt lookup, off while it does not pay), ngram, "
+             "draft:MODEL (a smaller model or compressed copy with the same tokenizer drafts), off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     run.add_argument("--system", default=None, help="system message for chat models")
     run.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, timings")
+    run.add_argument("--speculative", type=_speculative_arg, default="auto", metavar="MODE", help=SPEC_HELP)
     _sampling_args(run)
     run.set_defaults(func=cmd_run)
 

@@ -71,6 +71,8 @@ class Engine:
         self.sampler = Sampler()
         # speculation (speculator.py): `draft` is a speculative.DraftModelProposer for mode "draft"
         self.speculator = Speculator(self, draft, config.max_draft) if config.max_draft else None
+        if self.speculator is not None and config.speculative != "off":
+            self.speculator.cost  # profile the step now (once per runner), not inside the first decode
         self.max_queue = config.max_queue
         self._requests: dict[str, Request] = {}      # live requests (engine thread's view)
         self._inbox: deque[Request] = deque()        # added by any thread, taken by step()

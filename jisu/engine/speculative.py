@@ -12,7 +12,7 @@ import torch
 from ..config import SamplingParams
 from ..errors import JisuError
 from .batch import StepBatch
-from .kv_cache import OutOfBlocks, PagedKVCache, SeqBlocks
+from .kv_cache import PagedKVCache, SeqBlocks
 from .sampler import apply_penalties, filter_logits
 
 MODES = ("auto", "ngram", "draft", "off")

@@ -36,6 +36,12 @@ class Metrics:
             lambda: stats()["preemptions"])
         Gauge("jisu_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache since start",
               registry=r).set_function(lambda: stats()["prefix_hit_tokens"])
+        for key, help_ in (("spec_drafted_tokens", "Speculative draft tokens verified since start"),
+                           ("spec_accepted_tokens", "Speculative draft tokens accepted since start"),
+                           ("spec_acceptance", "Accepted / drafted speculative tokens since start"),
+                           ("spec_tokens_per_verify", "Tokens a request gains per verify step that carries drafts"),
+                           ("spec_time_saved_s", "Estimated decode seconds saved by speculation (cost model)")):
+            Gauge("jisu_" + key, help_, registry=r).set_function(lambda key=key: stats().get(key, 0.0))
 
     def observe_finished(self, out) -> None:
         """One engine request finished (called on the event loop with its last output)."""

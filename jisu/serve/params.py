@@ -33,7 +33,8 @@ def sampling_params(state: ServerState, req, max_tokens: int, choice: int) -> Sa
                               min_p=req.min_p, seed=seed, stop=req.stop_list,
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
-                              stop_token_ids=tuple(req.stop_token_ids or ()))
+                              stop_token_ids=tuple(req.stop_token_ids or ()),
+                              speculative=getattr(req, "speculative", None))
     except JisuError as e:
         msg = str(e).removeprefix("sampling: ")
         raise APIError(400, msg, param=msg.split("=", 1)[0]) from None

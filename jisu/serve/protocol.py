@@ -105,6 +105,7 @@ class _Sampling(_Base):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] = 1.0
     ignore_eos: StrictBool = False
     stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    speculative: Literal["auto", "ngram", "draft", "off"] | None = None   # None: the server's default
 
     @field_validator("stop")
     @classmethod

@@ -6,8 +6,7 @@ steps' bits; a draft model with another vocabulary is refused."""
 from __future__ import annotations
 
 import math
-import os
-import random
+import re
 
 import numpy as np
 import pytest
@@ -263,3 +262,45 @@ def test_default_model_self_draft_accepts_everything(default_q):
     draft = DraftModelProposer(default_q.step_runner, kv_memory_mb=8, block_size=4)
     out, s = run(default_q, [ids], params, "draft", draft=draft)
     assert out == ref and s["spec_accepted_tokens"] == s["spec_drafted_tokens"] > 0
+
+
+# --- the server and the CLI ---------------------------------------------------------------------------
+@invariant
+def test_server_speculative_field_and_metrics(tiny):
+    import httpx
+
+    from jisu.serve.app import create_app
+    from tests.serve.conftest import running
+
+    app = create_app(tiny, kv_memory_mb=1, max_concurrency=4)
+    body = {"prompt": list(range(40, 60)) * 3, "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    with running(app) as (url, _):
+        outs = {m: httpx.post(url + "/v1/completions", json={**body, "speculative": m}, timeout=60) for m in
+                ("off", "ngram", "auto")}
+        assert all(r.status_code == 200 for r in outs.values())
+        texts = {m: r.json()["choices"][0]["text"] for m, r in outs.items()}
+        assert texts["off"] == texts["ngram"] == texts["auto"]
+        r = httpx.post(url + "/v1/completions", json={**body, "speculative": "draft"}, timeout=60)
+        assert r.status_code == 400 and "draft model" in r.text
+        r = httpx.post(url + "/v1/completions", json={**body, "speculative": "eagle"}, timeout=60)
+        assert r.status_code == 400
+        metrics = httpx.get(url + "/metrics").text
+    drafted = float(re.search(r"^jisu_spec_drafted_tokens (\S+)", metrics, re.M).group(1))
+    assert drafted > 0 and "jisu_spec_acceptance" in metrics
+
+
+def test_cli_run_json_reports_speculation(tiny, tmp_path):
+    import contextlib
+    import io
+    import json
+
+    from jisu.cli import main
+
+    path = write_hf_llama(str(tmp_path / "m"))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["run", path, "--raw", "-p", "a b c d a b c d a b c d", "-n", "12", "--temp", "0",
+                     "--ignore-eos", "--json", "--speculative", "ngram"]) == 0
+    out = json.loads(buf.getvalue())
+    assert out["speculative"]["mode"] == "ngram" and "acceptance" in out["speculative"]
+    assert len(out["token_ids"]) == 12
