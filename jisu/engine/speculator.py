@@ -26,6 +26,8 @@ class CostModel:
     def __init__(self, times: dict[int, float]):
         self.n = np.array(sorted(times), dtype=float)
         self.s = np.array([times[k] for k in sorted(times)], dtype=float)
+        self._table: list[float] = []        # t(n) for n < len(table), rebuilt after observations
+        self._dirty = 0
 
     @classmethod
     def profile(cls, runner, kv_dtype, context: int = 64, reps: int = 2) -> "CostModel":
@@ -46,6 +48,16 @@ class CostModel:
         return cls(times)
 
     def t(self, n: int) -> float:
+        if n < len(self._table):
+            return self._table[n]
+        if self._dirty or not self._table:
+            self._table = [self._t(i) for i in range(512)]
+            self._dirty = 0
+            if n < 512:
+                return self._table[n]
+        return self._t(n)
+
+    def _t(self, n: int) -> float:
         if n <= self.n[-1]:
             return float(np.interp(n, self.n, self.s))
         slope = (self.s[-1] - self.s[-2]) / (self.n[-1] - self.n[-2])
@@ -56,6 +68,9 @@ class CostModel:
         i = np.searchsorted(self.n, n)
         if i < len(self.n) and self.n[i] == n:
             self.s[i] = 0.9 * self.s[i] + 0.1 * dt
+            self._dirty += 1
+            if self._dirty >= 32:       # rebuilt on the next lookup past the table
+                self._table = []
 
 
 _PROFILES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
