@@ -175,9 +175,31 @@ class JisuEngine:
     def generate(self, ids, n):
         from jisu.config import SamplingParams
 
-        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        # plain decode (the peers' kind); speculative() measures jisu's default speculation apart
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, speculative="off")
         engine = self.llm.engine_for(len(ids) + n)
         return [time.perf_counter() for _ in engine.stream(list(ids), params)]
+
+    def speculative(self, ids, n: int, mode: str = "auto") -> dict:
+        """Greedy decode of n tokens with speculation `mode`: tok/s after the first token, tokens
+        per step, acceptance and the engine's estimate of the time saved."""
+        from jisu.config import SamplingParams
+
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, speculative=mode)
+        engine = self.llm.engine_for(len(ids) + n)
+        before = engine.stats()
+        stamps, got = [], 0
+        for out in engine.stream(list(ids), params):
+            stamps.append(time.perf_counter())
+            got += len(out.token_ids)
+        s = {k: engine.stats()[k] - before[k] for k in ("spec_drafted_tokens", "spec_accepted_tokens",
+                                                        "spec_time_saved_s")}
+        spread = stamps[-1] - stamps[0]
+        return {"mode": mode, "decode_tok_s": (got - 1) / spread if spread > 0 else None,
+                "tokens_per_step": (got - 1) / max(1, len(stamps) - 1), "drafted_tokens": s["spec_drafted_tokens"],
+                "accepted_tokens": s["spec_accepted_tokens"],
+                "acceptance": s["spec_accepted_tokens"] / s["spec_drafted_tokens"] if s["spec_drafted_tokens"] else 0.0,
+                "time_saved_s": s["spec_time_saved_s"]}
 
     def next_token_logits(self, ids):
         from jisu.engine.runner import sequence_logits
@@ -264,6 +286,8 @@ def child_main(argv: list[str] | None = None) -> int:
                   "load_s": engine.load_s}
         result |= measure(engine, ids, prompt_lengths=lengths, decode_tokens=decode,
                           decode_prompt=a.decode_prompt, reps=a.reps)
+        if hasattr(engine, "speculative"):
+            result["speculative"] = engine.speculative(ids[:a.decode_prompt], max(decode))
         result["peak_rss_bytes"] = peak_rss_bytes()  # before the perplexity pass, which may allocate more
         result["weight_bytes_per_token"] = engine.weight_bytes_per_token()
         result["weight_format"] = engine.weight_format()

@@ -304,3 +304,13 @@ def test_cli_run_json_reports_speculation(tiny, tmp_path):
     out = json.loads(buf.getvalue())
     assert out["speculative"]["mode"] == "ngram" and "acceptance" in out["speculative"]
     assert len(out["token_ids"]) == 12
+
+
+def test_bench_engine_reports_speculation(tmp_path):
+    from jisu.eval.speed import JisuEngine
+
+    eng = JisuEngine(write_hf_llama(str(tmp_path / "b")))
+    ids = list(range(40, 60)) * 3
+    assert len(eng.generate(ids, 12)) == 12           # plain decode: one output per token
+    s = eng.speculative(ids, 12, "ngram")
+    assert s["drafted_tokens"] > 0 and 0 <= s["acceptance"] <= 1 and s["tokens_per_step"] > 1
