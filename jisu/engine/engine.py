@@ -147,7 +147,7 @@ class Engine:
             raise EngineError("speculative=draft needs an engine with a draft model (jisu run --speculative draft:MODEL)")
         if self.speculator is None or mode == "off" or (mode == "auto" and not params.is_greedy):
             return None
-        return SpecState(mode, params)
+        return SpecState(mode, params, self.speculator.prior(mode))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks return to the pool before the next step (at once when no

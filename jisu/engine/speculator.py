@@ -85,11 +85,13 @@ def cost_model(runner, kv_dtype) -> CostModel:
 
 
 class SpecState:
-    """One request's speculation: its proposer, acceptance (decayed sums, prior 1/2), the probe
+    """One request's speculation: its proposer, acceptance (decayed sums; the prior is the engine's
+    recent acceptance for the mode, weighing as two drafts), the probe
     schedule while off, the seed of its keyed draws, and counters."""
 
-    def __init__(self, mode: str, params):
+    def __init__(self, mode: str, params, prior: float = 0.5):
         self.mode = mode
+        self.prior = prior                         # acceptance expected before any draft of its own
         self.keyed = not params.is_greedy          # every token drawn by keyed_uniform (see Speculator)
         self.seed = request_seed(params) if self.keyed else 0
         self.acc = self.rej = 0.0
@@ -98,7 +100,7 @@ class SpecState:
         self.drafted = self.accepted = self.verify_steps = 0
 
     def alpha(self) -> float:
-        return (self.acc + 1.0) / (self.acc + self.rej + 2.0)
+        return (self.acc + 2.0 * self.prior) / (self.acc + self.rej + 2.0)
 
     def record(self, k: int, a: int) -> None:
         self.acc = 0.8 * self.acc + a
@@ -123,6 +125,7 @@ class Speculator:
         self._cost = None
         self.drafted = self.accepted = self.verify_steps = self.chunks_verified = 0
         self.emitted = 0
+        self.recent = {}                 # mode -> [decayed accepted, decayed rejections] over all requests
         self.saved_s = 0.0
         self.draft_s = 0.0
         self._pending = None
@@ -283,6 +286,8 @@ class Speculator:
                 had = True
                 a = len(r.accepted)
                 c.req.spec.record(len(c.draft), a)
+                r_ = self.recent.setdefault(c.req.spec.mode, [0.0, 0.0])
+                r_[0], r_[1] = 0.98 * r_[0] + a, 0.98 * r_[1] + (a < len(c.draft))
                 self.drafted += len(c.draft)
                 self.accepted += a
                 self.chunks_verified += 1
@@ -298,6 +303,11 @@ class Speculator:
             self.saved_s += gained * t0 / max(1, n_sample) - (model_s + draft_s - t0)
         elif self._cost is not None:
             self.cost.observe(batch.num_tokens, model_s)
+
+    def prior(self, mode: str) -> float:
+        """The acceptance a new request of this mode starts from: the recent one over all requests."""
+        acc, rej = self.recent.get(mode, (0.0, 0.0))
+        return (acc + 1.0) / (acc + rej + 2.0)
 
     def stats(self) -> dict:
         return {"spec_drafted_tokens": self.drafted, "spec_accepted_tokens": self.accepted,

@@ -227,11 +227,11 @@ CODE = '''def moving_average(values, window):
 @invariant
 def test_verify_rows_are_the_single_token_steps_bits(default_q):
     runner = default_q.step_runner
-    ids = default_q.tokenizer.encode(CODE)[:40]
+    ids = default_q.tokenizer.encode(CODE)[:50]
     kv = PagedKVCache(default_q.config, 1, 64, dtype=runner.kv_dtype, resident=False)
     runner.run(StepBatch.single(ids[:30], 0, [0], [29]), kv)
-    single = [runner.run(StepBatch.single([t], 30 + i, [0], [0]), kv)[0] for i, t in enumerate(ids[30:38])]
-    for rows in (2, 5, 8):
+    single = [runner.run(StepBatch.single([t], 30 + i, [0], [0]), kv)[0] for i, t in enumerate(ids[30:47])]
+    for rows in (2, 5, 8, 17):
         many = runner.run(StepBatch.single(ids[30:30 + rows], 30, [0], list(range(rows))), kv)
         for i in range(rows):
             assert torch.equal(many[i], single[i]), (rows, i)
