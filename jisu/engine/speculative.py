@@ -171,8 +171,13 @@ class DraftModelProposer:
     remaining tokens one batched step each."""
     name = "draft"
 
-    def __init__(self, runner, kv_memory_mb: float = 64, block_size: int = 16, kv_dtype=None):
+    def __init__(self, runner, kv_memory_mb: float = 64, block_size: int = 16, kv_dtype=None,
+                 sample: bool = False):
         self.runner = runner
+        # sample=True: sampled requests draw their drafts from the draft model's own (filtered)
+        # distribution q, verified by rejection sampling (higher acceptance than greedy drafts,
+        # but a seed's text then depends on the drafts); False: greedy drafts, q one-hot
+        self.sample = sample
         self.kv = PagedKVCache.for_memory(runner.cfg, int(kv_memory_mb * 2**20), block_size,
                                           dtype=kv_dtype or runner.kv_dtype, resident=False)
         self.seqs: dict[str, _DraftSeq] = {}
@@ -206,10 +211,10 @@ class DraftModelProposer:
             del ds.tokens[n:]
         return ds
 
-    def _run(self, items: list[tuple[_DraftSeq, list[int]]]) -> list[int]:
+    def _run(self, items: list[tuple[_DraftSeq, list[int]]]) -> list[torch.Tensor]:
         """Append each item's tokens to its draft sequence in steps within the budget; returns the
-        greedy next token of each item (from its last new token's logits)."""
-        nxt = [0] * len(items)
+        logits of each item's last new token."""
+        nxt: list = [None] * len(items)
         pending = [(i, ds, toks) for i, (ds, toks) in enumerate(items)]
         while pending:
             chunks, budget, rest = [], self.max_step_tokens, []
@@ -238,13 +243,20 @@ class DraftModelProposer:
             for i, ds, part, last in chunks:
                 ds.tokens += part
                 if last:
-                    nxt[i] = int(logits[r].numpy().argmax())
+                    nxt[i] = logits[r]
                     r += 1
             pending = rest
         return nxt
 
+    def _pick(self, req, row: torch.Tensor, pos: int):
+        """The draft token at position `pos` from the draft model's logits row, and its q (None: greedy)."""
+        if self.sample and not req.params.is_greedy and req.spec is not None:
+            q = target_probs(row, req.params)
+            return inverse_cdf(q, keyed_uniform(req.spec.seed, pos, 2)), q
+        return int(row.numpy().argmax()), None
+
     def propose(self, wants):
-        out: list[tuple[list[int], None]] = [([], None) for _ in wants]
+        out: list[tuple[list[int], list | None]] = [([], None) for _ in wants]
         active = []
         for j, (req, k) in enumerate(wants):
             if k <= 0:
@@ -257,11 +269,17 @@ class DraftModelProposer:
                 continue
             active.append((j, ds, new, k))
         while active:
-            nxt = self._run([(ds, new) for _, ds, new, _ in active])
+            rows = self._run([(ds, new) for _, ds, new, _ in active])
             still = []
-            for (j, ds, _, k), t in zip(active, nxt):
-                out[j][0].append(t)
-                if len(out[j][0]) < k:
+            for (j, ds, _, k), row in zip(active, rows):
+                req, toks = wants[j][0], out[j][0]
+                t, q = self._pick(req, row, len(req.tokens) + len(toks))
+                toks.append(t)
+                if q is not None:
+                    if out[j][1] is None:
+                        out[j] = (toks, [])
+                    out[j][1].append(q)
+                if len(toks) < k:
                     still.append((j, ds, [t], k))
             active = still
         return out

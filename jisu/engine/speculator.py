@@ -98,6 +98,7 @@ class SpecState:
         self.ngram = None
         self.off_steps, self.probe_every = 0, 8
         self.drafted = self.accepted = self.verify_steps = 0
+        self.draft_q = None                        # this step's draft probabilities (None: one-hot)
 
     def alpha(self) -> float:
         return (self.acc + 2.0 * self.prior) / (self.acc + self.rej + 2.0)
@@ -199,12 +200,13 @@ class Speculator:
             plans.append((c, k, cand))
         if not plans:
             return
-        drafts = [cand[:k] if cand is not None else None for c, k, cand in plans]
+        drafts = [(cand[:k], None) if cand is not None else None for c, k, cand in plans]
         need = [(c.req, k) for (c, k, cand), d in zip(plans, drafts) if d is None]
         if need:
             got = iter(self.draft.propose(need))
-            drafts = [d if d is not None else next(got)[0] for d in drafts]
-        for (c, k, _), d in zip(plans, drafts):
+            drafts = [d if d is not None else next(got) for d in drafts]
+        for (c, k, _), (d, q) in zip(plans, drafts):
+            c.req.spec.draft_q = q
             if not d:
                 continue
             sched.kv.reserve(c.req.seq, len(d))
@@ -254,7 +256,8 @@ class Speculator:
             d = draft[j] if j < len(draft) else None
             if st.keyed:
                 p = target_probs(row, params, counts, req.prompt_seen)
-                ok, tok = rejection_sample(p, None, -1 if d is None else d, keyed_uniform(st.seed, pos + j, 1),
+                q = st.draft_q[j] if (d is not None and st.draft_q) else None
+                ok, tok = rejection_sample(p, q, -1 if d is None else d, keyed_uniform(st.seed, pos + j, 1),
                                            keyed_uniform(st.seed, pos + j))
             else:
                 tok = sample_token(row, params, None, counts, req.prompt_seen)
@@ -265,7 +268,7 @@ class Speculator:
                     v, ix = torch.topk(lsm, min(req.logprobs, lsm.shape[-1]))
                     top = list(zip(ix.tolist(), v.tolist()))
                 lps.append(TokenLogprob(tok, float(lsm[tok]), top))
-            if d is not None and tok == d:
+            if d is not None and (ok if st.keyed else tok == d):
                 res.accepted.append(tok)
                 if counts is not None:
                     counts[tok] += 1

@@ -142,6 +142,19 @@ def test_self_draft_accepts_everything_and_equals_plain(tiny):
 
 
 @invariant
+def test_sampled_drafts_from_a_self_draft_are_always_accepted(tiny):
+    """Drafts drawn from the draft model's own distribution q (rejection sampling with q != one-hot):
+    a target drafting for itself has q == p, so every draft passes u * q(x) < p(x)."""
+    ps = prompts(6)
+    params = [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=30, ignore_eos=True, seed=40 + i)
+              for i in range(len(ps))]
+    draft = DraftModelProposer(tiny.step_runner, kv_memory_mb=4, block_size=4, sample=True)
+    out, s = run(tiny, ps, params, "draft", draft=draft)
+    assert s["spec_drafted_tokens"] > 0 and s["spec_accepted_tokens"] == s["spec_drafted_tokens"]
+    assert all(len(o) == 30 for o in out)
+
+
+@invariant
 def test_other_draft_model_equals_plain(tiny, tmp_path):
     other = jisu.load(write_hf_llama(str(tmp_path / "other"), seed=5))   # same tokenizer, other weights
     ps = prompts(6)
