@@ -96,7 +96,7 @@ class SpecState:
         self.seed = request_seed(params) if self.keyed else 0
         self.acc = self.rej = 0.0
         self.ngram = None
-        self.off_steps, self.probe_every = 0, 8
+        self.off, self.off_steps, self.probe_every = False, 0, 8
         self.drafted = self.accepted = self.verify_steps = 0
         self.draft_q = None                        # this step's draft probabilities (None: one-hot)
 
@@ -149,6 +149,8 @@ class Speculator:
             v = (tokens + gain) / (cost.t(base + k) + busy + k * per_tok)
             if v > best:
                 best_k, best = k, v
+            elif k > best_k + 2:     # past the peak (tokens per second is unimodal in k here)
+                break
         return best_k
 
     def extend(self, batch: ScheduledBatch) -> None:
@@ -169,6 +171,12 @@ class Speculator:
         plans = []
         for c in decs:
             req, st = c.req, c.req.spec
+            probe = False
+            if st.off:                      # auto turned it off: no lookup until the next probe
+                st.off_steps += 1
+                if st.off_steps < st.probe_every:
+                    continue
+                st.off_steps, st.probe_every, probe = 0, min(2 * st.probe_every, 256), True
             limit = min(self.max_draft, budget, req.max_new_tokens - len(req.output_ids) - 1,
                         sched._fits(req) - 1)
             if self.engine.max_context:
@@ -186,12 +194,12 @@ class Speculator:
             if k == 0:
                 if st.mode != "auto":
                     k = 1
+                elif not probe:
+                    st.off, st.off_steps = True, 0
+                    continue
                 else:
-                    st.off_steps += 1
-                    if st.off_steps < st.probe_every:
-                        continue
-                    st.off_steps, st.probe_every = 0, min(2 * st.probe_every, 256)
                     k = min(2, limit)
+            st.off = False
             alpha = st.alpha()
             tokens += alpha * (1 - alpha ** k) / (1 - alpha)
             busy += k * drafter.cost_per_token_s

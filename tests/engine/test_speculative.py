@@ -131,6 +131,27 @@ def test_greedy_ngram_equals_plain_alone_and_batched(tiny):
 
 
 @invariant
+def test_auto_turns_itself_off_and_probes_again(tiny):
+    """Drafts that never match, each extra row costing 0.3 of a step: auto stops drafting after a
+    verify step or two and only probes, at growing intervals; `ngram` (forced on) keeps drafting.
+    The output is unchanged either way. (The tiny model's own rows are nearly free: there even
+    drafts that rarely match would pay.)"""
+    ps = prompts(1)
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    ref, _ = run(tiny, ps, params, "off")
+    steps = {}
+    for mode in ("auto", "ngram"):
+        engine = Engine.from_llm(tiny, num_blocks=512, block_size=4, speculative=mode)
+        wrong = lambda wants: [([(r.tokens[-1] * 7 + 1) % 300] * k, None) for r, k in wants]  # noqa: E731
+        engine.speculator.ngram.propose = wrong
+        engine.speculator._cost = CostModel({n: 1.0 + 0.3 * (n - 1) for n in CostModel.POINTS})
+        out = engine.generate(ps, params)
+        assert out[0]["token_ids"] == ref[0]
+        steps[mode] = engine.stats()["spec_verify_steps"]
+    assert steps["auto"] <= 6 and steps["ngram"] > 40
+
+
+@invariant
 def test_self_draft_accepts_everything_and_equals_plain(tiny):
     ps = prompts(16)
     ref, _ = run(tiny, ps, GREEDY, "off")
