@@ -176,9 +176,14 @@ def main() -> int:
     chat_n = 4 if args.quick else 8
     chat_params = SamplingParams(temperature=0, max_tokens=min(args.tokens, 128))
     one = {m: engines[m] for m in ("off", "auto")}
-    rs = interleaved(one, args.reps, lambda e: {"decode_tok_s": statistics.mean(
-        one_stream(e, chat_ids(llm, q), chat_params)["decode_tok_s"] for q in chat[:chat_n])})
+    def chat_run(e):
+        rs = [one_stream(e, chat_ids(llm, q), chat_params) for q in chat[:chat_n]]
+        return {"decode_tok_s": statistics.mean(r["decode_tok_s"] for r in rs),
+                "drafted": sum(r["spec_drafted_tokens"] for r in rs), "accepted": sum(r["spec_accepted_tokens"] for r in rs)}
+
+    rs = interleaved(one, args.reps, chat_run)
     report["chat_1_stream"] = {k: med(v, "decode_tok_s") for k, v in rs.items()}
+    report["chat_1_stream"]["auto_drafted_accepted"] = [rs["auto"][0]["drafted"], rs["auto"][0]["accepted"]]
     report["chat_1_stream"]["auto_vs_off"] = report["chat_1_stream"]["auto"] / report["chat_1_stream"]["off"]
     report["chat_1_stream"]["auto_vs_off_runs"] = [a["decode_tok_s"] / o["decode_tok_s"]
                                                    for a, o in zip(rs["auto"], rs["off"])]

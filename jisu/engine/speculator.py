@@ -25,7 +25,8 @@ class CostModel:
 
     def __init__(self, times: dict[int, float]):
         self.n = np.array(sorted(times), dtype=float)
-        self.s = np.array([times[k] for k in sorted(times)], dtype=float)
+        # a step never gets cheaper with more rows: noise in the profile must not say otherwise
+        self.s = np.maximum.accumulate(np.array([times[k] for k in sorted(times)], dtype=float))
         self._table: list[float] = []        # t(n) for n < len(table), rebuilt after observations
         self._dirty = 0
 
@@ -68,6 +69,7 @@ class CostModel:
         i = np.searchsorted(self.n, n)
         if i < len(self.n) and self.n[i] == n:
             self.s[i] = 0.9 * self.s[i] + 0.1 * dt
+            self.s = np.maximum.accumulate(self.s)
             self._dirty += 1
             if self._dirty >= 32:       # rebuilt on the next lookup past the table
                 self._table = []
