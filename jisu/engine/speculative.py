@@ -257,16 +257,19 @@ class DraftModelProposer:
 
     def propose(self, wants):
         out: list[tuple[list[int], list | None]] = [([], None) for _ in wants]
-        active = []
+        active, free = [], self.kv.num_free_blocks
         for j, (req, k) in enumerate(wants):
             if k <= 0:
                 continue
             ds = self._sync(req)
             new = req.tokens[len(ds.tokens):]
             need = self.kv.blocks_needed(ds.seq, len(new) + k - 1)
-            if need > self.kv.num_free_blocks:
+            if need > free:
+                before = self.kv.num_free_blocks
                 self.release(req)            # no room: this request drafts nothing now
+                free += self.kv.num_free_blocks - before
                 continue
+            free -= need
             active.append((j, ds, new, k))
         while active:
             rows = self._run([(ds, new) for _, ds, new, _ in active])
