@@ -52,9 +52,11 @@ def _speculative(args, llm) -> str:
     checked against the target's)."""
     spec = getattr(args, "speculative", "auto")
     if spec.startswith("draft:"):
-        from .engine.speculative import make_proposer
+        from .api import load
+        from .engine.speculative import DraftModelProposer
 
-        llm.draft = make_proposer(spec, llm)
+        draft = load(spec[len("draft:"):], fast=not llm.faithful)
+        llm.draft = DraftModelProposer.from_llm(draft, llm.tokenizer, llm.config)
         return "draft"
     return spec
 

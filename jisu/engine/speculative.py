@@ -288,19 +288,5 @@ class DraftModelProposer:
         return out
 
 
-def make_proposer(spec: str, target_llm=None, **kw) -> "Proposer":
-    """'ngram' -> NgramProposer; 'draft:MODEL' -> a DraftModelProposer over jisu.load(MODEL)."""
-    if spec == "ngram":
-        return NgramProposer()
-    if spec.startswith("draft:"):
-        from ..api import load
-
-        if target_llm is None:
-            raise JisuError("a draft model needs the target model (its tokenizer) to check against")
-        draft = load(spec[len("draft:"):], fast=not target_llm.faithful)
-        return DraftModelProposer.from_llm(draft, target_llm.tokenizer, target_llm.config, **kw)
-    raise JisuError(f"unknown proposer {spec!r}: use ngram or draft:MODEL")
-
-
 __all__ = ["MODES", "check_mode", "keyed_uniform", "target_probs", "inverse_cdf", "rejection_sample",
-           "Proposer", "NgramProposer", "NgramIndex", "DraftModelProposer", "check_same_vocab", "make_proposer"]
+           "Proposer", "NgramProposer", "NgramIndex", "DraftModelProposer", "check_same_vocab"]

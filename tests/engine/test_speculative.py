@@ -17,8 +17,7 @@ from jisu.config import SamplingParams
 from jisu.engine.batch import StepBatch
 from jisu.engine.engine import Engine, EngineError
 from jisu.engine.kv_cache import PagedKVCache
-from jisu.engine.speculative import (DraftModelProposer, NgramIndex, inverse_cdf, keyed_uniform, make_proposer,
-                                     rejection_sample)
+from jisu.engine.speculative import DraftModelProposer, NgramIndex, inverse_cdf, keyed_uniform, rejection_sample
 from jisu.engine.speculator import CostModel
 from jisu.errors import JisuError
 from jisu.kernels import ops
@@ -223,13 +222,20 @@ def test_logprobs_and_stops_with_drafts(tiny):
     assert a == b
 
 
-def test_draft_model_with_another_vocabulary_is_refused(tiny, tmp_path, default_gguf):
+def test_draft_model_with_another_vocabulary_is_refused(tiny, tmp_path, default_gguf, capsys):
+    from jisu.cli import main
+
     with pytest.raises(JisuError, match="vocabulary"):
-        make_proposer(f"draft:{default_gguf}", tiny)
+        DraftModelProposer.from_llm(jisu.load(default_gguf), tiny.tokenizer, tiny.config)
     folder = write_hf_llama(str(tmp_path / "plain-tok"))
     save_tokenizer(folder, chat=False)   # same vocab_size in the model, another tokenizer
     with pytest.raises(JisuError, match="tokenizer"):
-        make_proposer(f"draft:{folder}", tiny)
+        DraftModelProposer.from_llm(jisu.load(folder), tiny.tokenizer, tiny.config)
+    # the command line: one line, exit status 2
+    target = write_hf_llama(str(tmp_path / "target"))
+    assert main(["run", target, "--raw", "-p", "a b", "-n", "2", "--speculative", f"draft:{default_gguf}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jisu: ") and "vocabulary" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(EngineError, match="draft model"):
         Engine.from_llm(tiny, num_blocks=8).add_request([5, 6], SamplingParams(max_tokens=4, speculative="draft"))
     with pytest.raises(JisuError, match="speculative"):
