@@ -10,7 +10,8 @@ or without a thread: `engine.generate([...])`, `engine.stream(prompt_ids)` (one 
 outputs yielded as the steps run), or `while engine.has_work(): engine.step()`.
 
 One step is `batch = scheduler.schedule(); logits = runner.run(batch.to_step(), kv);
-scheduler.update(batch, sampler(batch, logits))`.
+scheduler.update(batch, sampler(batch, logits))`; with speculation (speculator.py) decode chunks
+first get draft tokens, each verified by its own logits row, and rejected ones roll back.
 
 Batch invariance: a request's tokens do not depend on what it is batched with, how its prompt
 was chunked, whether it was preempted and recomputed, or found in the prefix cache. Both runners
