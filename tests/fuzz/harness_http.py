@@ -88,7 +88,7 @@ def _run(ctx: dict, case: list) -> str:
         err = r.json().get("error", {})
         if not isinstance(err, dict) or not err.get("message"):
             raise AssertionError(f"{path} answered {r.status_code} without an OpenAI error: {text[:300]}")
-        raise JisuError(f"{r.status_code} {err.get('param')}")  # a 4xx: the outcome wanted
+        raise JisuError(f"{r.status_code} {err.get('code')} {err.get('param')}")  # a 4xx: the outcome wanted
     return f"{r.status_code} {path}"
 
 

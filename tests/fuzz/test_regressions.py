@@ -117,6 +117,9 @@ def test_server_answers_400_to_a_lone_surrogate_and_to_non_text_bodies(tmp_path)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
         r = client.post("/v1/completions", content=b"\x00" * 9, headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+        r = client.post("/tokenize", content=b'{"model": "\\ud800", "prompt": "hi"}',
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 404 and "\\ud800" in r.json()["error"]["message"], r.text
         r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200  # and the server still serves
 
