@@ -2,6 +2,7 @@
 value would be stored as are picked from the Python value) over a base file's tensors."""
 from __future__ import annotations
 
+import math
 import struct
 
 _I32, _U32, _I64, _U64, _F32, _BOOL, _STR, _ARR, _F64 = 5, 4, 11, 10, 6, 7, 8, 9, 12
@@ -39,7 +40,10 @@ def _value(v, t: int) -> bytes:
             v -= 1 << bits
         return struct.pack(fmt, v)
     if t in (_F32, _F64):
-        return struct.pack("<f" if t == _F32 else "<d", float(v))
+        v = float(v)
+        if t == _F32 and v == v and abs(v) > 3.4e38:
+            v = math.copysign(math.inf, v)  # as a float32 cast would round it
+        return struct.pack("<f" if t == _F32 else "<d", v)
     if t == _ARR:
         item = _vtype(v[0]) if v else _U32
         if any(_vtype(x) != item for x in v):  # mixed items: stored as the first item's type
