@@ -91,9 +91,10 @@ def main(argv=None) -> int:
         dt = time.monotonic() - t0
         growth = (peak_rss_bytes() - rss0) / 2**20
         rss = [r / 2**20 for r in stats.rss] or [0.0]
+        quarters = [rss[min(len(rss) - 1, q * len(rss) // 4)] for q in range(4)] + [rss[-1]]
         print(f"{name}: {stats.cases} cases in {dt:.0f} s ({stats.cases / max(dt, 1e-9):.1f}/s), "
               f"{len(stats.outcomes)} distinct outcomes{lines}, slowest case {stats.slowest:.2f} s CPU / {stats.slowest_wall:.2f} s wall, "
-              f"peak RSS +{growth:.0f} MiB, RSS after the first batch {rss[0]:.0f} MiB and at the end {rss[-1]:.0f} MiB, "
+              f"peak RSS +{growth:.0f} MiB, RSS by quarters of the run {' '.join(f'{r:.0f}' for r in quarters)} MiB, "
               f"{len(stats.escapes)} escapes", flush=True)
         for outcome, n in stats.outcomes.most_common(8):
             print(f"    {n:7d}  {outcome}")
