@@ -93,7 +93,8 @@ def main(argv=None) -> int:
         rss = [r / 2**20 for r in stats.rss] or [0.0]
         quarters = [rss[min(len(rss) - 1, q * len(rss) // 4)] for q in range(4)] + [rss[-1]]
         print(f"{name}: {stats.cases} cases in {dt:.0f} s ({stats.cases / max(dt, 1e-9):.1f}/s), "
-              f"{len(stats.outcomes)} distinct outcomes{lines}, slowest case {stats.slowest:.2f} s CPU / {stats.slowest_wall:.2f} s wall, "
+              f"{len(stats.outcomes)} distinct outcomes{lines}, "
+              f"slowest case {stats.slowest:.2f} s CPU / {stats.slowest_wall:.2f} s wall, "
               f"peak RSS +{growth:.0f} MiB, RSS by quarters of the run {' '.join(f'{r:.0f}' for r in quarters)} MiB, "
               f"{len(stats.escapes)} escapes", flush=True)
         for outcome, n in stats.outcomes.most_common(8):
