@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.jisu-setup
 SOURCES := pyproject.toml $(wildcard setup.py) $(wildcard jisu/kernels/cpu/*.cpp jisu/kernels/cpu/*.h jisu/kernels/cpu/*.inc)
 PROMPT ?= Explain in two sentences why quantization makes language models faster.
 
-.PHONY: setup run test clean
+FUZZ_MINUTES ?= 10
+FUZZ_HARNESS ?=
+
+.PHONY: setup run test fuzz clean
 
 setup: $(STAMP)
 
@@ -23,6 +26,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the long fuzz run: FUZZ_MINUTES per harness (all, or FUZZ_HARNESS="gguf http ...")
+fuzz: setup
+	$(PY) -m tests.fuzz.run --minutes $(FUZZ_MINUTES) $(foreach h,$(FUZZ_HARNESS),--harness $(h))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -19,3 +19,7 @@ class ModelNotFoundError(JisuError):
 
 class TemplateError(JisuError):
     """A chat template failed to render or tried to escape its sandbox."""
+
+
+class InputError(JisuError):
+    """Text or a value from the user that jisu cannot take (a lone surrogate in a prompt, ...)."""

@@ -48,14 +48,9 @@ def config_from_dict(d: dict, path: str) -> ModelConfig:
     unknown = set(d) - names - {"jisu_artifact"}
     if unknown:
         raise ModelFormatError(f"{path}: unknown config fields {sorted(unknown)} (artifact from a newer jisu?)")
-    kw = {k: v for k, v in d.items() if k in names}
-    for k in ("layer_types", "eos_token_ids"):
-        if k in kw and isinstance(kw[k], list):
-            kw[k] = tuple(kw[k])
-    try:
-        return ModelConfig(**kw)
-    except TypeError as e:
-        raise ModelFormatError(f"{path}: bad config ({e})") from None
+    from .config_check import build_config
+
+    return build_config({k: v for k, v in d.items() if k in names}, path)
 
 
 # --- files --------------------------------------------------------------------------------------

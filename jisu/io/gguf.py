@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..errors import ModelFormatError, UnsupportedError
+from ..errors import JisuError, ModelFormatError, UnsupportedError
 from ..models import archs, gguf_archs
 from ..models.common import GGUF_GLOBAL_NAMES
 
@@ -241,4 +241,14 @@ def hf_name(gguf_name: str, arch: str) -> str | None:
 
 def gguf_config(g: GGUFFile) -> ModelConfig:
     shapes = {name: t.shape for name, t in g.tensors.items()}
-    return arch_module(g).config_from_gguf(g.metadata, shapes, g.path)
+    from .config_check import checked
+
+    module = arch_module(g)
+    try:
+        return checked(module.config_from_gguf(g.metadata, shapes, g.path), g.path)
+    except (ModelFormatError, UnsupportedError):
+        raise
+    except JisuError as e:  # ModelConfig's own refusal
+        raise ModelFormatError(f"{g.path}: {e}") from None
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
+        raise ModelFormatError(f"{g.path}: missing or malformed metadata ({type(e).__name__}: {e})") from None

@@ -166,24 +166,30 @@ def iter_gguf_weights(g: GGUFFile, cfg: ModelConfig, packed: bool = False) -> It
         if target is None:
             continue
         fn = arch.load_transform(cfg, "gguf", target)
-        if packed and t.qtype in PACKABLE and len(t.shape) == 2:
-            if fn is None and t.shape[0] * t.shape[1] > SLICED_ELEMS:
-                w = _pack_in_slices(g, name, t)
-            else:
-                fmt = gguf_format(t)
-                w = pack(fmt if fn is None else _transform_rows(fmt, fn))
-                del fmt
-            g.release(name)  # the file's pages of this tensor are not needed any more
-            yield target, w
-            continue
-        if packed and int(t.qtype) in ggml and len(t.shape) == 2:
-            yield target, _ggml_weight(g, name, t, fn)
-            continue
-        w = g.dequantize(name)
-        if fn is not None:
-            w = fn(w)
+        try:
+            w = _weight(g, name, t, fn, packed, ggml, pack)
+        except (RuntimeError, ValueError, IndexError) as e:  # a transform (q/k rows by heads) that does not fit
+            raise ModelFormatError(f"{g.path}: tensor {name!r} of shape {t.shape} does not fit the model's "
+                                   f"config ({e})") from None
         yield target, w
     if packed:
         from ..memory import trim_heap
 
         trim_heap()  # the conversion's temporaries
+
+
+def _weight(g: GGUFFile, name: str, t: GGUFTensor, fn, packed: bool, ggml, pack):
+    """One tensor of iter_gguf_weights in its form in memory."""
+    if packed and t.qtype in PACKABLE and len(t.shape) == 2:
+        if fn is None and t.shape[0] * t.shape[1] > SLICED_ELEMS:
+            w = _pack_in_slices(g, name, t)
+        else:
+            fmt = gguf_format(t)
+            w = pack(fmt if fn is None else _transform_rows(fmt, fn))
+            del fmt
+        g.release(name)  # the file's pages of this tensor are not needed any more
+        return w
+    if packed and int(t.qtype) in ggml and len(t.shape) == 2:
+        return _ggml_weight(g, name, t, fn)
+    w = g.dequantize(name)
+    return fn(w) if fn is not None else w

@@ -75,7 +75,7 @@ def check_safetensors(path: str) -> tuple[dict, int]:
                 numel *= d
         except (KeyError, TypeError, ValueError):
             raise ModelFormatError(f"{path}: tensor {name!r} has a malformed entry") from None
-        if dtype not in _SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
             raise UnsupportedError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size):
             raise ModelFormatError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
@@ -147,11 +147,14 @@ def hf_config(folder: str) -> ModelConfig:
     """The ModelConfig of an HF folder, parsed by the module of its config.json's model_type."""
     path = os.path.join(folder, "config.json")
     d = read_json(path)
-    module = archs().get(d.get("model_type"))
+    model_type = d.get("model_type")
+    module = archs().get(model_type) if isinstance(model_type, str) else None
     if module is None or d["model_type"] not in module.HF_TYPES:
         raise UnsupportedError(f"{path}: unknown architecture {d.get('model_type')!r} "
                                f"(supported: {', '.join(hf_types())})")
+    from .config_check import checked
+
     try:
-        return module.config_from_hf(d, path)
-    except (KeyError, TypeError, ValueError) as e:
+        return checked(module.config_from_hf(d, path), path)
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
         raise ModelFormatError(f"{path}: missing or malformed field ({type(e).__name__}: {e})") from None

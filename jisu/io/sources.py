@@ -163,13 +163,44 @@ def _check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: M
     if tuple(emb.shape) != (cfg.vocab_size, cfg.hidden_size):
         raise ModelFormatError(f"{source.path}: token embedding is {tuple(emb.shape)}, config says "
                                f"({cfg.vocab_size}, {cfg.hidden_size})")
+    for name, shape, required in _expected_shapes(cfg):  # lazily: an absurd layer count stops at once
+        w = weights.get(name)
+        if w is None:
+            if required:
+                raise ModelFormatError(f"{source.path}: missing tensor {name}")
+            continue
+        if _shape(w) != shape:
+            raise ModelFormatError(f"{source.path}: {name} has shape {_shape(w)}, config says {shape}")
+    for name, w in weights.items():  # norms beyond the table (Gemma's pre/post feed-forward norms)
+        if name.endswith("layernorm.weight") and _shape(w) != (cfg.hidden_size,):
+            raise ModelFormatError(f"{source.path}: {name} has shape {_shape(w)}, config says ({cfg.hidden_size},)")
+
+
+def _shape(w) -> tuple[int, ...]:
+    """The logical shape of a weight: a tensor, a jisu format, or a PackedGGML (N rows of K)."""
+    if hasattr(w, "shape"):
+        return tuple(int(d) for d in w.shape)
+    return (int(w.N), int(w.K))
+
+
+def _expected_shapes(cfg: ModelConfig):
+    """(name, shape, required) of the weights every architecture's layers compute with, from the
+    config: a file whose tensors disagree with its own hyperparameters is refused at load."""
+    from ..models import model_class
+
+    cls = model_class(cfg)
+    norms = [n for n in ("input_layernorm", cls.MLP_NORM, cls.ATTN_POST_NORM, cls.MLP_POST_NORM) if n]
+    h, hd = cfg.hidden_size, cfg.head_dim
+    yield "model.norm.weight", (h,), True
+    yield "lm_head.weight", (cfg.vocab_size, h), False
     for i in range(cfg.num_layers):
-        name = f"model.layers.{i}.self_attn.q_proj.weight"
-        if name not in weights:
-            raise ModelFormatError(f"{source.path}: missing tensor {name}")
-        if tuple(weights[name].shape) != (cfg.heads(i)[0] * cfg.head_dim, cfg.hidden_size):
-            raise ModelFormatError(f"{source.path}: {name} has shape {tuple(weights[name].shape)}")
-        down = weights.get(f"model.layers.{i}.mlp.down_proj.weight")  # layers may differ in width
-        if down is not None and tuple(down.shape) != (cfg.hidden_size, cfg.mlp_width(i)):
-            raise ModelFormatError(f"{source.path}: model.layers.{i}.mlp.down_proj.weight has shape "
-                                   f"{tuple(down.shape)}, config says ({cfg.hidden_size}, {cfg.mlp_width(i)})")
+        p, (q, kv), f = f"model.layers.{i}.", cfg.heads(i), cfg.mlp_width(i)
+        yield from [
+            (p + "self_attn.q_proj.weight", (q * hd, h), True), (p + "mlp.down_proj.weight", (h, f), True),
+            (p + "self_attn.k_proj.weight", (kv * hd, h), True), (p + "self_attn.v_proj.weight", (kv * hd, h), True),
+            (p + "self_attn.o_proj.weight", (h, q * hd), True), (p + "mlp.gate_proj.weight", (f, h), True),
+            (p + "mlp.up_proj.weight", (f, h), True), *((p + n + ".weight", (h,), True) for n in norms),
+            (p + "self_attn.q_proj.bias", (q * hd,), cfg.attn_bias),
+            (p + "self_attn.k_proj.bias", (kv * hd,), cfg.attn_bias),
+            (p + "self_attn.v_proj.bias", (kv * hd,), cfg.attn_bias),
+            (p + "self_attn.q_norm.weight", (hd,), cfg.qk_norm), (p + "self_attn.k_norm.weight", (hd,), cfg.qk_norm)]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from typing import Any, Sequence
 
-from ..errors import ModelFormatError, TemplateError, UnsupportedError
+from ..errors import InputError, ModelFormatError, TemplateError, UnsupportedError
 
 # Pre-tokenizer split patterns, by the GGUF `tokenizer.ggml.pre` name (the regexes are those the
 # models' own tokenizer.json files declare).
@@ -18,6 +19,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 _SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
            "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 
+_WIDTHS = re.compile(r"%[-+ #0-9.*]*?\d{6,}")  # a printf width or precision of a million or more
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 
@@ -39,7 +41,10 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except (TypeError, UnicodeError, ValueError) as e:  # a lone surrogate, a non-string
+            raise InputError(_bad_text(text, e)) from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             if not ids or ids[0] != self.bos_id:
                 ids = [self.bos_id] + ids
@@ -72,6 +77,16 @@ class Tokenizer:
         return self.encode(self.render_chat(messages), add_bos=False)
 
 
+def _bad_text(text: Any, e: BaseException) -> str:
+    if not isinstance(text, str):
+        return f"text to encode must be a string, not {type(text).__name__}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as u:
+        return f"the text is not valid Unicode: {u.reason} ({text[u.start]!r} at character {u.start})"
+    return f"the text cannot be tokenized ({type(e).__name__}: {_one_line(e)})"
+
+
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise TemplateError("chat: messages must be a non-empty list of {'role': ..., 'content': ...}")
@@ -90,7 +105,7 @@ def compile_template(source_text: str, origin: str):
     def raise_exception(message: str):
         raise TemplateError(f"{origin}: chat template raised: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
         x, indent=indent, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception
@@ -98,7 +113,51 @@ def compile_template(source_text: str, origin: str):
     try:
         return env.from_string(source_text)
     except JinjaTemplateError as e:
-        raise TemplateError(f"{origin}: chat template does not parse ({e})") from None
+        raise TemplateError(f"{origin}: chat template does not parse ({_one_line(e)})") from None
+    except (SyntaxError, ValueError, TypeError, RecursionError) as e:  # jinja's compiled Python refused
+        raise TemplateError(f"{origin}: chat template does not compile ({type(e).__name__}: {_one_line(e)})") \
+            from None
+
+
+MAX_TEMPLATE_VALUE = 1 << 20  # bytes / items one operator of a template may make
+
+
+def _BoundedSandbox(**kw):
+    """The immutable sandbox, with `*`, `**` and `%` bounded: `'x' * 10**10` or `9 ** 9 ** 9` in
+    a model file's template would otherwise take the process's memory or hang it."""
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and \
+                            len(seq) * n > MAX_TEMPLATE_VALUE:
+                        raise SecurityError(f"template value of {len(seq)} x {n} items is too large")
+            elif operator == "**":
+                if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                        right * max(abs(left).bit_length(), 1) > 8 * MAX_TEMPLATE_VALUE:
+                    raise SecurityError(f"{left} ** {right} is too large")
+            elif operator == "%" and isinstance(left, str) and _WIDTHS.search(left):
+                raise SecurityError("a % format width in the template is too large")
+            return super().call_binop(context, operator, left, right)
+
+        def call(self, context, obj, *args, **kwargs):  # 'x'.ljust(10**9), '{:999999999}'.format(1)
+            if any(isinstance(a, int) and abs(a) > MAX_TEMPLATE_VALUE for a in (*args, *kwargs.values())):
+                raise SecurityError(f"a call in the template passes a number over {MAX_TEMPLATE_VALUE}")
+            return super().call(context, obj, *args, **kwargs)
+
+        def wrap_str_format(self, value):
+            if isinstance(getattr(value, "__self__", None), str) and re.search(r"\d{6,}", value.__self__):
+                def refuse(*args, **kwargs):
+                    raise SecurityError("a format width in the template is too large")
+                return refuse
+            return super().wrap_str_format(value)
+
+    return Bounded(**kw)
 
 
 # --- construction ---------------------------------------------------------------------------
@@ -147,70 +206,115 @@ def load_hf_tokenizer(folder: str) -> Tokenizer:
 
 
 def gguf_tokenizer(meta: dict[str, Any], source: str) -> Tokenizer:
-    """Build a `tokenizers` tokenizer from GGUF metadata (tokenizer.ggml.*)."""
+    """Build a `tokenizers` tokenizer from GGUF metadata (tokenizer.ggml.*). Every field is checked
+    for its type and range first; what the library still refuses (a merge of tokens outside the
+    vocabulary, ...) is a ModelFormatError naming the file."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = _checked_list(meta, "tokens", source, str)
     if not tokens:
         raise ModelFormatError(f"{source}: GGUF has no tokenizer vocabulary")
-    tokens = [str(t) for t in tokens]
-    types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
-    if len(types) != len(tokens):
-        raise ModelFormatError(f"{source}: token_type has {len(types)} entries for {len(tokens)} tokens")
+    types = _checked_list(meta, "token_type", source, int, len(tokens)) or [TOKEN_NORMAL] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ModelFormatError(f"{source}: tokenizer.chat_template is a {type(template).__name__}, not text")
 
     def special_id(key: str) -> int | None:
         v = meta.get(f"tokenizer.ggml.{key}")
         if v is None:
             return None
-        if not 0 <= int(v) < len(tokens):
-            raise ModelFormatError(f"{source}: tokenizer.ggml.{key}={v} is outside the vocabulary of {len(tokens)}")
-        return int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < len(tokens):
+            raise ModelFormatError(f"{source}: tokenizer.ggml.{key}={v!r} is outside the vocabulary of {len(tokens)}")
+        return v
 
-    if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in (meta.get("tokenizer.ggml.merges") or [])]
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre in _SPLITS:
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        elif pre == "smollm":
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    try:
+        if kind == "gpt2":
+            merges = [tuple(m.split(" ", 1)) for m in _checked_list(meta, "merges", source, str)]
+            bad = next((i for i, m in enumerate(merges) if len(m) != 2 or m[0] not in vocab or m[1] not in vocab),
+                       None)
+            if bad is not None:
+                raise ModelFormatError(f"{source}: tokenizer.ggml.merges[{bad}] = {' '.join(merges[bad])!r} is not "
+                                       f"two tokens of the vocabulary")
+            tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+            pre = meta.get("tokenizer.ggml.pre", "default")
+            if not isinstance(pre, str):
+                raise ModelFormatError(f"{source}: tokenizer.ggml.pre is a {type(pre).__name__}, not a name")
+            if pre in _SPLITS:
+                tok.pre_tokenizer = pre_tokenizers.Sequence([
+                    pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            elif pre == "smollm":
+                tok.pre_tokenizer = pre_tokenizers.Sequence([
+                    pre_tokenizers.Digits(individual_digits=True),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+            else:
+                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            if pre in ("qwen2", "deepseek-r1-qwen"):
+                tok.normalizer = normalizers.NFC()
+            tok.decoder = decoders.ByteLevel()
+        elif kind == "llama":
+            scores = _checked_list(meta, "scores", source, (int, float), len(tokens)) or [0.0] * len(tokens)
+            unk = special_id("unknown_token_id")
+            tok = HFTokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), byte_fallback=True,
+                                         fuse_unk=True, unk_token=tokens[unk] if unk is not None else None))
+            prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+            steps = ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")]
+            tok.normalizer = normalizers.Sequence(steps)
+            tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                            + ([decoders.Strip(" ", 1, 0)] if prefix else []))
         else:
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if pre in ("qwen2", "deepseek-r1-qwen"):
-            tok.normalizer = normalizers.NFC()
-        tok.decoder = decoders.ByteLevel()
-    elif kind == "llama":
-        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
-        unk = special_id("unknown_token_id")
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), byte_fallback=True,
-                                     fuse_unk=True, unk_token=tokens[unk] if unk is not None else None))
-        prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-        steps = ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")]
-        tok.normalizer = normalizers.Sequence(steps)
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                        + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    else:
-        raise UnsupportedError(f"{source}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+            raise UnsupportedError(f"{source}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
 
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
-    if special:
-        tok.add_special_tokens(special)
-    if user:
-        tok.add_tokens(user)
+        special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
+        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types)
+                if ty == TOKEN_USER_DEFINED]
+        if special:
+            tok.add_special_tokens(special)
+        if user:
+            tok.add_tokens(user)
+    except (ModelFormatError, UnsupportedError):
+        raise
+    except BaseException as e:  # the library's Exception, TypeError, or a Rust panic (a BaseException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        raise ModelFormatError(f"{source}: the tokenizer cannot be built from tokenizer.ggml.* "
+                               f"({type(e).__name__}: {_one_line(e)})") from None
     bos = special_id("bos_token_id")
     eos = [e for e in (special_id("eos_token_id"), special_id("eot_token_id"), special_id("eom_token_id"))
            if e is not None]
     return Tokenizer(tok, bos_id=bos, eos_ids=list(dict.fromkeys(eos)),
                      add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
-                     chat_template=meta.get("tokenizer.chat_template"), source=source)
+                     chat_template=template, source=source)
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _checked_list(meta: dict[str, Any], key: str, source: str, kind, length: int | None = None) -> list:
+    """tokenizer.ggml.<key> as a list whose items are all `kind` (of `length` items where given);
+    [] when absent. Text must be encodable as UTF-8 (a JSON copy can hold lone surrogates)."""
+    value = meta.get(f"tokenizer.ggml.{key}")
+    if value is None:
+        return []
+    what = f"{source}: tokenizer.ggml.{key}"
+    if not isinstance(value, list):
+        raise ModelFormatError(f"{what} is a {type(value).__name__}, not an array")
+    bad = next((i for i, v in enumerate(value) if not isinstance(v, kind) or isinstance(v, bool)), None)
+    if bad is not None:
+        raise ModelFormatError(f"{what}[{bad}] is a {type(value[bad]).__name__} ({value[bad]!r:.40})")
+    if length is not None and len(value) != length:
+        raise ModelFormatError(f"{what} has {len(value)} entries for {length} tokens")
+    if kind is str:
+        try:
+            "".join(value).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ModelFormatError(f"{what} holds text that is not valid Unicode ({e.reason})") from None
+    return value
 
 
 def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:

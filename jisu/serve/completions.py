@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 
 from ..engine.search import best_of_n, cumulative_logprob
+from ..errors import JisuError
 from .bridge import Finished, Group, event_stream, failure
 from .logprobs import LegacyLogprobs, merge_legacy
 from .params import check_max_tokens, check_model, check_prompt_ids, sampling_params
@@ -58,7 +59,10 @@ def _prompts(state: ServerState, req: CompletionRequest) -> _Prompts:
         if isinstance(pr, str):
             if not pr:
                 raise APIError(400, "the prompt is empty", param="prompt")
-            ids, text = state.llm.tokenizer.encode(pr), pr
+            try:
+                ids, text = state.llm.tokenizer.encode(pr), pr
+            except JisuError as e:  # a lone surrogate, ...
+                raise APIError(400, str(e), param="prompt") from None
         else:
             ids, text = list(pr), None
         check_prompt_ids(state, ids)

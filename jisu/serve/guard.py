@@ -105,7 +105,19 @@ class Guard:
                     extra += len(message.get("body", b""))
                     more = message.get("more_body", False) and message["type"] != "http.disconnect"
                 return await _send_error(send, _too_large(None, limit))
+        if body and not _is_text(bytes(body)):  # else FastAPI answers a bare {"detail": ...}
+            return await _send_error(send, APIError(400, "the request body is not JSON text (it does not decode as "
+                                                         "UTF-8)", code="invalid_json"))
         return _replay(bytes(body), receive)
+
+
+def _is_text(body: bytes) -> bool:
+    """Whether the body decodes the way json.loads will read it (UTF-8, or UTF-16/32 by its BOM)."""
+    try:
+        body.decode(json.detect_encoding(body))
+    except (UnicodeDecodeError, LookupError):
+        return False
+    return True
 
 
 def _too_large(size: int | None, limit: int) -> APIError:

@@ -52,7 +52,9 @@ def error_type(status: int) -> str:
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    def text(s):  # what a request echoes back may hold lone surrogates, which UTF-8 cannot carry
+        return s.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(s, str) else s
+    return {"error": {"message": text(message), "type": type, "param": text(param), "code": code}}
 
 
 def validation_error(errors: list[dict]) -> APIError:

@@ -1,0 +1,1 @@
+"""Fuzz harnesses for every parser of outside input (README: Fuzzing)."""
