@@ -170,28 +170,22 @@ def _compress_parser(sub) -> None:
 def cmd_export(args) -> int:
     from .export import ExportOptions, export_gguf
 
-    if args.format == "onnx":
-        from .export.onnx import export_onnx
-
-        result = export_onnx(args.model, args.output, qtype=args.type, force=args.force, max_kld=args.max_kld,
-                             eval_text=args.eval_text, threads=args.threads)
-    else:
-        options = ExportOptions(qtype=args.type, recipe=args.recipe, calib=args.calib, samples=args.samples,
-                                seq_len=args.seq_len, eval_text=args.eval_text, max_kld=args.max_kld,
-                                force=args.force, check=not args.no_check, threads=args.threads,
-                                progress=sys.stderr.isatty())
-        result = export_gguf(args.model, args.output, options)
+    options = ExportOptions(qtype=args.type, recipe=args.recipe, calib=args.calib, samples=args.samples,
+                            seq_len=args.seq_len, eval_text=args.eval_text, max_kld=args.max_kld,
+                            force=args.force, check=not args.no_check, threads=args.threads,
+                            progress=sys.stderr.isatty())
+    result = export_gguf(args.model, args.output, options)
     print(json.dumps(result.card) if args.json else result.summary())
     return 0
 
 
 def _export_parser(sub) -> None:
-    e = sub.add_parser("export", help="write a GGUF (llama.cpp's grids) or an ONNX decoder, checked in its runtime")
+    e = sub.add_parser("export", help="write a GGUF on llama.cpp's exact grids, checked in llama.cpp")
     e.add_argument("model", nargs="?", default=None, help="artifact, GGUF file or short name (default: smollm2)")
-    e.add_argument("--format", choices=("gguf", "onnx"), default="gguf", help="gguf (default) or onnx")
-    e.add_argument("-o", "--output", required=True, help="OUT.gguf, or a folder for onnx (must not exist unless --force)")
+    e.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (the only format so far)")
+    e.add_argument("-o", "--output", required=True, help="OUT.gguf (must not exist unless --force)")
     e.add_argument("--type", default=None, help="gguf: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K or Q4_K_M "
-                                               "(default: an artifact's own grid, else Q4_K_M); onnx: int4 or int8")
+                                               "(default: an artifact's own grid, else Q4_K_M)")
     e.add_argument("--recipe", default=None, help="rtn (default) or gptq: GPTQ onto llama.cpp's grids, calibrated")
     e.add_argument("--calib", default=None, help="calibration text for gptq (default: first half of the built-in corpus)")
     e.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")

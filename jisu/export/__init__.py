@@ -1,5 +1,5 @@
-"""Export to other runtimes: `export_gguf` writes a GGUF on llama.cpp's exact grids (RTN, or GPTQ
-onto the grids) and checks it in llama.cpp; jisu.export.onnx writes an onnxruntime decoder.
+"""Export to other runtimes: `export_gguf` writes a GGUF on llama.cpp's exact grids (RTN, GPTQ
+onto the grids, or an artifact's own grid) and checks it in llama.cpp.
 
     from jisu.export import export_gguf, ExportOptions
     export_gguf("smollm2", "out.gguf", ExportOptions(qtype="Q4_K_M", recipe="gptq"))

@@ -112,7 +112,23 @@ def _asym_cands(wg, hi, f16: bool, nonpos_min: bool):
 
 def fit(qtype: str, w: torch.Tensor, imp: Optional[torch.Tensor] = None) -> Grid:
     """The grid of w [N, K] (K a multiple of the type's block), its parameters chosen by the
-    imp-weighted (e.g. diag of the layer's Hessian; None = plain) rounding error."""
+    imp-weighted (e.g. diag of the layer's Hessian; None = plain) rounding error. Many passes of
+    simple element-wise ops: one thread (thread wake-ups cost more than they save on a shared CPU),
+    a slice of rows at a time (they stay in cache)."""
+    from ..compress.gptq import one_thread
+
+    N = w.shape[0]
+    step = max(1, (1 << 16) // max(1, w.shape[1]))
+    with one_thread():
+        if N <= step:
+            return _fit(qtype, w, imp)
+        parts = [_fit(qtype, w[r:r + step], imp) for r in range(0, N, step)]
+    return Grid(qtype, torch.cat([p.scale for p in parts]),
+                None if parts[0].minv is None else torch.cat([p.minv for p in parts]),
+                {k: np.concatenate([p.fields[k] for p in parts]) for k in parts[0].fields})
+
+
+def _fit(qtype: str, w: torch.Tensor, imp: Optional[torch.Tensor]) -> Grid:
     g, lo, hi, off, asym, sb = SPECS[qtype]
     w = w.detach().to(torch.float32)
     N, K = w.shape
@@ -180,9 +196,12 @@ def round_codes(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     N, K = w.shape
     lo, hi, off = grid.lo_hi_off
     g = grid.g
+    from ..compress.gptq import one_thread
+
     m = None if grid.minv is None else grid.minv[..., None]
-    q, _ = _round(w.to(torch.float32).view(N, K // g, g), grid.scale[..., None], m, lo, hi, off)
-    return q.view(N, K).to(torch.int16)
+    with one_thread():
+        q, _ = _round(w.to(torch.float32).reshape(N, K // g, g), grid.scale[..., None], m, lo, hi, off)
+        return q.view(N, K).to(torch.int16)
 
 
 def dequantize(codes: torch.Tensor, grid: Grid) -> torch.Tensor:

@@ -63,6 +63,14 @@ def gptq_on_grid(w: torch.Tensor, prep, qtype: str) -> GridWeight:
     return GridWeight(codes.contiguous(), grid)
 
 
+def natural_type(fmt) -> Optional[str]:
+    """The llama.cpp grid an artifact's weight is on as it is stored, or None."""
+    for t in ("Q8_0", "Q4_0", "Q4_1"):
+        if from_format(fmt, t) is not None:
+            return t
+    return None
+
+
 def from_format(fmt, qtype: str) -> Optional[GridWeight]:
     """An artifact's weight as it is on llama.cpp's grid `qtype` (no rounding), or None when its
     format is not that grid (int8 group 32 = Q8_0, int4 sym / asym group 32 = Q4_0 / Q4_1)."""

@@ -15,7 +15,7 @@ import torch
 from ..errors import JisuError, UnsupportedError
 from . import mix
 from .gguf import check_exportable, gguf_name, qk_rows, write_gguf
-from .quantize import GridWeight, calibrated, from_format, rtn
+from .quantize import GridWeight, calibrated, from_format, natural_type, rtn
 
 METHODS = ("rtn", "gptq")
 
@@ -174,6 +174,9 @@ def _weights(src, cfg, o: ExportOptions, method: str):
                 continue
             g = gguf_name(name, cfg)
             t = mix.tensor_type(qtype, g, f.shape[1], cfg.num_layers, cfg.tie_embeddings)
+            own = None if isinstance(f, torch.Tensor) else natural_type(f)
+            if own is not None and (o.qtype is None or not name.startswith("model.layers.")):
+                t = own  # the artifact's weights exactly (its embedding / head as compress stored them)
             gw = None if isinstance(f, torch.Tensor) else from_format(f, t)
             if gw is None:
                 gw = rtn(reference[name], t)

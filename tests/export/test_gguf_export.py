@@ -165,7 +165,7 @@ def test_bad_input_is_one_line(wide_gguf, tmp_path, capsys):
 def test_unexportable_architecture_is_one_line(tmp_path, capsys):
     from tests.fixtures import CASES, build_hf_model, write_gguf
 
-    case = next(c for c in CASES if c.gguf_arch == "gemma2")
+    case = next(c for c in CASES.values() if c.gguf_arch == "gemma2")
     path = str(tmp_path / "g.gguf")
     write_gguf(build_hf_model(case), case, path)
     from jisu.cli import main
