@@ -54,6 +54,8 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--workdir", default=os.path.expanduser("~/.cache/jisu/bench_export"))
+    p.add_argument("--exports", default="rtn:Q4_0,gptq:Q4_0,gptq:Q4_K_M,rtn:Q4_K_M",
+                   help="jisu exports to make, METHOD:TYPE (in this order)")
     p.add_argument("--json", default="benchmarks/results/export.json")
     a = p.parse_args()
     from jisu.export import ExportOptions, export_gguf
@@ -79,15 +81,15 @@ def main() -> int:
     with open(calib_path, "w", encoding="utf-8") as f:
         f.write(calib.text)
     seconds = {}
-    for t in ("Q4_0", "Q4_K_M"):
-        for method in ("rtn", "gptq"):
-            out = w(f"jisu.{method}.{t}.gguf")
-            if not os.path.exists(out):
-                s = time.perf_counter()
-                export_gguf(a.source, out, ExportOptions(qtype=t, recipe=method, samples=a.samples, seq_len=a.seq_len,
-                                                         check=False, chunks=1, ctx=64, progress=sys.stderr.isatty()))
-                seconds[f"jisu {method} {t}"] = time.perf_counter() - s
-            files[f"jisu {method} {t}"] = out
+    for item in a.exports.split(","):
+        method, t = item.strip().split(":")
+        out = w(f"jisu.{method}.{t}.gguf")
+        if not os.path.exists(out):
+            s = time.perf_counter()
+            export_gguf(a.source, out, ExportOptions(qtype=t, recipe=method, samples=a.samples, seq_len=a.seq_len,
+                                                     check=False, chunks=1, ctx=64, progress=sys.stderr.isatty()))
+            seconds[f"jisu {method} {t}"] = time.perf_counter() - s
+        files[f"jisu {method} {t}"] = out
     imatrix = build_imatrix(a.source, calib_path, w("imatrix.gguf"), a.samples, a.seq_len)
     if imatrix:
         llama_quantize(a.source, w("llama.Q4_K_M.imatrix.gguf"), "Q4_K_M", imatrix)

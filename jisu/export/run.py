@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -140,8 +139,6 @@ def _matrices(cfg):
 
 
 def _artifact_type(formats: dict) -> str:
-    from ..models.layers import linear_names  # noqa: F401
-
     kinds = {type(f).__name__ + ("a" if getattr(f, "min", None) is not None else "")
              for n, f in formats.items() if n.startswith("model.layers.") and not isinstance(f, torch.Tensor)}
     for kind, t in (("Int4Weight", "Q4_0"), ("Int4Weighta", "Q4_1"), ("Int8Weight", "Q8_0")):
@@ -285,6 +282,3 @@ def export_gguf(model, out: str, options: ExportOptions | None = None) -> Export
         raise
     return ExportResult(out, card_path(out), card)
 
-
-def progress_default() -> bool:
-    return sys.stderr.isatty()
