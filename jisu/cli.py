@@ -192,6 +192,38 @@ def _compress_parser(sub) -> None:
     c.set_defaults(func=cmd_compress)
 
 
+def cmd_export(args) -> int:
+    from .export import ExportOptions, export_gguf
+
+    options = ExportOptions(qtype=args.type, recipe=args.recipe, calib=args.calib, samples=args.samples,
+                            seq_len=args.seq_len, eval_text=args.eval_text, max_kld=args.max_kld,
+                            force=args.force, check=not args.no_check, threads=args.threads,
+                            progress=sys.stderr.isatty())
+    result = export_gguf(args.model, args.output, options)
+    print(json.dumps(result.card) if args.json else result.summary())
+    return 0
+
+
+def _export_parser(sub) -> None:
+    e = sub.add_parser("export", help="write a GGUF on llama.cpp's exact grids, checked in llama.cpp")
+    e.add_argument("model", nargs="?", default=None, help="artifact, GGUF file or short name (default: smollm2)")
+    e.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (the only format so far)")
+    e.add_argument("-o", "--output", required=True, help="OUT.gguf (must not exist unless --force)")
+    e.add_argument("--type", default=None, help="gguf: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K or Q4_K_M "
+                                               "(default: an artifact's own grid, else Q4_K_M)")
+    e.add_argument("--recipe", default=None, help="rtn (default) or gptq: GPTQ onto llama.cpp's grids, calibrated")
+    e.add_argument("--calib", default=None, help="calibration text for gptq (default: first half of the built-in corpus)")
+    e.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    e.add_argument("--eval-text", default=None, help="held-out text of the check (default: second half of the built-in corpus)")
+    e.add_argument("--max-kld", type=float, default=None, help="refuse the export (writing nothing) if its KLD is above X")
+    e.add_argument("--no-check", action="store_true", help="do not run the export in its runtime")
+    e.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    e.add_argument("--json", action="store_true", help="print the report card as JSON")
+    e.set_defaults(func=cmd_export)
+
+
 def cmd_serve(args) -> int:
     from .serve import serve
 
@@ -263,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
     _compress_parser(sub)  # `jisu compress`
     _serve_parser(sub)  # `jisu serve`
+    _export_parser(sub)  # `jisu export`
 
     from .eval.commands import add_parsers as add_eval_parsers
 
