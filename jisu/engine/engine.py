@@ -35,6 +35,7 @@ import torch
 
 from ..config import SamplingParams
 from .config import EngineConfig, EngineError, QueueFull
+from .beam import ForkGroup, SearchGroups, attach_beam_group
 from .kv_cache import PagedKVCache
 from .request import OutputCallback, Request, RequestOutput, Status, TokenLogprob
 from .sampling import Sampler
@@ -68,6 +69,7 @@ class Engine:
                                    max_step_tokens=config.max_step_tokens or runner.max_step_tokens,
                                    prefix_caching=config.prefix_caching, max_context=self.max_context)
         self.sampler = Sampler()
+        self.search = SearchGroups(self.scheduler, self.kv, tokenizer)   # beam search and best-of-n forks
         self.max_queue = config.max_queue
         self._requests: dict[str, Request] = {}      # live requests (engine thread's view)
         self._inbox: deque[Request] = deque()        # added by any thread, taken by step()
@@ -125,12 +127,32 @@ class Engine:
         req = Request(rid, prompt_ids, params, max_new_tokens=max_new, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs, stop_ids=stop_ids, tokenizer=self.tokenizer,
                       callback=callback, vocab_size=self.vocab_size)
+        if params.is_beam_search:
+            attach_beam_group(req, self.kv, self.max_context)
         with self._cv:
             if self.num_unfinished >= self.max_queue:
                 raise QueueFull(f"{self.num_unfinished} requests in flight (limit {self.max_queue})")
             self._inbox.append(req)
             self._cv.notify()
         return rid
+
+    def add_forks(self, prompt_ids: Sequence[int], params: Sequence[SamplingParams], **kw) -> list[str]:
+        """Queue len(params) requests on one prompt that compute it once: the first prefills it and
+        the others fork its KV blocks when it samples its first token (best_of / n). `kw` as in
+        add_request (without request_id); with prompt_logprobs each request computes its own."""
+        with self._cv:  # (re-entrant) the engine thread takes them all in one go
+            ids = []
+            try:
+                for p in params:
+                    ids.append(self.add_request(prompt_ids, p, **kw))
+            except BaseException:
+                for _ in ids:
+                    self._inbox.pop()
+                raise
+            reqs = list(self._inbox)[len(self._inbox) - len(ids):]
+            if len(reqs) > 1 and kw.get("prompt_logprobs") is None and not any(r.group for r in reqs):
+                ForkGroup(reqs[0], reqs[1:])
+        return ids
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks return to the pool before the next step (at once when no
@@ -156,7 +178,8 @@ class Engine:
             aborts, self._aborts = list(self._aborts), deque()
         for req in new:
             self._requests[req.id] = req
-            self.scheduler.add(req)
+            if self.search.admit(req):
+                self.scheduler.add(req)
         for rid in aborts:
             req = self._requests.get(rid)
             if req is not None:
@@ -168,6 +191,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit and abort, run one batched model step, sample, emit the updates."""
         outputs = self._take_inbox()
+        outputs += self.search.reap()
         batch = self.scheduler.schedule()
         if batch:
             t0 = time.perf_counter()
@@ -177,7 +201,11 @@ class Engine:
                 log.error("model step failed: %s", traceback.format_exc())
                 outputs += self.scheduler.fail(batch, f"{type(e).__name__}: {e}")
             else:
-                outputs += self.scheduler.update(batch, self.sampler(batch, logits))
+                batch, logits, done = self.search.take(batch, logits)
+                outputs += done
+                if batch:
+                    outputs += self.scheduler.update(batch, self.sampler(batch, logits))
+            outputs += self.search.reap()
             self.step_time_s += time.perf_counter() - t0
             self.num_steps += 1
         self._dispatch(outputs)
@@ -225,6 +253,7 @@ class Engine:
                 out = self.scheduler.abort(req)
                 if out is not None:
                     outputs.append(out)
+            outputs += self.search.reap()
             self._dispatch(outputs)
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
@@ -259,6 +288,8 @@ class Engine:
                 r["prompt_logprobs"] = out.prompt_logprobs
             if out.finished:
                 r["finish_reason"], r["error"] = out.finish_reason, out.error
+                if out.sequences is not None:
+                    r["sequences"] = out.sequences
 
         ids = []
         for prompt, p in zip(prompts, plist):
