@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .request import Request, RequestOutput, Status
@@ -21,6 +22,18 @@ class BeamSequence:
     #                              generated_len counts a final stop token)
     cumulative_logprob: float    # sum of the tokens' log-probabilities (the stop token's included)
     finish_reason: str           # "stop" | "length"
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """[V] logits -> float32 log-probabilities."""
+    x = x.astype(np.float32) - x.max()
+    return x - np.float32(np.log(np.exp(x).sum(dtype=np.float32)))
+
+
+def top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values of x, largest first (equal values: the lower index first)."""
+    part = np.argpartition(-x, k - 1)[:k] if k < x.size else np.arange(x.size)
+    return part[np.lexsort((part, -x[part]))]
 
 
 def beam_blocks_needed(num_prompt: int, max_new: int, num_beams: int, block_size: int) -> int:
@@ -48,8 +61,8 @@ class BeamGroup:
         self.max_new = max_new                      # generated tokens at most (max_tokens, the context)
         self.num_keep = max(2, 1 + len(root.stop_ids)) * self.num_beams
         self.live: list[Request] = [root]
-        self.scores = torch.zeros(1)                # [len(live)] running sum of log-probs, best first
-        self.rows: dict[Request, torch.Tensor] = {}  # live beam -> log-softmax [V] at its last position
+        self.scores = np.zeros(1, np.float32)       # [len(live)] running sum of log-probs, best first
+        self.rows: dict[Request, np.ndarray] = {}   # live beam -> log-softmax [V] at its last position
         self.finished: list[tuple[float, float, list[int]]] = []  # (score, sum of log-probs, tokens), best first
         self.num_generated = 0                      # tokens every live beam has generated
         self.done = False
@@ -61,21 +74,22 @@ class BeamGroup:
     def step(self) -> list[tuple[int, int]]:
         """Rank the candidates from the live beams' rows: the next beams as (index in `live` of the
         parent, token), best first; sets `done` when the search ends (then the list is empty)."""
-        rows = torch.stack([self.rows.pop(b) for b in self.live])     # [L, V] float32
-        total = (rows + self.scores[:, None]).view(-1)
-        vals, idx = torch.topk(total, min(self.num_keep, total.numel()))
+        # numpy, float32 as transformers: small single-threaded ops (torch's pay for waking its threads)
+        rows = np.stack([self.rows.pop(b) for b in self.live])        # [L, V]
+        total = (rows + self.scores[:, None]).ravel()
+        idx = top_k(total, min(self.num_keep, total.size))
+        vals = total[idx]
         vocab = rows.shape[1]
         length = self.num_generated + 1
         last = length >= self.max_new
         stops = self.root.stop_ids
-        ended = torch.tensor([last or t in stops for t in (idx % vocab).tolist()])
         # the first num_beams candidates that end are finished hypotheses, scored by their length
-        fin_scores = (vals / (length ** self.length_penalty)).tolist()
+        fin_scores = (vals / np.float32(length ** self.length_penalty)).tolist()
         new = []
         plan, keep = [], []
-        for r, (i, v, end) in enumerate(zip(idx.tolist(), vals.tolist(), ended.tolist())):
+        for r, (i, v) in enumerate(zip(idx.tolist(), vals.tolist())):
             parent, token = divmod(i, vocab)
-            if end:
+            if last or token in stops:
                 if r < self.num_beams:
                     new.append((fin_scores[r], v, self.live[parent].output_ids + [token]))
             elif len(plan) < self.num_beams:
@@ -100,7 +114,7 @@ class BeamGroup:
             return True
         lp = self.length_penalty
         best_len = self.max_new if (self.early_stopping == "never" and lp > 0) else self.num_generated
-        best = float(torch.tensor(best_running, dtype=torch.float32) / (best_len ** lp))
+        best = float(np.float32(best_running) / np.float32(best_len ** lp))
         return not best > self.finished[-1][0]
 
     def sequences(self, decode) -> list[BeamSequence]:
@@ -174,7 +188,7 @@ class SearchGroups:
             if not g.done and not g.root.finished and g.ready():
                 outputs += self._advance(g)
         if rows != list(range(logits.shape[0])):
-            logits = logits[rows]
+            logits = torch.from_numpy(logits.numpy()[rows])
         return ScheduledBatch(chunks), logits, outputs
 
     def _beam_chunk(self, c: ScheduledChunk, rows: torch.Tensor) -> None:
@@ -183,7 +197,7 @@ class SearchGroups:
         if self.scheduler.prefix_caching:
             self.kv.commit_prefix(req.seq, req.tokens)
         if c.sample:
-            req.group.rows[req] = torch.log_softmax(rows[-1].float(), dim=-1)
+            req.group.rows[req] = log_softmax(rows[-1].float().numpy())
 
     def _fork_children(self, g: ForkGroup) -> list[Request]:
         parent, running = g.parent, self.scheduler.running

@@ -105,6 +105,7 @@ class PagedKVCache:
         shape, n = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim), 2 * cfg.num_layers
         kv = [torch.zeros(shape, dtype=dtype) for _ in range(n)] if resident else zeroed_tensors(n, shape, dtype)
         self.k, self.v = kv[:cfg.num_layers], kv[cfg.num_layers:]
+        self._arrays: list | None = None
 
     @classmethod
     def for_memory(cls, cfg: ModelConfig, max_bytes: int, block_size: int = 16, **kw) -> "PagedKVCache":
@@ -206,9 +207,10 @@ class PagedKVCache:
     def _copy_on_write(self, seq: SeqBlocks, index: int) -> None:
         """Give the sequence a private copy of a shared block it is about to overwrite."""
         old, new = seq.block_table[index], self.pool.allocate()
-        for k, v in zip(self.k, self.v):
-            k[new].copy_(k[old])
-            v[new].copy_(v[old])
+        if self._arrays is None:  # numpy views of the storage: a block's copy is 2 x layers small memcpys
+            self._arrays = [t.numpy() for t in (*self.k, *self.v)]
+        for a in self._arrays:
+            a[new] = a[old]
         self.pool.release(old)
         seq.block_table[index] = new
 
