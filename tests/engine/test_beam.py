@@ -65,6 +65,19 @@ def tiny_prompt(n=9, seed=0):
     return torch.randint(3, 290, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def test_log_softmax_and_top_k_helpers():
+    import numpy as np
+
+    from jisu.engine.beam import log_softmax, top_k
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(2)) * 5
+    assert np.allclose(log_softmax(x.numpy()), torch.log_softmax(x, -1).numpy(), atol=1e-5)
+    vals, idx = torch.topk(x, 7)
+    assert top_k(x.numpy(), 7).tolist() == idx.tolist()
+    assert top_k(np.array([1.0, 3.0, 3.0, 2.0], np.float32), 3).tolist() == [1, 2, 3]   # ties: lower index first
+    assert top_k(np.array([1.0, 2.0], np.float32), 2).tolist() == [1, 0]
+
+
 # --- the tiny random model ---------------------------------------------------------------------------
 
 CASES = [(2, 1.0, False), (2, 0.0, True), (4, 1.0, False), (4, 2.0, "never"), (4, -1.0, True),
@@ -220,9 +233,8 @@ def default_hf(default_gguf, request, tmp_path_factory):
 
 
 QUESTIONS = {"capital": "What is the capital of France?", "poem": "Write a two-line poem about the sea."}
-DEFAULT_CASES = [("capital", 2, 1.0, False), ("poem", 2, 0.5, "never"), ("capital", 4, 1.0, False),
-                 ("poem", 4, 0.0, True), ("capital", 4, 2.0, "never"), ("poem", 8, 1.0, False),
-                 ("capital", 8, -0.5, True)]
+DEFAULT_CASES = [("capital", 2, 1.0, False), ("poem", 2, 0.5, "never"), ("capital", 4, 2.0, "never"),
+                 ("poem", 4, 0.0, True), ("poem", 8, 1.0, False), ("capital", 8, -0.5, True)]
 
 
 def chat_ids(llm, name):
@@ -241,7 +253,7 @@ def test_default_model_beams_equal_transformers(default_llm_fp32, default_hf, na
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name,nb,lp,es", [("capital", 4, 1.0, False), ("poem", 4, 0.5, "never")])
+@pytest.mark.parametrize("name,nb,lp,es", [("capital", 4, 1.0, False)])
 def test_default_model_precise_beams_equal_transformers(precise_llm, default_hf, name, nb, lp, es):
     """precise=True (the packed Q4_1 kernels with refined activations, fp32 KV): the same beams; its
     activations carry ~15 bits, so the scores agree within 1e-3."""
