@@ -4,6 +4,7 @@ step ranks the group's candidates as transformers' beam search does (`num_beams`
 `early_stopping`, `num_return_sequences`). A fork group prefills one prompt once for n sampled candidates."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,7 +216,6 @@ class SearchGroups:
         """Rank the group's candidates; fork, continue and drop beams; finish the group when done."""
         root = g.root
         if root.first_token_time is None:
-            import time
             root.first_token_time = time.monotonic()
         plan = g.step()
         if g.done:
@@ -277,6 +277,9 @@ class SearchGroups:
             out = self.scheduler.abort(root, reason, error)
             return [out] if out is not None else []
         seqs = g.sequences(self._decode(root))
+        if not seqs:
+            out = self.scheduler.abort(root, "error", "beam search ended with no finished beam")
+            return [out] if out is not None else []
         best = seqs[0]
         text = "".join(root.append_token(t)[0] for t in best.token_ids)
         out = self.scheduler.abort(root, best.finish_reason)
