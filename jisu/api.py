@@ -29,6 +29,7 @@ class Completion:
     decode_s: float = 0.0               # seconds from the first generated token to the last
     decode_steps: int = 0               # forward passes after the prefill (an EOS token costs one too)
     decode_tokens: int = 0              # tokens they produced (more than the steps when drafts were accepted)
+    beams: list | None = None           # beam search: the returned beams (engine/beam.BeamSequence), best first
 
     @property
     def prefill_tok_s(self) -> float:
@@ -45,7 +46,8 @@ class Completion:
                 "timings": {"prefill_s": self.prefill_s, "decode_s": self.decode_s,
                             "prompt_tokens": len(self.prompt_token_ids), "generated_tokens": len(self.token_ids),
                             "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
-                            "decode_steps": self.decode_steps}}
+                            "decode_steps": self.decode_steps},
+                **({"beams": [vars(b) for b in self.beams]} if self.beams is not None else {})}
 
 
 @dataclass
@@ -129,6 +131,25 @@ class LLM:
         """The generation engine's counters (speculation included); empty before the first request."""
         return self._engine.stats() if self._engine is not None else {}
 
+    def beam_engine(self, num_prompt: int, max_new: int, num_beams: int) -> Engine:
+        """The engine for one beam search: a paged pool (blocks of 16) that holds the prompt once and
+        every beam's own tail, `num_beams` sequences per step. Rebuilt only when a request needs more."""
+        from .engine.beam import beam_blocks_needed
+        from .engine.config import EngineConfig
+        from .engine.engine import Engine
+
+        e, runner = self._engine, self.step_runner
+        need = beam_blocks_needed(num_prompt, max_new, num_beams, 16)
+        step_tokens = runner.prefill_chunk or runner.max_step_tokens
+        if (e is None or e.runner is not runner or e.kv.block_size != 16 or e.kv.pool.num_blocks < need
+                or e.kv_dtype != runner.kv_dtype or e.scheduler.max_step_tokens != step_tokens
+                or e.scheduler.max_num_seqs < num_beams):
+            self._engine = None
+            self._engine = Engine(runner, self.tokenizer, EngineConfig(
+                eos_ids=self.eos_ids, max_context=self.config.max_position, num_blocks=need, block_size=16,
+                max_num_seqs=num_beams, max_step_tokens=step_tokens, prefix_caching=False, kv_resident=False))
+        return self._engine
+
     def stream(self, prompt: str | Sequence[int] | list[dict], params: SamplingParams | None = None, *,
                state: StreamState | None = None, **options) -> Iterator[str]:
         """Yield text pieces as they are generated. A list of {role, content} dicts is a chat."""
@@ -137,8 +158,11 @@ class LLM:
                             state or StreamState())
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams, state: StreamState) -> Iterator[str]:
-        engine = self.engine_for(len(prompt_ids) + params.max_tokens)
-        text, finish, steps, decoded = [], "length", -1, 0
+        if params.is_beam_search:
+            engine = self.beam_engine(len(prompt_ids), params.max_tokens, params.num_beams)
+        else:
+            engine = self.engine_for(len(prompt_ids) + params.max_tokens)
+        text, finish, steps, decoded, beams = [], "length", -1, 0, None
         t0 = first = last = time.perf_counter()
         for out in engine.stream(prompt_ids, params):
             # the first output comes out of the prefill; each later one took a decode step
@@ -155,9 +179,12 @@ class LLM:
                 text.append(out.text)
                 yield out.text
             if out.finished:
-                finish = out.finish_reason
+                finish, beams = out.finish_reason, out.sequences
+        if beams is not None:  # one output at the end: the prefill ended at the first ranking
+            first, steps = last - (out.finish_time - out.first_token_time), len(beams[0].token_ids)
+            decoded = steps
         state.completion = Completion("".join(text), state.token_ids, prompt_ids, finish, first - t0, last - first,
-                                      max(steps, 0), decoded)
+                                      max(steps, 0), decoded, beams)
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **options) -> Completion:
         """Complete raw text (no chat template)."""

@@ -11,7 +11,7 @@ from .errors import JisuError
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
-    p.add_argument("--temp", type=float, default=0.7, help="temperature; 0 = greedy (default 0.7)")
+    p.add_argument("--temp", type=float, default=None, help="temperature; 0 = greedy (default 0.7; 0 with --beams)")
     p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below P x the top probability")
@@ -21,6 +21,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.add_argument("--beams", type=int, default=1, metavar="N", help="beam search with N beams (default 1: off)")
+    p.add_argument("--length-penalty", type=float, default=1.0, metavar="L",
+                   help="beam search: a finished beam scores its log-probability / length ** L (default 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--isa", default=None, choices=["best", "avx512", "avx2", "neon", "scalar"],
                    help="the kernels' instruction set (default: the best this CPU runs)")
@@ -35,10 +38,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _params(args):
     from .config import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+    beams = getattr(args, "beams", 1)
+    temp = args.temp if args.temp is not None else (0.0 if beams > 1 else 0.7)
+    return SamplingParams(max_tokens=args.max_tokens, temperature=temp, top_k=args.top_k, top_p=args.top_p,
                           min_p=args.min_p, repetition_penalty=args.repeat_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, num_beams=beams,
+                          length_penalty=getattr(args, "length_penalty", 1.0))
 
 
 def _speculative_arg(value: str) -> str:

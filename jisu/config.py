@@ -119,6 +119,11 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     speculative: str | None = None   # "auto" | "ngram" | "draft" | "off"; None: the engine's default
+    # beam search (engine/beam.py, HF transformers' semantics); num_beams 1 = off
+    num_beams: int = 1             # beams kept at each step
+    length_penalty: float = 1.0    # a finished beam scores sum(log-probs) / generated_len ** length_penalty
+    early_stopping: bool | str = False  # True: stop once num_beams beams finished; False: HF's heuristic; "never"
+    num_return_sequences: int = 1  # the best finished beams returned (<= num_beams)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -139,14 +144,27 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("speculative", self.speculative in (None, "auto", "ngram", "draft", "off"),
              "one of auto, ngram, draft, off"),
+            ("num_beams", _int(self.num_beams) and 1 <= self.num_beams <= MAX_BEAMS, f"an integer in [1, {MAX_BEAMS}]"),
+            ("length_penalty", _finite(self.length_penalty) and abs(self.length_penalty) <= 100, "in [-100, 100]"),
+            ("early_stopping", isinstance(self.early_stopping, bool) or self.early_stopping == "never",
+             "True, False or 'never'"),
+            ("num_return_sequences", _int(self.num_return_sequences) and 1 <= self.num_return_sequences
+             <= self.num_beams, "an integer in [1, num_beams]"),
         ]
         for name, ok, what in checks:
             if not ok:
                 raise JisuError(f"sampling: {name}={getattr(self, name)!r} must be {what}")
+        if self.num_beams > 1 and self.temperature != 0:
+            raise JisuError(f"sampling: beam search is deterministic: set temperature=0 (got {self.temperature}); "
+                            "sampled beam search is not supported")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def is_beam_search(self) -> bool:
+        return self.num_beams > 1
 
     @classmethod
     def build(cls, params: "SamplingParams | None" = None, **overrides: Any) -> "SamplingParams":
@@ -157,6 +175,13 @@ class SamplingParams:
             raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
         return replace(params or cls(), **overrides)
+
+
+MAX_BEAMS = 32  # beam width limit (each beam is a sequence of the batch)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x: Any) -> bool:

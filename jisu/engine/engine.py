@@ -36,6 +36,7 @@ import torch
 
 from ..config import SamplingParams
 from .config import EngineConfig, EngineError, QueueFull
+from .beam import ForkGroup, SearchGroups, attach_beam_group
 from .kv_cache import PagedKVCache
 from .request import OutputCallback, Request, RequestOutput, Status, TokenLogprob
 from .sampling import Sampler
@@ -74,6 +75,7 @@ class Engine:
         self.speculator = Speculator(self, draft, config.max_draft) if config.max_draft else None
         if self.speculator is not None and config.speculative != "off":
             self.speculator.cost  # profile the step now (once per runner), not inside the first decode
+        self.search = SearchGroups(self.scheduler, self.kv, tokenizer)   # beam search and best-of-n forks
         self.max_queue = config.max_queue
         self._requests: dict[str, Request] = {}      # live requests (engine thread's view)
         self._inbox: deque[Request] = deque()        # added by any thread, taken by step()
@@ -133,6 +135,8 @@ class Engine:
                       prompt_logprobs=prompt_logprobs, stop_ids=stop_ids, tokenizer=self.tokenizer,
                       callback=callback, vocab_size=self.vocab_size)
         req.spec = self._spec_state(params)
+        if params.is_beam_search:
+            attach_beam_group(req, self.kv, self.max_context)
         with self._cv:
             if self.num_unfinished >= self.max_queue:
                 raise QueueFull(f"{self.num_unfinished} requests in flight (limit {self.max_queue})")
@@ -146,9 +150,28 @@ class Engine:
         mode = params.speculative or self.config.speculative
         if mode == "draft" and (self.speculator is None or self.speculator.draft is None):
             raise EngineError("speculative=draft needs an engine with a draft model (jisu run --speculative draft:MODEL)")
-        if self.speculator is None or mode == "off" or (mode == "auto" and not params.is_greedy):
+        if (self.speculator is None or mode == "off" or (mode == "auto" and not params.is_greedy)
+                or params.is_beam_search):      # beams rank whole candidate sets: no drafts
             return None
         return SpecState(mode, params, self.speculator.prior(mode))
+
+    def add_forks(self, prompt_ids: Sequence[int], params: Sequence[SamplingParams], **kw) -> list[str]:
+        """Queue len(params) requests on one prompt that compute it once: the first prefills it and
+        the others fork its KV blocks when it samples its first token (best_of / n). `kw` as in
+        add_request (without request_id); with prompt_logprobs each request computes its own."""
+        with self._cv:  # (re-entrant) the engine thread takes them all in one go
+            ids = []
+            try:
+                for p in params:
+                    ids.append(self.add_request(prompt_ids, p, **kw))
+            except BaseException:
+                for _ in ids:
+                    self._inbox.pop()
+                raise
+            reqs = list(self._inbox)[len(self._inbox) - len(ids):]
+            if len(reqs) > 1 and kw.get("prompt_logprobs") is None and not any(r.group for r in reqs):
+                ForkGroup(reqs[0], reqs[1:])
+        return ids
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks return to the pool before the next step (at once when no
@@ -174,7 +197,8 @@ class Engine:
             aborts, self._aborts = list(self._aborts), deque()
         for req in new:
             self._requests[req.id] = req
-            self.scheduler.add(req)
+            if self.search.admit(req):
+                self.scheduler.add(req)
         for rid in aborts:
             req = self._requests.get(rid)
             if req is not None:
@@ -186,6 +210,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit and abort, run one batched model step, sample, emit the updates."""
         outputs = self._take_inbox()
+        outputs += self.search.reap()
         batch = self.scheduler.schedule()
         if batch:
             t0 = time.perf_counter()
@@ -200,12 +225,15 @@ class Engine:
                 log.error("model step failed: %s", traceback.format_exc())
                 outputs += self.scheduler.fail(batch, f"{type(e).__name__}: {e}")
             else:
-                if spec is None:
+                batch, logits, done = self.search.take(batch, logits)
+                outputs += done
+                if batch and spec is None:
                     outputs += self.scheduler.update(batch, self.sampler(batch, logits))
-                else:
+                elif batch:
                     results = spec.sample(batch, logits, self.sampler)
                     outputs += self.scheduler.update(batch, results)
                     spec.observe(batch, results, t2 - t1)
+            outputs += self.search.reap()
             self.step_time_s += time.perf_counter() - t0
             self.num_steps += 1
         self._dispatch(outputs)
@@ -253,6 +281,7 @@ class Engine:
                 out = self.scheduler.abort(req)
                 if out is not None:
                     outputs.append(out)
+            outputs += self.search.reap()
             self._dispatch(outputs)
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
@@ -287,6 +316,8 @@ class Engine:
                 r["prompt_logprobs"] = out.prompt_logprobs
             if out.finished:
                 r["finish_reason"], r["error"] = out.finish_reason, out.error
+                if out.sequences is not None:
+                    r["sequences"] = out.sequences
 
         ids = []
         for prompt, p in zip(prompts, plist):

@@ -1,6 +1,7 @@
 """Paged KV cache: fixed-size blocks from one pool, a block table per sequence, reference counts
 so sequences can share prompt-prefix blocks (prefix caching, keyed by a hash chain over the
-block's tokens, as in vLLM), and rollback of a sequence's tail (rejected speculative tokens)."""
+block's tokens, as in vLLM) or fork one another copy-on-write (beams, best-of-n), and rollback of a
+sequence's tail (rejected speculative tokens)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -104,6 +105,7 @@ class PagedKVCache:
         shape, n = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim), 2 * cfg.num_layers
         kv = [torch.zeros(shape, dtype=dtype) for _ in range(n)] if resident else zeroed_tensors(n, shape, dtype)
         self.k, self.v = kv[:cfg.num_layers], kv[cfg.num_layers:]
+        self._arrays: list | None = None
 
     @classmethod
     def for_memory(cls, cfg: ModelConfig, max_bytes: int, block_size: int = 16, **kw) -> "PagedKVCache":
@@ -117,7 +119,28 @@ class PagedKVCache:
 
     def blocks_needed(self, seq: SeqBlocks, num_new: int) -> int:
         total = -(-(seq.num_tokens + num_new) // self.block_size)
-        return max(0, total - len(seq.block_table))
+        # writing into a partly filled block that a fork shares takes a private copy of it first
+        return max(0, total - len(seq.block_table)) + (num_new > 0 and self._shared_tail(seq))
+
+    def room(self, seq: SeqBlocks) -> int:
+        """How many more positions the free blocks (and the sequence's own last block) can take."""
+        bs, free = self.block_size, self.pool.num_free
+        if self._shared_tail(seq):  # its last block must be copied first
+            free -= 1
+            if free < 0:
+                return 0
+        return len(seq.block_table) * bs - seq.num_tokens + free * bs
+
+    def _shared_tail(self, seq: SeqBlocks) -> bool:
+        return bool(seq.num_tokens % self.block_size) and self.pool.refs[seq.block_table[-1]] > 1
+
+    def fork(self, seq: SeqBlocks) -> SeqBlocks:
+        """A new sequence holding the same positions as `seq` in the same blocks (one more reference
+        each). A shared block is copied only when one of them writes into it (`reserve`): full
+        blocks stay shared for good, the partly filled last one is copied once, as they diverge."""
+        for block in seq.block_table:
+            self.pool.acquire(block)
+        return SeqBlocks(list(seq.block_table), seq.num_tokens, seq.num_hashed, list(seq.hashes))
 
     def match_prefix(self, seq: SeqBlocks, tokens: Sequence[int]) -> int:
         """Attach cached blocks for the longest full-block prefix of `tokens` (at most all but
@@ -142,6 +165,9 @@ class PagedKVCache:
         need = self.blocks_needed(seq, num_new)
         if need > self.pool.num_free:
             raise OutOfBlocks
+        if num_new and self._shared_tail(seq):
+            self._copy_on_write(seq, len(seq.block_table) - 1)
+            need -= 1
         for _ in range(need):
             seq.block_table.append(self.pool.allocate())
         seq.num_tokens += num_new
@@ -181,9 +207,10 @@ class PagedKVCache:
     def _copy_on_write(self, seq: SeqBlocks, index: int) -> None:
         """Give the sequence a private copy of a shared block it is about to overwrite."""
         old, new = seq.block_table[index], self.pool.allocate()
-        for k, v in zip(self.k, self.v):
-            k[new].copy_(k[old])
-            v[new].copy_(v[old])
+        if self._arrays is None:  # numpy views of the storage: a block's copy is 2 x layers small memcpys
+            self._arrays = [t.numpy() for t in (*self.k, *self.v)]
+        for a in self._arrays:
+            a[new] = a[old]
         self.pool.release(old)
         seq.block_table[index] = new
 

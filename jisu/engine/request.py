@@ -51,6 +51,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    sequences: list | None = None              # beam search: the returned beams (beam.BeamSequence), best first
 
 
 OutputCallback = Callable[[RequestOutput], None]
@@ -74,6 +75,7 @@ class Request:
         self.tokens: list[int] = list(self.prompt_ids)     # prompt + generated: what the KV must hold
         self.output_ids: list[int] = []
         self.seq = SeqBlocks()
+        self.group = None                         # beam.BeamGroup / beam.ForkGroup it belongs to, if any
         self.num_computed = 0                     # leading positions of `tokens` whose K/V are cached
         self.num_cached = 0                       # prompt tokens reused from the prefix cache (first admission)
         self.status = Status.WAITING

@@ -163,7 +163,8 @@ class Scheduler:
         while i < len(self.running) and self._budget > 0:
             req = self.running[i]
             i += 1
-            if (req.num_remaining == 1 and req.prefill_done) or any(c.req is req for c in batch.chunks):
+            if (req.num_remaining == 1 and req.prefill_done) or req.num_remaining == 0 or any(
+                    c.req is req for c in batch.chunks):  # (0: a beam waiting for the rest of its group)
                 continue
             if not self._make_room(req, batch):
                 break
@@ -213,9 +214,7 @@ class Scheduler:
 
     def _fits(self, req: Request) -> int:
         """How many more positions the free blocks can take for this request."""
-        bs = self.kv.block_size
-        room_in_last = len(req.seq.block_table) * bs - req.seq.num_tokens
-        return room_in_last + self.kv.num_free_blocks * bs
+        return self.kv.room(req.seq)
 
     def update(self, batch: ScheduledBatch, results: list[SampleResult]) -> list[RequestOutput]:
         """Apply a step's results: record tokens, detect stops, finish and free. Returns updates."""

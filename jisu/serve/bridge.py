@@ -80,8 +80,12 @@ class Group:
         self.queue.put_nowait(out)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, **kw) -> str:
+        return self.submit_forks(prompt_ids, [params], **kw)[0]
+
+    def submit_forks(self, prompt_ids: list[int], params: list[SamplingParams], **kw) -> list[str]:
+        """Candidates on one prompt that prefill it once (engine.add_forks); errors as in submit."""
         try:
-            rid = self.state.engine.add_request(prompt_ids, params, callback=self._callback, **kw)
+            rids = self.state.engine.add_forks(prompt_ids, params, callback=self._callback, **kw)
         except QueueFull as e:
             self.abort()
             raise APIError(429, f"the server is at capacity ({e}); retry later", code="queue_full",
@@ -89,8 +93,8 @@ class Group:
         except EngineError as e:
             self.abort()
             raise APIError(400, str(e), param=_param_of(str(e))) from None
-        self.ids.append(rid)
-        return rid
+        self.ids += rids
+        return rids
 
     async def next(self) -> RequestOutput:
         out = await self.queue.get()
@@ -150,6 +154,7 @@ class Finished:
     prompt_logprobs: list[TokenLogprob | None] | None = None       # one per prompt token, when asked for
     finish_reason: str | None = None                                # "stop" | "length" | "abort"
     num_generated_tokens: int = 0                                   # tokens generated in all
+    sequences: list | None = None                                   # beam search: the returned beams, best first
 
 
 def failure(out: RequestOutput) -> APIError | None:
@@ -173,6 +178,7 @@ def fold(outputs: list[RequestOutput]) -> Finished:
             raise err
         if o.finished:
             r.finish_reason, r.num_generated_tokens = o.finish_reason, o.num_generated_tokens
+            r.sequences = o.sequences
     return r
 
 

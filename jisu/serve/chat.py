@@ -1,5 +1,6 @@
 """/v1/chat/completions: messages rendered with the model's chat template, `n` choices out, whole
-or streamed as deltas, with chat logprobs."""
+or streamed as deltas, with chat logprobs; the n choices fork one prefill, or with `use_beam_search`
+are the n best of best_of beams (engine/beam.py)."""
 from __future__ import annotations
 
 from typing import AsyncIterator
@@ -9,7 +10,7 @@ from fastapi import Request
 from ..errors import JisuError
 from .bridge import Group, event_stream, failure
 from .logprobs import chat_logprobs
-from .params import check_max_tokens, check_model, check_prompt_ids, sampling_params
+from .params import beam_width, check_max_tokens, check_model, check_prompt_ids, sampling_params
 from .protocol import APIError, ChatCompletionRequest, new_id, now, sse, usage
 from .state import ServerState
 
@@ -18,14 +19,25 @@ async def chat_completions(state: ServerState, req: ChatCompletionRequest, reque
     ids = _prompt_ids(state, req)
     max_tokens = _max_tokens(state, req, len(ids))
     lp = (req.top_logprobs or 0) if req.logprobs else None
+    beams = beam_width(req)
+    if beams == 1 and req.best_of not in (None, req.n):
+        raise APIError(400, "best_of on chat completions needs use_beam_search", param="best_of")
     group = Group(state)
-    for j in range(req.n):
-        group.submit(ids, sampling_params(state, req, max_tokens, j), logprobs=lp)
+    if beams > 1:
+        group.submit(ids, sampling_params(state, req, max_tokens, 0, beams), logprobs=lp)
+    else:
+        group.submit_forks(ids, [sampling_params(state, req, max_tokens, j) for j in range(req.n)], logprobs=lp)
     cid, created, model = new_id("chatcmpl"), now(), state.model_names[0]
     if req.stream:
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
         return event_stream(_stream(state, req, group, len(ids), head))
-    results = (await group.results(request, state.settings.poll_disconnect_s)).values()
+    results = list((await group.results(request, state.settings.poll_disconnect_s)).values())
+    if results[0].sequences is not None:  # beam search: its n best
+        seqs = results[0].sequences
+        choices = [{"index": j, "message": {"role": "assistant", "content": q.text}, "logprobs": None,
+                    "finish_reason": q.finish_reason} for j, q in enumerate(seqs)]
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                "usage": usage(len(ids), sum(len(q.token_ids) for q in seqs))}
     choices = [{"index": j, "message": {"role": "assistant", "content": r.text},
                 "logprobs": chat_logprobs(state, r.logprobs) if req.logprobs else None,
                 "finish_reason": r.finish_reason} for j, r in enumerate(results)]

@@ -1,5 +1,6 @@
 """/v1/completions: text or token-id prompts in, `n` choices per prompt out, whole or streamed, with
-`echo`, legacy logprobs, scoring (echo with max_tokens 0) and `best_of` (ranked by engine/search.py)."""
+`echo`, legacy logprobs, scoring (echo with max_tokens 0), `best_of` (candidates forked from one prefill,
+ranked by engine/search.py) and `use_beam_search` (engine/beam.py: best_of beams, the n best returned)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from ..engine.search import best_of_n, cumulative_logprob
 from ..errors import JisuError
 from .bridge import Finished, Group, event_stream, failure
 from .logprobs import LegacyLogprobs, merge_legacy
-from .params import check_max_tokens, check_model, check_prompt_ids, sampling_params
+from .params import beam_width, check_max_tokens, check_model, check_prompt_ids, sampling_params
 from .protocol import APIError, CompletionRequest, new_id, now, sse, usage
 from .state import ServerState
 
@@ -40,9 +41,14 @@ async def completions(state: ServerState, req: CompletionRequest, request: Reque
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for ids in prompts.ids:
         check_max_tokens(state, len(ids), max_tokens, allow_zero=req.echo, param="max_tokens")
-    best_of = _best_of(state, req, len(prompts.ids))
+    beams = beam_width(req)
+    best_of = _best_of(state, req, len(prompts.ids)) if beams == 1 else 1
     group = Group(state)
-    rids = _submit(state, req, group, prompts, max_tokens, best_of)
+    if beams > 1:  # one beam search per prompt, its n best sequences the choices
+        rids = [[group.submit(ids, sampling_params(state, req, max_tokens, 0, beams), max_new_tokens=max_tokens,
+                              logprobs=req.logprobs)] for ids in prompts.ids]
+    else:
+        rids = _submit(state, req, group, prompts, max_tokens, best_of)
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_names[0]}
     if req.stream:
         return event_stream(_stream(state, req, group, rids, prompts, head))
@@ -90,8 +96,9 @@ def _submit(state: ServerState, req: CompletionRequest, group: Group, prompts: _
     # ranking candidates needs their log-probabilities even where the client asks for none
     logprobs = None if scoring else (want if want is not None else (0 if best_of > req.n else None))
     prompt_logprobs = (want if want is not None else 0) if req.echo and (want is not None or scoring) else None
-    return [[group.submit(ids, sampling_params(state, req, max_tokens, j), max_new_tokens=max_tokens,
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs) for j in range(best_of)]
+    # the candidates of a prompt share its prefill (forks of its KV blocks) unless each scores the prompt
+    return [group.submit_forks(ids, [sampling_params(state, req, max_tokens, j) for j in range(best_of)],
+                               max_new_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
             for ids in prompts.ids]
 
 
@@ -101,6 +108,12 @@ def _body(state: ServerState, req: CompletionRequest, prompts: _Prompts, rids: l
     choices, completion_tokens = [], 0
     for pi, cands in enumerate(rids):
         completion_tokens += sum(results[rid].num_generated_tokens for rid in cands)
+        seqs = results[cands[0]].sequences
+        if seqs is not None:  # beam search
+            completion_tokens += sum(len(q.token_ids) for q in seqs[1:])
+            choices += [{"index": pi * req.n + k, "text": prompts.echo(pi) + q.text if req.echo else q.text,
+                         "logprobs": None, "finish_reason": q.finish_reason} for k, q in enumerate(seqs)]
+            continue
         if len(cands) > req.n:
             keep = best_of_n([cumulative_logprob(results[rid].logprobs) for rid in cands], req.n)
             cands = [cands[i] for i in keep]

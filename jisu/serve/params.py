@@ -16,16 +16,35 @@ def check_model(state: ServerState, model: str | None) -> None:
                        param="model", code="model_not_found")
 
 
-def sampling_params(state: ServerState, req, max_tokens: int, choice: int) -> SamplingParams:
+def beam_width(req) -> int:
+    """The beams of a `use_beam_search` request (best_of, else n; its n best are returned), 1 without;
+    400 for what beam search cannot do."""
+    if not req.use_beam_search:
+        return 1
+    width = req.best_of or req.n
+    if req.n > width:
+        raise APIError(400, f"best_of ({width}) must be >= n ({req.n}) with beam search", param="best_of")
+    if req.stream:
+        raise APIError(400, "beam search cannot be streamed (its best sequence is known only at the end)",
+                       param="stream")
+    if req.temperature:
+        raise APIError(400, f"beam search is deterministic: temperature must be 0 (got {req.temperature})",
+                       param="temperature")
+    return width
+
+
+def sampling_params(state: ServerState, req, max_tokens: int, choice: int, num_beams: int = 1) -> SamplingParams:
     """The sampling parameters of choice number `choice` of `req` (a seeded request gives choice i
-    the seed + i, so that its choices differ)."""
+    the seed + i, so that its choices differ); with `num_beams` > 1 a beam search returning req.n."""
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
     vocab = state.engine.vocab_size
     for t in req.stop_token_ids or ():
         if not 0 <= t < vocab:
             raise APIError(400, f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})", param="stop_token_ids")
-    temperature = 1.0 if req.temperature is None else req.temperature
+    temperature = (1.0 if num_beams == 1 else 0.0) if req.temperature is None else req.temperature
+    beams = {} if num_beams == 1 else dict(num_beams=num_beams, num_return_sequences=req.n,
+                                           length_penalty=req.length_penalty, early_stopping=req.early_stopping)
     seed = None if req.seed is None else req.seed + choice
     try:
         return SamplingParams(max_tokens=max(1, max_tokens), temperature=temperature,
@@ -34,7 +53,7 @@ def sampling_params(state: ServerState, req, max_tokens: int, choice: int) -> Sa
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
                               stop_token_ids=tuple(req.stop_token_ids or ()),
-                              speculative=getattr(req, "speculative", None))
+                              speculative=getattr(req, "speculative", None), **beams)
     except JisuError as e:
         msg = str(e).removeprefix("sampling: ")
         raise APIError(400, msg, param=msg.split("=", 1)[0]) from None

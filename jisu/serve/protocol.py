@@ -108,6 +108,10 @@ class _Sampling(_Base):
     ignore_eos: StrictBool = False
     stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     speculative: Literal["auto", "ngram", "draft", "off"] | None = None   # None: the server's default
+    # beam search (vLLM's extras): best_of (or n) beams, the best n returned
+    use_beam_search: StrictBool = False
+    length_penalty: Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)] = 1.0
+    early_stopping: StrictBool | Literal["never"] = False
 
     @field_validator("stop")
     @classmethod
@@ -161,6 +165,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] | None = None   # beam search's width
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
