@@ -118,6 +118,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # llama.cpp/HF style multiplicative penalty
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    # structured output (engine/structured.py): a JSON Schema (dict or JSON text; True = any JSON),
+    # or a grammar (Lark text, or an engine.structured.Grammar); the tokens are constrained to it
+    json_schema: Any = None
+    grammar: Any = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -136,6 +140,7 @@ class SamplingParams:
             ("repetition_penalty", _finite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "in (0, 10]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("grammar", self.grammar is None or self.json_schema is None, "unset when json_schema is given"),
         ]
         for name, ok, what in checks:
             if not ok:

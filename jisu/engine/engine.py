@@ -124,13 +124,27 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         req = Request(rid, prompt_ids, params, max_new_tokens=max_new, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs, stop_ids=stop_ids, tokenizer=self.tokenizer,
-                      callback=callback, vocab_size=self.vocab_size)
+                      callback=callback, vocab_size=self.vocab_size, constraint=self._constraint(params))
         with self._cv:
             if self.num_unfinished >= self.max_queue:
                 raise QueueFull(f"{self.num_unfinished} requests in flight (limit {self.max_queue})")
             self._inbox.append(req)
             self._cv.notify()
         return rid
+
+    def _constraint(self, params: SamplingParams):
+        """The token constraint of a request with a json_schema or grammar (engine/structured.py)."""
+        if params.json_schema is None and params.grammar is None:
+            return None
+        from . import structured
+
+        if self.tokenizer is None:
+            raise EngineError("structured output needs the engine's tokenizer")
+        try:
+            grammar = structured.as_grammar(params.json_schema, params.grammar)
+            return structured.Constraint(grammar, self.tokenizer, self.vocab_size, self.eos_ids)
+        except structured.GrammarError as e:
+            raise EngineError(str(e)) from None
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks return to the pool before the next step (at once when no
