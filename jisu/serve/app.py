@@ -38,7 +38,7 @@ def create_app(llm, engine: Engine | None = None, *, api_key: str | None = None,
                                  kv_memory_mb=kv_memory_mb, **engine_kw)
     names = _model_names(llm.source, settings.served_model_name)
     state = ServerState(llm, engine, settings, Metrics(engine), names, manage_engine=manage)
-    app = FastAPI(title="jisu", lifespan=_lifespan(state), docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jisu", lifespan=_lifespan(state), docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.jisu = state
     _add_error_handlers(app)
     _add_status_routes(app, state)
