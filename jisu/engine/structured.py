@@ -196,6 +196,7 @@ def compile_matcher(grammar: Grammar, lltok, timeout_s: float = COMPILE_TIMEOUT_
         try:
             tmpl = fut.result(timeout=timeout_s)   # the build is bounded by the fuel limits and ends soon
         except FutureTimeout:
+            fut.cancel()                           # (still queued: never built)
             raise GrammarError(f"{grammar.what}: compiling the schema took longer than {timeout_s:g} s") from None
         if tmpl.is_error():
             raise GrammarError(describe_error(grammar.what, tmpl.get_error()))
