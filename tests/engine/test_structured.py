@@ -177,3 +177,24 @@ def test_python_api_json_schema(llm):
     g = llm.generate("A JSON list of two primes:", max_tokens=30, temperature=0,
                      grammar='start: "[" NUM ", " NUM "]"\nNUM: /[0-9]{1,3}/')
     assert json.loads(g.text) and len(json.loads(g.text)) == 2
+
+
+@pytest.mark.e2e
+def test_cli_json_schema(tmp_path, default_gguf, capsys):
+    from jisu.cli import main
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                               "hex": {"type": "string", "pattern": "^#[0-9a-f]{6}$"}},
+              "required": ["color", "hex"], "additionalProperties": False}
+    good, bad = tmp_path / "schema.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(schema))
+    bad.write_text(json.dumps({"type": "object", "dependentSchemas": {}}))
+    assert main(["run", default_gguf, "-p", "Pick a color as JSON", "--temp", "0", "-n", "60",
+                 "--json-schema", str(good)]) == 0
+    _validator(schema).validate(json.loads(capsys.readouterr().out))
+    assert main(["run", default_gguf, "-p", "x", "--json-schema", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "dependentSchemas" in err
+    (tmp_path / "broken.json").write_text("{nope")
+    assert main(["run", default_gguf, "-p", "x", "--json-schema", str(tmp_path / "broken.json")]) == 2
+    assert "--json-schema" in capsys.readouterr().err
