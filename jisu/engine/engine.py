@@ -140,6 +140,8 @@ class Engine:
 
         if self.tokenizer is None:
             raise EngineError("structured output needs the engine's tokenizer")
+        if params.ignore_eos:    # a complete document allows only EOS next
+            raise EngineError("ignore_eos cannot be combined with json_schema / grammar")
         try:
             grammar = structured.as_grammar(params.json_schema, params.grammar)
             return structured.Constraint(grammar, self.tokenizer, self.vocab_size, self.eos_ids)

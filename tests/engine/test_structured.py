@@ -116,6 +116,8 @@ def test_unsupported_keyword_is_named(llm):
     engine = Engine.from_llm(llm, max_num_seqs=1, kv_memory_mb=8)
     with pytest.raises(EngineError, match="dependentSchemas"):
         engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, json_schema={"dependentSchemas": {"a": {}}}))
+    with pytest.raises(EngineError, match="ignore_eos"):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True, json_schema={"type": "object"}))
 
 
 def test_size_cap_and_bad_schemas():
