@@ -44,7 +44,9 @@ def _params(args):
                           min_p=args.min_p, repetition_penalty=args.repeat_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, num_beams=beams,
-                          length_penalty=getattr(args, "length_penalty", 1.0))
+                          length_penalty=getattr(args, "length_penalty", 1.0),
+                          json_schema=_read_text(getattr(args, "json_schema", None), "--json-schema", as_json=True),
+                          grammar=_read_text(getattr(args, "grammar", None), "--grammar"))
 
 
 def _speculative_arg(value: str) -> str:
@@ -65,6 +67,23 @@ def _speculative(args, llm) -> str:
         llm.draft = DraftModelProposer.from_llm(draft, llm.tokenizer, llm.config)
         return "draft"
     return spec
+
+
+def _read_text(path: str | None, option: str, as_json: bool = False):
+    """The contents of an option's file (parsed as JSON with `as_json`); None without the option."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise JisuError(f"{option}: cannot read {path} ({e})") from None
+    if not as_json:
+        return text
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise JisuError(f"{option}: {path} is not valid JSON ({e})") from None
 
 
 def _load(args):
@@ -288,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, help="system message for chat models")
     run.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, timings")
     run.add_argument("--speculative", type=_speculative_arg, default="auto", metavar="MODE", help=SPEC_HELP)
+    run.add_argument("--json-schema", metavar="FILE", default=None,
+                     help="constrain the output to JSON valid under the JSON Schema in FILE")
+    run.add_argument("--grammar", metavar="FILE", default=None,
+                     help="constrain the output to the Lark grammar in FILE (llguidance's dialect)")
     _sampling_args(run)
     run.set_defaults(func=cmd_run)
 

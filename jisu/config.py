@@ -124,6 +124,10 @@ class SamplingParams:
     length_penalty: float = 1.0    # a finished beam scores sum(log-probs) / generated_len ** length_penalty
     early_stopping: bool | str = False  # True: stop once num_beams beams finished; False: HF's heuristic; "never"
     num_return_sequences: int = 1  # the best finished beams returned (<= num_beams)
+    # structured output (engine/structured.py): a JSON Schema (dict or JSON text; True = any JSON),
+    # or a grammar (Lark text, or an engine.structured.Grammar); the tokens are constrained to it
+    json_schema: Any = None
+    grammar: Any = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -150,6 +154,7 @@ class SamplingParams:
              "True, False or 'never'"),
             ("num_return_sequences", _int(self.num_return_sequences) and 1 <= self.num_return_sequences
              <= self.num_beams, "an integer in [1, num_beams]"),
+            ("grammar", self.grammar is None or self.json_schema is None, "unset when json_schema is given"),
         ]
         for name, ok, what in checks:
             if not ok:

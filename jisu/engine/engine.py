@@ -133,7 +133,7 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         req = Request(rid, prompt_ids, params, max_new_tokens=max_new, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs, stop_ids=stop_ids, tokenizer=self.tokenizer,
-                      callback=callback, vocab_size=self.vocab_size)
+                      callback=callback, vocab_size=self.vocab_size, constraint=self._constraint(params))
         req.spec = self._spec_state(params)
         if params.is_beam_search:
             attach_beam_group(req, self.kv, self.max_context)
@@ -151,7 +151,8 @@ class Engine:
         if mode == "draft" and (self.speculator is None or self.speculator.draft is None):
             raise EngineError("speculative=draft needs an engine with a draft model (jisu run --speculative draft:MODEL)")
         if (self.speculator is None or mode == "off" or (mode == "auto" and not params.is_greedy)
-                or params.is_beam_search):      # beams rank whole candidate sets: no drafts
+                or params.is_beam_search        # beams rank whole candidate sets: no drafts
+                or params.json_schema is not None or params.grammar is not None):   # drafts ignore the mask
             return None
         return SpecState(mode, params, self.speculator.prior(mode))
 
@@ -172,6 +173,24 @@ class Engine:
             if len(reqs) > 1 and kw.get("prompt_logprobs") is None and not any(r.group for r in reqs):
                 ForkGroup(reqs[0], reqs[1:])
         return ids
+
+    def _constraint(self, params: SamplingParams):
+        """The token constraint of a request with a json_schema or grammar (engine/structured.py)."""
+        if params.json_schema is None and params.grammar is None:
+            return None
+        from . import structured
+
+        if self.tokenizer is None:
+            raise EngineError("structured output needs the engine's tokenizer")
+        if params.is_beam_search:
+            raise EngineError("beam search cannot be combined with json_schema / grammar")
+        if params.ignore_eos:    # a complete document allows only EOS next
+            raise EngineError("ignore_eos cannot be combined with json_schema / grammar")
+        try:
+            grammar = structured.as_grammar(params.json_schema, params.grammar)
+            return structured.Constraint(grammar, self.tokenizer, self.vocab_size, self.eos_ids)
+        except structured.GrammarError as e:
+            raise EngineError(str(e)) from None
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks return to the pool before the next step (at once when no

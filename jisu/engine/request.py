@@ -63,7 +63,8 @@ class Request:
     def __init__(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, *,
                  max_new_tokens: int | None = None, logprobs: int | None = None,
                  prompt_logprobs: int | None = None, stop_ids: Sequence[int] = (), tokenizer=None,
-                 callback: OutputCallback | None = None, vocab_size: int | None = None):
+                 callback: OutputCallback | None = None, vocab_size: int | None = None,
+                 constraint=None):
         self.id = request_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -86,6 +87,7 @@ class Request:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.generator = None if params.is_greedy else make_generator(params.seed)
+        self.constraint = constraint              # engine/structured.Constraint: masks this request's logits
         self.counts = self.prompt_seen = None
         if needs_counts(params):
             vocab = vocab_size or (max(self.prompt_ids) + 1)

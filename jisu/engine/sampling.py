@@ -43,7 +43,10 @@ class Sampler:
             res.prompt_logprobs = [TokenLogprob(int(t), lp, top) for t, lp, top in zip(targets.tolist(), chosen, tops)]
         if chunk.sample:
             row = rows[-1]
-            token = sample_token(row, req.params, req.generator, req.counts, req.prompt_seen)
+            masked = row if req.constraint is None else req.constraint.apply(row)
+            token = sample_token(masked, req.params, req.generator, req.counts, req.prompt_seen)
+            if req.constraint is not None:
+                req.constraint.accept(token)
             res.token_id = token
             if req.logprobs is not None:
                 lsm = torch.log_softmax(row.float(), dim=-1)

@@ -54,7 +54,8 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     # --- chat -----------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True, **context: Any) -> str:
+        """The conversation as the template writes it; `context` adds template variables (`tools`)."""
         if not self.chat_template:
             raise TemplateError(f"{self.source}: the model has no chat template; send raw text instead (--raw)")
         _check_messages(messages)
@@ -66,15 +67,15 @@ class Tokenizer:
         eos = self.token_text(self.eos_ids[0]) if self.eos_ids else ""
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=bos or "", eos_token=eos or "")
+                                         bos_token=bos or "", eos_token=eos or "", **context)
         except jinja2.exceptions.SecurityError as e:
             raise TemplateError(f"{self.source}: chat template refused by the sandbox ({e})") from None
         except Exception as e:  # TemplateError, UndefinedError, TypeError from user data ...
             raise TemplateError(f"{self.source}: chat template failed ({type(e).__name__}: {e})") from None
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], **context: Any) -> list[int]:
         # As transformers' apply_chat_template: the template places BOS itself, so none is added.
-        return self.encode(self.render_chat(messages), add_bos=False)
+        return self.encode(self.render_chat(messages, **context), add_bos=False)
 
 
 def _bad_text(text: Any, e: BaseException) -> str:

@@ -13,10 +13,12 @@ from fastapi.responses import JSONResponse, Response
 
 from ..engine.engine import Engine
 from ..errors import JisuError
+from ..version import __version__
 from .bridge import ClientGone
 from .chat import chat_completions
 from .completions import completions
 from .guard import Guard
+from . import schemas as S
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .params import check_model, check_prompt_ids
 from .state import ServerSettings, ServerState
@@ -24,6 +26,10 @@ from .protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                        DetokenizeRequest, TokenizeRequest, now, validation_error)
 
 log = logging.getLogger("jisu.serve")
+
+_DESCRIPTION = ("OpenAI-compatible API of jisu serve: completions and chat completions (streamed or not, with "
+                "structured output through `response_format` and tool calls through `tools`), the served model, "
+                "health, Prometheus metrics and the tokenizer. Errors come as {\"error\": {message, type, param, code}}.")
 
 
 def create_app(llm, engine: Engine | None = None, *, api_key: str | None = None, max_concurrency: int = 64,
@@ -38,22 +44,50 @@ def create_app(llm, engine: Engine | None = None, *, api_key: str | None = None,
                                  kv_memory_mb=kv_memory_mb, **engine_kw)
     names = _model_names(llm.source, settings.served_model_name)
     state = ServerState(llm, engine, settings, Metrics(engine), names, manage_engine=manage)
-    app = FastAPI(title="jisu", lifespan=_lifespan(state), docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jisu", version=__version__, description=_DESCRIPTION, lifespan=_lifespan(state), docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.jisu = state
     _add_error_handlers(app)
     _add_status_routes(app, state)
     _add_tokenizer_routes(app, state)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, summary="Complete text (OpenAI completions)",
+              responses={**S.answer(S.Completion, "the completion", S.Completion), **S.errors(400, 401, 404, 413,
+                                                                                              429, 500, 501)})
     async def completions_route(body: CompletionRequest, request: Request):
         return await completions(state, body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, summary="Answer a conversation (OpenAI chat completions)",
+              responses={**S.answer(S.ChatCompletion, "the answer: content, or tool_calls with finish_reason "
+                                    "tool_calls", S.ChatCompletionChunk),
+                         **S.errors(400, 401, 404, 413, 429, 500, 501)})
     async def chat_completions_route(body: ChatCompletionRequest, request: Request):
         return await chat_completions(state, body, request)
 
     app.add_middleware(Guard, state=state)
+    app.openapi = _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI):
+    """FastAPI's OpenAPI document as this server answers: invalid bodies are 400s (listed per
+    route), not FastAPI's 422; the streamed chunk bodies are described as schemas too."""
+    from fastapi.openapi.utils import get_openapi
+
+    def build() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            comps = spec.setdefault("components", {}).setdefault("schemas", {})
+            for op in (o for item in spec["paths"].values() for o in item.values()):
+                op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                comps.pop(name, None)
+            for model in (S.ChatCompletionChunk,):
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(schema.pop("$defs", {}))
+                comps[model.__name__] = schema
+            app.openapi_schema = spec
+        return app.openapi_schema
+    return build
 
 
 def _lifespan(state: ServerState):
@@ -95,7 +129,7 @@ def _error_response(err: APIError) -> JSONResponse:
 
 def _add_status_routes(app: FastAPI, state: ServerState) -> None:
     """/health, /metrics and /v1/models."""
-    @app.get("/health")
+    @app.get("/health", response_model=None, responses={**S.answer(S.Health, "serving"), **S.errors(503)})
     async def health():
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -103,11 +137,13 @@ def _add_status_routes(app: FastAPI, state: ServerState) -> None:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={**S.answer(S.ModelList, "the served model"),
+                                                           **S.errors(401)})
     async def models():
         return {"object": "list", "data": [{"id": state.model_names[0], "object": "model", "created": now(),
                                             "owned_by": "jisu", "max_model_len": state.engine.max_context}]}
@@ -116,7 +152,7 @@ def _add_status_routes(app: FastAPI, state: ServerState) -> None:
 def _add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
     """vLLM-compatible tokenizer endpoints: lm-eval-harness's local-completions detects them and
     counts context tokens with the server's own tokenizer (no tokenizer download needed)."""
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", response_model=None, responses=S.answer(S.TokenizerInfo, "the tokenizer"))
     async def tokenizer_info():
         tok = state.llm.tokenizer
         return {"tokenizer_class": "jisu", "model_max_length": state.engine.max_context,
@@ -124,7 +160,8 @@ def _add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
                 "eos_token": tok.token_text(tok.eos_ids[0]) if tok.eos_ids else None, "pad_token": None,
                 "add_bos_token": tok.add_bos, "chat_template": tok.chat_template}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=None, responses={**S.answer(S.TokenizeResponse, "the token ids"),
+                                                          **S.errors(400, 404)})
     async def tokenize(body: TokenizeRequest):
         check_model(state, body.model)
         tok = state.llm.tokenizer
@@ -141,7 +178,8 @@ def _add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, str(e), param="messages") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_context}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=None, responses={**S.answer(S.DetokenizeResponse, "the text"),
+                                                            **S.errors(400, 404)})
     async def detokenize(body: DetokenizeRequest):
         check_model(state, body.model)
         if body.tokens:

@@ -1,8 +1,10 @@
 """/v1/completions: text or token-id prompts in, `n` choices per prompt out, whole or streamed, with
 `echo`, legacy logprobs, scoring (echo with max_tokens 0), `best_of` (candidates forked from one prefill,
-ranked by engine/search.py) and `use_beam_search` (engine/beam.py: best_of beams, the n best returned)."""
+ranked by engine/search.py), `use_beam_search` (engine/beam.py: best_of beams, the n best returned)
+and structured output (`response_format`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -15,6 +17,7 @@ from .logprobs import LegacyLogprobs, merge_legacy
 from .params import beam_width, check_max_tokens, check_model, check_prompt_ids, sampling_params
 from .protocol import APIError, CompletionRequest, new_id, now, sse, usage
 from .state import ServerState
+from .structured import compile_request
 
 
 @dataclass
@@ -43,12 +46,15 @@ async def completions(state: ServerState, req: CompletionRequest, request: Reque
         check_max_tokens(state, len(ids), max_tokens, allow_zero=req.echo, param="max_tokens")
     beams = beam_width(req)
     best_of = _best_of(state, req, len(prompts.ids)) if beams == 1 else 1
+    grammar = await compile_request(state, req, chat=False) if max_tokens else None
+    if beams > 1 and grammar is not None:
+        raise APIError(400, "use_beam_search cannot be combined with response_format", param="use_beam_search")
     group = Group(state)
     if beams > 1:  # one beam search per prompt, its n best sequences the choices
         rids = [[group.submit(ids, sampling_params(state, req, max_tokens, 0, beams), max_new_tokens=max_tokens,
                               logprobs=req.logprobs)] for ids in prompts.ids]
     else:
-        rids = _submit(state, req, group, prompts, max_tokens, best_of)
+        rids = _submit(state, req, group, prompts, max_tokens, best_of, grammar)
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_names[0]}
     if req.stream:
         return event_stream(_stream(state, req, group, rids, prompts, head))
@@ -89,15 +95,20 @@ def _best_of(state: ServerState, req: CompletionRequest, num_prompts: int) -> in
 
 
 def _submit(state: ServerState, req: CompletionRequest, group: Group, prompts: _Prompts, max_tokens: int,
-            best_of: int) -> list[list[str]]:
+            best_of: int, grammar=None) -> list[list[str]]:
     """Submits `best_of` candidates per prompt; returns their engine request ids, by prompt."""
     want = req.logprobs
     scoring = max_tokens == 0       # echo with max_tokens 0: the prompt's log-probabilities only
     # ranking candidates needs their log-probabilities even where the client asks for none
     logprobs = None if scoring else (want if want is not None else (0 if best_of > req.n else None))
     prompt_logprobs = (want if want is not None else 0) if req.echo and (want is not None or scoring) else None
+
+    def params(j: int):
+        p = sampling_params(state, req, max_tokens, j)
+        return p if grammar is None else dataclasses.replace(p, grammar=grammar)
+
     # the candidates of a prompt share its prefill (forks of its KV blocks) unless each scores the prompt
-    return [group.submit_forks(ids, [sampling_params(state, req, max_tokens, j) for j in range(best_of)],
+    return [group.submit_forks(ids, [params(j) for j in range(best_of)],
                                max_new_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
             for ids in prompts.ids]
 

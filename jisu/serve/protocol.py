@@ -131,6 +131,74 @@ class _Sampling(_Base):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
+# --- structured output and tools (OpenAI's shapes) ---------------------------------------------------
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$", strict=True)]
+MAX_TOOLS = 128
+
+
+class ResponseFormatText(_Base):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(_Base):
+    """JSON mode: the output is one JSON object."""
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(_Base):
+    name: FunctionName = Field(description="a name for the schema (a-z, A-Z, 0-9, _ and -, up to 64)")
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema",
+                                    description="the JSON Schema the output must validate against")
+    strict: StrictBool | None = None
+
+
+class ResponseFormatJSONSchema(_Base):
+    """Structured output: the output is a JSON document valid under `json_schema.schema`."""
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[Union[ResponseFormatText, ResponseFormatJSONObject, ResponseFormatJSONSchema],
+                           Field(discriminator="type")]
+
+
+class FunctionDefinition(_Base):
+    name: FunctionName
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="JSON Schema of the arguments object")
+    strict: StrictBool | None = None
+
+
+class Tool(_Base):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionRef(_Base):
+    name: FunctionName
+
+
+class NamedToolChoice(_Base):
+    """Force a call of this function."""
+    type: Literal["function"]
+    function: FunctionRef
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
+class FunctionCall(_Base):
+    name: StrictStr
+    arguments: StrictStr = Field(description="the arguments as a JSON text")
+
+
+class ToolCall(_Base):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class CompletionRequest(_Sampling):
     prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
@@ -139,6 +207,7 @@ class CompletionRequest(_Sampling):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] | None = None
     suffix: StrictStr | None = None
+    response_format: ResponseFormat | None = None
 
 
 class TextPart(_Base):
@@ -150,6 +219,8 @@ class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None   # an assistant's calls
+    tool_call_id: StrictStr | None = None                                             # a tool's answer
 
     def text(self) -> str:
         if self.content is None:
@@ -166,9 +237,12 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N, strict=True)] | None = None   # beam search's width
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = Field(default=None, description='"none", "auto" (the default with tools), '
+                                           '"required", or {"type": "function", "function": {"name": ...}}')
+    parallel_tool_calls: StrictBool = Field(default=False, description="allow several calls in one answer (up "
+                                            "to 4); off by default, as in llama.cpp's server")
+    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(_Base):

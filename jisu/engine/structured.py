@@ -1,0 +1,281 @@
+"""Grammar-constrained decoding through llguidance: the tokenizer bridge, grammar compilation
+(JSON Schema, JSON mode, Lark) under size and time caps with errors that name what is wrong, and
+the per-request `Constraint` whose token mask the sampler applies to that request's row only."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import weakref
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import JisuError
+
+MAX_GRAMMAR_BYTES = 256 << 10      # a schema / grammar's text
+COMPILE_TIMEOUT_S = 1.0            # wall-clock cap on building a grammar's matcher
+_CACHE_SIZE = 256                  # compiled grammars kept (by text and tokenizer)
+
+# JSON output is compact and single-line: a small model given free whitespace can emit it forever
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(JisuError):
+    """A schema or grammar that cannot be compiled (unsupported keyword, too large, too slow)."""
+
+
+def llguidance():
+    """The llguidance module, or a one-line error naming the package."""
+    try:
+        import llguidance as llg
+    except ImportError:
+        raise JisuError("structured output needs the llguidance package (pip install llguidance)") from None
+    return llg
+
+
+def _limits():
+    # per-step fuel bounds the worst mask (~14k fuel/ms), initial fuel and grammar size the build
+    return llguidance().LLParserLimits(step_lexer_fuel=100_000, initial_lexer_fuel=1_000_000,
+                                       max_grammar_size=200_000)
+
+
+# --- the tokenizer bridge ---------------------------------------------------------------------------
+_TOKENIZERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def ll_tokenizer(tokenizer, vocab_size: int | None = None, eos_ids: Sequence[int] = ()):
+    """llguidance's tokenizer for jisu's `tokenizer` (io/tokenizer.Tokenizer), built once per
+    tokenizer, vocabulary size and EOS set. From the HF `tokenizers` JSON where llguidance takes
+    it, else from each token's bytes (`token_bytes`)."""
+    llg = llguidance()
+    eos = list(eos_ids or tokenizer.eos_ids)
+    key = (vocab_size, tuple(eos))
+    with _LOCK:
+        per = _TOKENIZERS.setdefault(tokenizer, {})
+        if key in per:
+            return per[key]
+    try:
+        lt = llg.LLTokenizer(tokenizer._tok.to_str(), n_vocab=vocab_size, eos_token=eos or None)
+    except Exception:  # noqa: BLE001 - a tokenizer llguidance cannot read as JSON: go by bytes
+        wrapper = llg.TokenizerWrapper(_BytesTokenizer(tokenizer, eos))
+        lt = llg.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=eos or None)
+    with _LOCK:
+        per[key] = lt
+    return lt
+
+
+_BYTE_DECODER: dict[str, int] | None = None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-ins -> the bytes they stand for."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+        cs, n = bs[:], 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
+    return _BYTE_DECODER
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for: byte-level BPE stand-ins mapped back to bytes, SentencePiece
+    '▁' to a space and <0xNN> byte tokens to their byte; special tokens as their text."""
+    text = tokenizer.token_text(token_id) or ""
+    m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", text)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    dec = _byte_decoder()
+    if text and all(c in dec for c in text):
+        return bytes(dec[c] for c in text)
+    return text.replace("▁", " ").encode("utf-8")
+
+
+class _BytesTokenizer:
+    """What llguidance's TokenizerWrapper needs, from jisu's tokenizer: every token's bytes, the
+    special ids, and encoding."""
+
+    def __init__(self, tokenizer, eos: list[int]):
+        self._t = tokenizer
+        self.tokens = [token_bytes(tokenizer, i) for i in range(tokenizer.vocab_size)]
+        self.eos_token_id = eos[0] if eos else None
+        self.bos_token_id = tokenizer.bos_id
+        self.special_token_ids = [i for i in range(tokenizer.vocab_size)
+                                  if i in eos or i == tokenizer.bos_id]
+
+    def __call__(self, s):
+        return self._t.encode(s.decode("utf-8", "replace") if isinstance(s, bytes) else s, add_bos=False)
+
+
+# --- grammars ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grammar:
+    """A grammar in llguidance's serialized form; `what` names it in errors ("response_format")."""
+    text: str
+    what: str = "grammar"
+
+
+def json_schema_grammar(schema: Any, what: str = "json_schema") -> Grammar:
+    """The grammar of JSON documents valid under `schema` (a dict, its JSON text, or True)."""
+    llg = llguidance()
+    if isinstance(schema, str):
+        _check_size(schema, what)
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise GrammarError(f"{what}: the schema is not valid JSON ({e})") from None
+    if schema is True:
+        schema = {}
+    if not isinstance(schema, dict):
+        raise GrammarError(f"{what}: the schema must be a JSON object (got {type(schema).__name__})")
+    _check_size(json.dumps(schema), what)
+    try:
+        return Grammar(llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS), what)
+    except (ValueError, TypeError) as e:
+        raise GrammarError(f"{what}: {e}") from None
+
+
+def json_object_grammar(what: str = "response_format") -> Grammar:
+    """JSON mode: any JSON object."""
+    return json_schema_grammar({"type": "object"}, what)
+
+
+def lark_grammar(text: str, what: str = "grammar") -> Grammar:
+    """A Lark grammar (llguidance's dialect: `%json {...}` embeds a JSON schema)."""
+    if not isinstance(text, str) or not text.strip():
+        raise GrammarError(f"{what}: the grammar must be a non-empty string")
+    _check_size(text, what)
+    return Grammar(llguidance().LLMatcher.grammar_from_lark(text), what)
+
+
+def as_grammar(json_schema: Any = None, grammar: Any = None) -> Grammar | None:
+    """SamplingParams' `json_schema` / `grammar` (a Grammar, Lark text) as one Grammar, or None."""
+    if json_schema is not None and grammar is not None:
+        raise GrammarError("give json_schema or grammar, not both")
+    if isinstance(grammar, Grammar):
+        return grammar
+    if grammar is not None:
+        return lark_grammar(grammar)
+    if json_schema is not None:
+        return json_schema_grammar(json_schema)
+    return None
+
+
+def _check_size(text: str, what: str) -> None:
+    if len(text) > MAX_GRAMMAR_BYTES:
+        raise GrammarError(f"{what}: the schema is {len(text)} bytes; the limit is {MAX_GRAMMAR_BYTES}")
+
+
+# --- compilation ------------------------------------------------------------------------------------
+_COMPILED: "OrderedDict[tuple, Any]" = OrderedDict()
+_COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jisu-grammar")
+
+
+def compile_matcher(grammar: Grammar, lltok, timeout_s: float = COMPILE_TIMEOUT_S):
+    """A fresh matcher for `grammar`: built (at most `timeout_s`, else GrammarError) and cached
+    the first time, deep-copied after."""
+    key = (grammar.text, id(lltok))
+    with _LOCK:
+        tmpl = _COMPILED.get(key)
+        if tmpl is not None:
+            _COMPILED.move_to_end(key)
+    if tmpl is None:
+        llg = llguidance()
+        fut = _COMPILER.submit(llg.LLMatcher, lltok, grammar.text, log_level=0, limits=_limits())
+        try:
+            tmpl = fut.result(timeout=timeout_s)   # the build is bounded by the fuel limits and ends soon
+        except FutureTimeout:
+            fut.cancel()                           # (still queued: never built)
+            raise GrammarError(f"{grammar.what}: compiling the schema took longer than {timeout_s:g} s") from None
+        if tmpl.is_error():
+            raise GrammarError(describe_error(grammar.what, tmpl.get_error()))
+        with _LOCK:
+            _COMPILED[key] = tmpl
+            while len(_COMPILED) > _CACHE_SIZE:
+                _COMPILED.popitem(last=False)
+    return tmpl.deep_copy()
+
+
+def describe_error(what: str, message: str) -> str:
+    """llguidance's compile error as a one-line message naming the keyword where there is one."""
+    m = re.search(r"Unimplemented keys: \[(.*?)\]", message)
+    if m:
+        keys = ", ".join(k.strip().strip('"') for k in m.group(1).split(","))
+        return f"{what}: unsupported JSON Schema keyword(s): {keys}"
+    line = message.strip().splitlines()[0] if message.strip() else "invalid grammar"
+    return f"{what}: {line[:500]}"
+
+
+def check_grammar(grammar: Grammar, tokenizer, vocab_size: int | None = None, eos_ids: Sequence[int] = ()) -> None:
+    """Compile `grammar` for `tokenizer` now (GrammarError if it cannot be); later requests with
+    it find it compiled."""
+    compile_matcher(grammar, ll_tokenizer(tokenizer, vocab_size, eos_ids))
+
+
+# --- one request's constraint -------------------------------------------------------------------------
+class Constraint:
+    """One request's matcher. The mask of the next token is computed as soon as the previous token
+    is accepted (llguidance, ~0.1-1 ms, GIL released), before the next model step; `apply` masks
+    that request's logits row with it. (On a helper thread it overlapped nothing: the model step
+    holds the GIL through the native step's Python, and the wait for the thread cost more than the
+    mask itself on a busy machine.)"""
+
+    def __init__(self, grammar: Grammar, tokenizer, vocab_size: int, eos_ids: Sequence[int] = ()):
+        lltok = ll_tokenizer(tokenizer, vocab_size, eos_ids)
+        self.matcher = compile_matcher(grammar, lltok)
+        self.vocab_size = vocab_size
+        self.words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self.prepare()
+
+    def _fill(self) -> None:
+        self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
+
+    def prepare(self) -> None:
+        """Compute the next token's mask."""
+        self._fill()
+
+    def allowed(self) -> np.ndarray:
+        """[V] bool: the tokens the grammar allows next."""
+        if self.matcher.is_error():
+            raise GrammarError(f"grammar matcher failed: {self.matcher.get_error()}")
+        return np.unpackbits(self.words.view(np.uint8), bitorder="little")[:self.vocab_size].view(bool)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [V] with every token the grammar forbids at -inf (a new tensor). In numpy, on
+        this thread: a torch op this size wakes the intra-op pool, which on a busy machine waits
+        tens of ms for its threads."""
+        allowed = self.allowed()
+        row = logits.detach().float().cpu().numpy()
+        n = min(row.shape[-1], allowed.shape[0])
+        out = np.full(row.shape, -np.inf, dtype=np.float32)
+        np.copyto(out[:n], row[:n], where=allowed[:n])
+        return torch.from_numpy(out)
+
+    def accept(self, token_id: int) -> None:
+        """Advance past the sampled token (EOS included) and start the next mask."""
+        if not self.matcher.consume_token(int(token_id)):
+            raise GrammarError(f"grammar matcher rejected token {token_id}: {self.matcher.get_error()}")
+        self.prepare()   # (once the grammar is complete, the mask allows EOS only)
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and allows nothing more but EOS."""
+        return self.matcher.is_stopped()
+
+
+def accepts(grammar: Grammar, tokenizer, text: str, vocab_size: int | None = None) -> bool:
+    """Whether `text`, tokenized as the model would, is a complete document of `grammar`."""
+    m = compile_matcher(grammar, ll_tokenizer(tokenizer, vocab_size))
+    ids = tokenizer.encode(text, add_bos=False)
+    return m.try_consume_tokens(ids) == len(ids) and not m.is_error() and m.is_accepting()
