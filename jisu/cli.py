@@ -197,11 +197,9 @@ def _serve_on_ray(args, app_kw: dict) -> int:
     from .serve.ray_serve import RayServeConfig, require_ray, serve_on_ray
 
     require_ray()
-    model = args.model
-    if model is None or os.path.exists(model):       # a path each replica can open: absolute
-        from .io.sources import resolve
-
-        model = resolve(model).path
+    model = args.model                                # a short name (or None) is resolved on each replica
+    if model is not None and os.path.exists(model):
+        model = os.path.abspath(model)
     cfg = RayServeConfig(model=model, replicas=args.replicas or 1, threads=args.threads or 1,
                          min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                          target_ongoing_requests=args.target_ongoing_requests,

@@ -181,7 +181,7 @@ class Ingress:
     by the prefix router, streams the answer back, and turns a replica that dies under a request
     into an error for its client (503 before the answer started, an SSE error event after)."""
 
-    def __init__(self, engine, metrics_timeout_s: float = 5.0):
+    def __init__(self, engine, metrics_timeout_s: float = 15.0):
         self.engine = engine
         self.metrics_timeout_s = metrics_timeout_s
 
@@ -241,14 +241,17 @@ class Ingress:
                 if ids:
                     break
                 await asyncio.sleep(0.1)
-        replies = await asyncio.gather(*(self._call(self.engine.metrics_text, {"pin": rid}) for rid in ids))
+        # one at a time: calls made while serving one request share its request id, and Ray's
+        # router matches a routed replica to its waiting call by that id
+        replies = [await self._call(self.engine.metrics_text, {"pin": rid}) for rid in ids]
         return merge_metrics([r for r in replies if isinstance(r, dict)], routing_decisions())
 
     async def _call(self, method, payload):
         resp = method.remote(payload)
         try:
             return await asyncio.wait_for(_await(resp), self.metrics_timeout_s)
-        except Exception:  # noqa: BLE001 - a replica that is gone or stuck is left out
+        except Exception as e:  # noqa: BLE001 - a replica that is gone or stuck is left out
+            log.warning("no answer from a replica for %s: %s", payload or "any", type(e).__name__)
             resp.cancel()
             return None
 
@@ -324,8 +327,8 @@ def build_app(cfg: RayServeConfig):
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 256):
-    """Joins the Ray cluster at `address`, or starts a local one (this machine's CPUs, a modest
-    object store, no dashboard)."""
+    """Joins the Ray cluster at `address`, or starts a local one (this machine's CPUs, a
+    modest object store, no dashboard)."""
     ray, _ = require_ray()
     if ray.is_initialized():
         return ray
