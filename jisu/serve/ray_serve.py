@@ -83,8 +83,7 @@ class EngineReplica:
     `handle` streams a response (start, then body bytes); cancelling it is the client going away."""
 
     def __init__(self, config: dict):
-        from ray import serve
-
+        ray, serve = require_ray()
         from ..api import load
         from .app import create_app
 
@@ -92,14 +91,13 @@ class EngineReplica:
         llm = load(cfg.model, threads=cfg.threads, **cfg.load_kw)
         self.app = create_app(llm, **cfg.app_kw)
         self.state = self.app.state.jisu
-        self.state.engine.start()
-        ctx = serve.get_replica_context()
-        self.replica_id = ctx.replica_id.unique_id
-        import ray
-
+        self.state.engine.start()      # the app's lifespan is not run here: the replica owns the engine
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.node_id = ray.get_runtime_context().get_node_id()
 
     async def handle(self, req: dict):
+        """One HTTP request (method, path, query, headers, body) through the app: yields
+        ("start", status, headers), then the body in chunks (what is ready, coalesced)."""
         out: asyncio.Queue = asyncio.Queue()
         gone = asyncio.Event()
         body = [req.get("body", b"")]
