@@ -261,12 +261,33 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("JISU_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"jisu: warning: serving on {args.host} without an API key", file=sys.stderr)
+    app_kw = dict(api_key=api_key, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                  kv_memory_mb=args.kv_memory, served_model_name=args.served_model_name, kv_dtype=args.kv_dtype)
+    if _on_ray(args):
+        return _serve_on_ray(args, app_kw)
     llm = _load(args)
     spec = _speculative(args, llm)
     print(f"jisu: serving {llm.source.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    return serve(llm, args.host, args.port, api_key=api_key, max_concurrency=args.max_concurrency,
-                 max_queue=args.max_queue, kv_memory_mb=args.kv_memory, served_model_name=args.served_model_name,
-                 kv_dtype=args.kv_dtype, speculative=spec, draft=getattr(llm, "draft", None))
+    return serve(llm, args.host, args.port, **app_kw, speculative=spec, draft=getattr(llm, "draft", None))
+
+
+def _on_ray(args) -> bool:
+    return any(v is not None for v in (args.replicas, args.ray_address, args.min_replicas, args.max_replicas))
+
+
+def _serve_on_ray(args, app_kw: dict) -> int:
+    """`jisu serve --replicas N`: N engine replicas (each loading the model) on Ray Serve."""
+    from .serve.ray_serve import RayServeConfig, require_ray, serve_on_ray
+
+    require_ray()
+    model = args.model                                # a short name (or None) is resolved on each replica
+    if model is not None and os.path.exists(model):
+        model = os.path.abspath(model)
+    cfg = RayServeConfig(model=model, replicas=args.replicas or 1, threads=args.threads or 1,
+                         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                         target_ongoing_requests=args.target_ongoing_requests,
+                         load_kw={"precise": True if args.precise else None, "fast": args.fast}, app_kw=app_kw)
+    return serve_on_ray(cfg, args.host, args.port, address=args.ray_address, num_cpus=args.ray_num_cpus)
 
 
 def _serve_parser(sub) -> None:
@@ -286,6 +307,16 @@ def _serve_parser(sub) -> None:
     s.add_argument("--precise", action="store_true", help="~15-bit activations in the quantized kernels (see jisu run)")
     s.add_argument("--fast", action="store_true", help="plain int8 activations, not faithful (see jisu run)")
     s.add_argument("--speculative", type=_speculative_arg, default="auto", metavar="MODE", help=SPEC_HELP)
+    r = s.add_argument_group("Ray Serve (pip install 'jisu[ray]'; README: Scaling out on Ray)")
+    r.add_argument("--replicas", type=int, default=None,
+                   help="serve with N engine replicas on Ray Serve, each with --threads threads (default 1) "
+                        "and its own KV cache; requests sharing a prompt prefix go to the same replica")
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. HEAD:6379); default: a local Ray")
+    r.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscale: at least N replicas")
+    r.add_argument("--max-replicas", type=int, default=None, help="autoscale: at most N replicas")
+    r.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="autoscale: requests in flight per replica to aim for (default 16)")
     s.set_defaults(func=cmd_serve)
 
 

@@ -1,0 +1,383 @@
+"""`jisu serve --replicas N`: the OpenAI API served by N engine replicas as a Ray Serve application
+(an ingress deployment that routes by prompt prefix, see ray_router.py, in front of an engine
+deployment whose replicas each run jisu's own app around their own engine threads and KV pool)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import JisuError
+
+log = logging.getLogger("jisu.serve")
+APP_NAME = "jisu"
+ROUTER_CLASS = "jisu.serve.ray_router.PrefixHashRouter"   # by name: imported, so /metrics finds its routers
+_HOP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
+_GENERATING = ("/v1/chat/completions", "/v1/completions")
+
+
+def require_ray():
+    """(ray, ray.serve), or a JisuError naming the extra to install."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise JisuError("serving on Ray needs Ray Serve: pip install 'jisu[ray]'") from None
+    return ray, serve
+
+
+@dataclass
+class RayServeConfig:
+    """What `jisu serve --replicas` deploys: the model (loaded by every replica), per-replica engine
+    and app settings, and the replica count or autoscaling bounds."""
+    model: str | None = None
+    replicas: int = 1
+    threads: int = 1                                  # engine threads per replica (its Ray CPUs too)
+    min_replicas: int | None = None                   # autoscaling, when min/max is given
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
+    load_kw: dict = field(default_factory=dict)       # jisu.load options: precise, fast, isa
+    app_kw: dict = field(default_factory=dict)        # create_app options: api_key, max_concurrency, ...
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    def check(self) -> None:
+        if self.replicas < 1 or self.threads < 1:
+            raise JisuError(f"--replicas and --threads must be >= 1 (got {self.replicas}, {self.threads})")
+        lo, hi = self.min_replicas, self.max_replicas
+        if (lo is not None and lo < 0) or (hi is not None and hi < max(1, lo or 0)):
+            raise JisuError(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1 (got {lo}, {hi})")
+        if self.target_ongoing_requests is not None and self.target_ongoing_requests <= 0:
+            raise JisuError("--target-ongoing-requests must be > 0")
+
+    def engine_options(self) -> dict:
+        """The engine deployment's Ray Serve options."""
+        per_replica = self.app_kw.get("max_concurrency", 64) + self.app_kw.get("max_queue", 256)
+        opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": self.threads}, "max_ongoing_requests": per_replica,
+                                "health_check_period_s": 5, "health_check_timeout_s": 30,
+                                "graceful_shutdown_timeout_s": 10}
+        if self.autoscaling:
+            lo = self.min_replicas if self.min_replicas is not None else 1
+            hi = self.max_replicas if self.max_replicas is not None else max(lo, self.replicas)
+            opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
+                                          "initial_replicas": min(max(self.replicas, lo), hi),
+                                          "target_ongoing_requests": self.target_ongoing_requests or 16}
+        else:
+            opts["num_replicas"] = self.replicas
+        return opts
+
+    def most_replicas(self) -> int:
+        return max(self.replicas, self.max_replicas or 0)
+
+
+class EngineReplica:
+    """One engine replica: jisu's FastAPI app around its own engine, driven in-process over ASGI.
+    `handle` streams a response (start, then body bytes); cancelling it is the client going away."""
+
+    def __init__(self, config: dict):
+        ray, serve = require_ray()
+        from ..api import load
+        from .app import create_app
+
+        cfg = RayServeConfig(**config)
+        llm = load(cfg.model, threads=cfg.threads, **cfg.load_kw)
+        self.app = create_app(llm, **cfg.app_kw)
+        self.state = self.app.state.jisu
+        self.state.engine.start()      # the app's lifespan is not run here: the replica owns the engine
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    async def handle(self, req: dict):
+        """One HTTP request (method, path, query, headers, body) through the app: yields
+        ("start", status, headers), then the body in chunks (what is ready, coalesced)."""
+        out: asyncio.Queue = asyncio.Queue()
+        gone = asyncio.Event()
+        body = [req.get("body", b"")]
+
+        async def receive():
+            if body:
+                return {"type": "http.request", "body": body.pop(), "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            out.put_nowait(message)
+
+        async def run():
+            try:
+                await self.app(_scope(req), receive, send)
+            finally:
+                out.put_nowait(None)
+
+        task = asyncio.get_running_loop().create_task(run())
+        started = False
+        try:
+            while True:
+                batch = [await out.get()]
+                while not out.empty():                   # coalesce what is ready into one stream item
+                    batch.append(out.get_nowait())
+                chunk, end = b"", False
+                for m in batch:
+                    if m is None:
+                        end = True
+                    elif m["type"] == "http.response.start":
+                        started = True
+                        yield ("start", m["status"], list(m.get("headers", [])))
+                    elif m["type"] == "http.response.body":
+                        chunk += m.get("body", b"")
+                if chunk:
+                    yield chunk
+                if end:
+                    if not started:
+                        yield ("start", 500, [(b"content-type", b"application/json")])
+                        yield _error_body("the replica failed to answer", "internal_error")
+                    return
+        finally:
+            gone.set()
+            if not task.done():
+                task.cancel()        # the app's generators abort their engine requests on the way out
+
+    def metrics_text(self, payload: dict | None = None) -> dict:
+        return {"replica": self.replica_id, "node": self.node_id, "pid": os.getpid(),
+                "text": self.state.metrics.render().decode()}
+
+    def stats(self, payload: dict | None = None) -> dict:
+        return {"replica": self.replica_id, "pid": os.getpid(), **self.state.engine.stats()}
+
+    def check_health(self) -> None:
+        if not self.state.engine.running:
+            raise RuntimeError("the engine thread has stopped")
+
+    def __del__(self):
+        state = getattr(self, "state", None)
+        if state is not None:
+            state.engine.shutdown()
+
+
+def _scope(req: dict) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": req.get("method", "GET"), "scheme": "http", "path": req.get("path", "/"),
+            "raw_path": req.get("path", "/").encode(), "query_string": req.get("query", b""), "root_path": "",
+            "headers": [(bytes(k), bytes(v)) for k, v in req.get("headers", [])],
+            "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {}}
+
+
+def _error_body(message: str, code: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}}).encode()
+
+
+class Ingress:
+    """The HTTP front (behind Ray Serve's proxy): forwards each request to an engine replica chosen
+    by the prefix router, streams the answer back, and turns a replica that dies under a request
+    into an error for its client (503 before the answer started, an SSE error event after)."""
+
+    def __init__(self, engine, metrics_timeout_s: float = 15.0):
+        self.engine = engine
+        self.metrics_timeout_s = metrics_timeout_s
+
+    async def __call__(self, request):
+        from starlette.responses import Response
+
+        path = request.url.path
+        if path == "/metrics" and request.method == "GET":
+            return Response(await self.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body = await request.body()
+        prefix: list[int] = []
+        if request.method == "POST" and path in _GENERATING:
+            from .ray_router import block_hashes, prompt_text
+
+            try:
+                prefix = block_hashes(prompt_text(path, json.loads(body)))
+            except (ValueError, UnicodeDecodeError):
+                pass                                  # the replica answers the invalid body
+        payload = {"method": request.method, "path": path, "query": request.url.query.encode(),
+                   "headers": list(request.headers.raw), "body": body, "prefix": prefix}
+        gen = self.engine.options(stream=True).handle.remote(payload)
+        try:
+            first = await gen.__anext__()
+        except Exception as e:  # noqa: BLE001 - the replica died or could not be reached
+            gen.cancel()
+            return _unavailable(e)
+        _, status, headers = first
+        headers = [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
+        if dict(headers).get(b"content-type", b"").startswith(b"text/event-stream"):
+            from starlette.responses import StreamingResponse
+
+            response = StreamingResponse(_relay(gen), status_code=status)
+            response.raw_headers = headers
+            return response
+        chunks = []
+        try:
+            async for chunk in gen:
+                chunks.append(chunk)
+        except Exception as e:  # noqa: BLE001
+            return _unavailable(e)
+        finally:
+            gen.cancel()
+        content = b"".join(chunks)
+        response = Response(content, status_code=status)
+        response.raw_headers = headers + [(b"content-length", str(len(content)).encode())]
+        return response
+
+    async def metrics(self) -> bytes:
+        """Every live replica's metrics, labelled replica="<id>", and the routing decisions."""
+        from .ray_router import live_replica_ids, routing_decisions
+
+        ids = live_replica_ids()
+        if not ids:                                   # no router yet in this process: make one
+            await self._call(self.engine.stats, {})
+            for _ in range(50):
+                ids = live_replica_ids()
+                if ids:
+                    break
+                await asyncio.sleep(0.1)
+        # one at a time: calls made while serving one request share its request id, and Ray's
+        # router matches a routed replica to its waiting call by that id
+        replies = [await self._call(self.engine.metrics_text, {"pin": rid}) for rid in ids]
+        return merge_metrics([r for r in replies if isinstance(r, dict)], routing_decisions())
+
+    async def _call(self, method, payload):
+        resp = method.remote(payload)
+        try:
+            return await asyncio.wait_for(_await(resp), self.metrics_timeout_s)
+        except Exception as e:  # noqa: BLE001 - a replica that is gone or stuck is left out
+            log.warning("no answer from a replica for %s: %s", payload or "any", type(e).__name__)
+            resp.cancel()
+            return None
+
+
+async def _await(resp):
+    return await resp
+
+
+async def _relay(gen):
+    """The rest of a streamed answer; a replica lost mid-stream ends it with an SSE error event."""
+    try:
+        async for chunk in gen:
+            yield chunk
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        log.warning("replica lost during a stream: %s", type(e).__name__)
+        yield b"data: " + _error_body("the replica serving this request failed; retry", "replica_failed") + b"\n\n"
+    finally:
+        gen.cancel()
+
+
+def _unavailable(exc: Exception):
+    from starlette.responses import Response
+
+    log.warning("replica unavailable: %s: %s", type(exc).__name__, str(exc)[:200])
+    return Response(_error_body("the replica serving this request failed; retry", "replica_failed"),
+                    status_code=503, media_type="application/json", headers={"Retry-After": "1"})
+
+
+def merge_metrics(replies: list[dict], decisions: dict[str, int] | None = None) -> bytes:
+    """One Prometheus text of the replicas' own texts, each sample labelled with its replica."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    up = Metric("jisu_replica_up", "Engine replicas answering /metrics (1 each), by replica, node and pid", "gauge")
+    for r in replies:
+        up.add_sample("jisu_replica_up", {"replica": r["replica"], "node": r["node"], "pid": str(r["pid"])}, 1)
+        for fam in text_string_to_metric_families(r["text"]):
+            m = families.get(fam.name)
+            if m is None:
+                m = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            m.samples += [s._replace(labels={**s.labels, "replica": r["replica"]}) for s in fam.samples]
+    routed = Metric("jisu_route_decisions", "Requests routed by this ingress, by reason", "counter")
+    for reason, n in sorted((decisions or {}).items()):
+        routed.add_sample("jisu_route_decisions_total", {"reason": reason}, n)
+
+    class _Collector:
+        def collect(self):
+            return [up, routed, *families.values()]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())
+    return generate_latest(registry)
+
+
+def build_app(cfg: RayServeConfig):
+    """The Ray Serve application: Ingress -> EngineReplica (routed by PrefixHashRouter)."""
+    _, serve = require_ray()
+    from ray.serve.config import RequestRouterConfig
+
+    engine = serve.deployment(EngineReplica, name="JisuEngine").options(
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS,
+                                                  request_routing_stats_period_s=5),
+        **cfg.engine_options())
+    per_replica = cfg.engine_options()["max_ongoing_requests"]
+    ingress = serve.deployment(Ingress, name="JisuIngress").options(
+        num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=per_replica * cfg.most_replicas() + 16)
+    return ingress.bind(engine.bind(asdict(cfg)))
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 256):
+    """Joins the Ray cluster at `address`, or starts a local one (this machine's CPUs, a
+    modest object store, no dashboard)."""
+    ray, _ = require_ray()
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 object_store_memory=object_store_mb * 2**20, log_to_driver=False)
+    return ray
+
+
+def deploy(cfg: RayServeConfig, host: str = "127.0.0.1", port: int = 8000):
+    """Deploys the application on the connected cluster (Serve's proxy on host:port); returns the
+    ingress handle once every replica is up."""
+    _, serve = require_ray()
+    cfg.check()
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def undeploy(shutdown: bool) -> None:
+    ray, serve = require_ray()
+    try:
+        serve.delete(APP_NAME)
+        if shutdown:
+            serve.shutdown()
+    finally:
+        if shutdown:
+            ray.shutdown()
+
+
+def serve_on_ray(cfg: RayServeConfig, host: str = "127.0.0.1", port: int = 8000, *,
+                 address: str | None = None, num_cpus: int | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then remove the application (and stop the local Ray)."""
+    cfg.check()
+    if address is None:
+        need = cfg.threads * cfg.replicas
+        have = num_cpus or os.cpu_count() or 1
+        if need > have:
+            raise JisuError(f"{cfg.replicas} replicas x {cfg.threads} threads need {need} CPUs; the local Ray "
+                            f"has {have} (lower --replicas/--threads, or raise --ray-num-cpus)")
+    start_ray(address, num_cpus)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        deploy(cfg, host, port)
+        print(f"jisu: serving on Ray ({cfg.replicas} replicas) on http://{host}:{port}/v1", file=sys.stderr,
+              flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        undeploy(shutdown=address is None)
+    return 0
