@@ -41,6 +41,12 @@ double keyed_uniform(uint64_t seed, int64_t position, int64_t stream) {
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
 #endif
+// x86: an AVX2 copy of the two passes over the whole row, picked at load time (same results).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define JISU_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
+#else
+#define JISU_AVX2_CLONE
+#endif
 
 // exp(x) for x <= 0 in fp32 (about 1 ulp), 0 below -87; plain arithmetic so loops vectorize.
 inline float fexp(float x) {
@@ -65,7 +71,7 @@ inline float fexp(float x) {
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 256;  // elements per block of the weight pass (sums, maxima)
 
-float row_max(const float* x, int64_t n) {
+JISU_AVX2_CLONE float row_max(const float* x, int64_t n) {
   float acc[kLanes];
   int64_t i = 0;
   if (n >= kLanes) {
@@ -88,7 +94,7 @@ int64_t row_argmax(const float* x, int64_t n) {  // the first of equal maxima
   return 0;  // all NaN
 }
 
-void exp_into(const float* __restrict x, float* __restrict w, int64_t n, float m, float s) {
+JISU_AVX2_CLONE void exp_into(const float* __restrict x, float* __restrict w, int64_t n, float m, float s) {
   for (int64_t i = 0; i < n; i++) w[i] = fexp((x[i] - m) * s);
 }
 
