@@ -85,10 +85,15 @@ def filtered_weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
         keep = x >= torch.topk(x, params.top_k).values[-1]
     w = torch.exp(x - x.max()) * keep
     if params.top_p < 1.0:
-        sw, order = torch.sort(w, descending=True, stable=True)
+        # Only the tokens weighing >= (1 - top_p) Z / V can be kept (those below weigh less than
+        # what top-p drops) and they precede all others in the order: sort just them.
+        z = float(w.sum())
+        cand = torch.nonzero(w >= (1.0 - params.top_p) * z / w.shape[-1] * 0.5).flatten()
+        sw, order = torch.sort(w[cand], descending=True, stable=True)
         before = sw.cumsum(-1) - sw
-        drop = before >= params.top_p * sw.sum()
-        w = w.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), 0.0)
+        drop = torch.ones_like(w, dtype=torch.bool)
+        drop[cand[order]] = before >= params.top_p * z
+        w = w.masked_fill(drop, 0.0)
     if params.min_p > 0.0:
         w = w.masked_fill(w < params.min_p, 0.0)   # the top token's weight is exp(0) = 1
     return w
