@@ -88,10 +88,19 @@ JISU_AVX2_CLONE float row_max(const float* x, int64_t n) {
 }
 
 int64_t row_argmax(const float* x, int64_t n) {  // the first of equal maxima
-  const float m = row_max(x, n);
-  for (int64_t i = 0; i < n; i++)
-    if (x[i] == m) return i;
-  return 0;  // all NaN
+  constexpr int64_t B = 1024;
+  float best = 0.f;
+  int64_t first = -1;
+  for (int64_t a = 0; a < n; a += B) {  // the first block holding the maximum, then its first index
+    const float m = row_max(x + a, std::min(B, n - a));
+    if (first < 0 || m > best) {
+      best = m;
+      first = a;
+    }
+  }
+  for (int64_t i = first, e = std::min(n, first + B); i < e; i++)
+    if (x[i] == best) return i;
+  return 0;  // NaN
 }
 
 JISU_AVX2_CLONE void exp_into(const float* __restrict x, float* __restrict w, int64_t n, float m, float s) {
