@@ -13,10 +13,9 @@ from ..config import SamplingParams
 from ..errors import JisuError
 from .batch import StepBatch
 from .kv_cache import PagedKVCache, SeqBlocks
-from .sampler import apply_penalties, filter_logits
+from .sampler import filtered_dist, keyed_uniform
 
 MODES = ("auto", "ngram", "draft", "off")
-_MASK = (1 << 64) - 1
 
 
 def check_mode(mode: str) -> str:
@@ -25,22 +24,8 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-# --- random numbers keyed by (seed, position) ------------------------------------------------------
-def _mix(x: int) -> int:
-    """splitmix64's finalizer: a bijection of 64-bit integers that scrambles every bit."""
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
-    return x ^ (x >> 31)
-
-
-def keyed_uniform(seed: int, position: int, stream: int = 0) -> float:
-    """A uniform number in [0, 1) that depends only on (seed, position, stream): the token at
-    position t draws the same number whether it is sampled alone or while verifying a draft."""
-    x = _mix((seed & _MASK) ^ 0x9E3779B97F4A7C15)
-    x = _mix(x ^ ((position * 0xD1B54A32D192ED03 + stream * 0x8CB92BA72F3D8DD7) & _MASK))
-    return (x >> 11) * (1.0 / (1 << 53))
-
-
+# --- random numbers keyed by (seed, position): the sampler's own (engine/sampler.py), so that a
+# token verified here is the token the plain sampler draws with the same seed at that position ---
 def request_seed(params: SamplingParams) -> int:
     return params.seed if params.seed is not None else random.getrandbits(63)
 
@@ -48,10 +33,11 @@ def request_seed(params: SamplingParams) -> int:
 # --- the target's distribution and the draws ----------------------------------------------------------
 def target_probs(row: torch.Tensor, params: SamplingParams, counts=None, prompt_seen=None) -> np.ndarray:
     """The distribution a sampled token is drawn from (penalties, temperature, top-k/p, min-p):
-    float64 [V], the reference sampler's filtered softmax."""
-    if counts is not None:
-        row = apply_penalties(row, counts, prompt_seen, params)
-    return torch.softmax(filter_logits(row.float(), params), dim=-1).double().numpy()
+    float64 [V], the reference sampler's filtered distribution (sampler.filtered_dist) made dense."""
+    d = filtered_dist(row, params, counts, prompt_seen)
+    p = np.zeros(row.shape[-1], dtype=np.float64)
+    p[d.ids.numpy()] = d.probs.double().numpy()
+    return p
 
 
 def inverse_cdf(probs: np.ndarray, u: float) -> int:

@@ -17,6 +17,8 @@
 namespace py = pybind11;
 
 namespace jisu {
+void register_sampler(py::module_& m);  // sampler.cpp: batched token sampling
+
 namespace {
 
 const KernelTable* g_kt = nullptr;  // active ISA
@@ -542,4 +544,5 @@ PYBIND11_MODULE(_kernels, m) {
       "to_half(src_f32_addr, dst_u16_addr, n): fp32 -> IEEE half as the native step writes the KV cache "
       "(F16C on x86 with the SIMD kernels, else portable code)");
   register_llama_step(m);  // llama_step.cpp: NativeModel
+  register_sampler(m);     // sampler.cpp: sample_rows, filtered_dist, rejection_sample
 }
