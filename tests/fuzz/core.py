@@ -13,7 +13,7 @@ from typing import Any, Callable
 from jisu.errors import JisuError
 
 CASE_SECONDS = 2.0   # CPU seconds of this process per case (a shared machine stretches wall time)
-HANG_SECONDS = 30.0  # wall seconds: a case waiting on something that never comes
+HANG_SECONDS = 120.0  # wall seconds: a case waiting on something that never comes
 SEEDS_DIR = os.path.join(os.path.dirname(__file__), "seeds")
 
 
