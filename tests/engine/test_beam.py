@@ -4,6 +4,7 @@ default model (its fp32 path; precise=True within 1e-3); beams batched with gree
 nobody's tokens; copy-on-write forks keep the KV blocks shared; best-of-n forks prefill once."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -218,8 +219,11 @@ def test_best_of_forks_prefill_once(tiny):
 @pytest.fixture(scope="module")
 def precise_llm(default_gguf):
     before = ops.get_act_refine()
-    yield jisu.load(default_gguf, precise=True)
+    llm = jisu.load(default_gguf, precise=True)
+    yield llm
     ops.set_act_refine(before)
+    del llm
+    gc.collect()  # its weights go before the next module's fixtures load
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +233,10 @@ def default_hf(default_gguf, request, tmp_path_factory):
     from tests.test_default_model import _reference_dir
 
     folder = _reference_dir(default_gguf, request, tmp_path_factory)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    yield model
+    del model
+    gc.collect()
 
 
 QUESTIONS = {"capital": "What is the capital of France?", "poem": "Write a two-line poem about the sea."}
