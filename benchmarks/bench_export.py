@@ -117,7 +117,7 @@ def main() -> int:
         mine = rows.get(f"jisu gptq {t.split('+')[0]}")
         theirs = rows.get(base)
         if mine is None or theirs is None:
-            checks[t] = {"skipped": f"{base} not measured (llama-imatrix not built?)"}
+            checks[t] = {"skipped": f"{base} or jisu gptq {t.split('+')[0]} not measured in this run"}
             continue
         ratio = mine["kld"]["mean"] / theirs["kld"]["mean"]
         size = mine["file_bytes"] / theirs["file_bytes"]
