@@ -56,6 +56,9 @@ def main() -> int:
     p.add_argument("--workdir", default=os.path.expanduser("~/.cache/jisu/bench_export"))
     p.add_argument("--exports", default="rtn:Q4_0,gptq:Q4_0,gptq:Q4_K_M,rtn:Q4_K_M",
                    help="jisu exports to make, METHOD:TYPE (in this order)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    p.add_argument("--llama-types", default="Q4_0,Q4_K_M", help="llama.cpp's own quantizations to compare")
+    p.add_argument("--no-imatrix", action="store_true", help="skip llama.cpp's Q4_K_M with an importance matrix")
     p.add_argument("--json", default="benchmarks/results/export.json")
     a = p.parse_args()
     from jisu.export import ExportOptions, export_gguf
@@ -73,7 +76,7 @@ def main() -> int:
     t0 = time.perf_counter()
     files = {}
     llama_quantize(a.source, w("F32.gguf"), "F32")
-    for t in ("Q4_0", "Q4_K_M"):
+    for t in a.llama_types.split(","):
         llama_quantize(a.source, w(f"llama.{t}.gguf"), t)
         files[f"llama.cpp {t}"] = w(f"llama.{t}.gguf")
     calib = read_calibration(None)
@@ -90,19 +93,19 @@ def main() -> int:
                                                      check=False, chunks=1, ctx=64, progress=sys.stderr.isatty()))
             seconds[f"jisu {method} {t}"] = time.perf_counter() - s
         files[f"jisu {method} {t}"] = out
-    imatrix = build_imatrix(a.source, calib_path, w("imatrix.gguf"), a.samples, a.seq_len)
+    imatrix = None if a.no_imatrix else build_imatrix(a.source, calib_path, w("imatrix.gguf"), a.samples, a.seq_len)
     if imatrix:
         llama_quantize(a.source, w("llama.Q4_K_M.imatrix.gguf"), "Q4_K_M", imatrix)
         files["llama.cpp Q4_K_M imatrix"] = w("llama.Q4_K_M.imatrix.gguf")
     tok = gguf_tokenizer(gguf_tokenizer_meta(a.source), a.source)
     held = read_text(a.heldout, "held-out")
     chunks, note = chunk_ids(encode_prefix(tok.encode, held.text, a.chunks * a.ctx), a.chunks, a.ctx, held.name)
-    ref = LlamaCpp(llama_cpp, w("F32.gguf"), a.ctx)
+    ref = LlamaCpp(llama_cpp, w("F32.gguf"), a.ctx, a.threads)
     ref_lp = [ref.log_probs(c) for c in chunks]
     ref.close()
     rows = {}
     for name, path in files.items():
-        r = LlamaCpp(llama_cpp, path, a.ctx)
+        r = LlamaCpp(llama_cpp, path, a.ctx, a.threads)
         lps = [r.log_probs(c) for c in chunks]
         r.close()
         rows[name] = {"path": path, "file_bytes": os.path.getsize(path), "load_warnings": len(r.warnings),
@@ -114,7 +117,7 @@ def main() -> int:
         mine = rows.get(f"jisu gptq {t.split('+')[0]}")
         theirs = rows.get(base)
         if mine is None or theirs is None:
-            checks[t] = {"skipped": f"{base} not measured (llama-imatrix not built?)"}
+            checks[t] = {"skipped": f"{base} or jisu gptq {t.split('+')[0]} not measured in this run"}
             continue
         ratio = mine["kld"]["mean"] / theirs["kld"]["mean"]
         size = mine["file_bytes"] / theirs["file_bytes"]
