@@ -182,9 +182,10 @@ _COMPILED: "OrderedDict[tuple, Any]" = OrderedDict()
 _COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jisu-grammar")
 
 
-def compile_matcher(grammar: Grammar, lltok, timeout_s: float = COMPILE_TIMEOUT_S):
-    """A fresh matcher for `grammar`: built (at most `timeout_s`, else GrammarError) and cached
-    the first time, deep-copied after."""
+def compile_matcher(grammar: Grammar, lltok, timeout_s: float | None = None):
+    """A fresh matcher for `grammar`: built (at most `timeout_s`, default COMPILE_TIMEOUT_S, else
+    GrammarError) and cached the first time, deep-copied after."""
+    timeout_s = COMPILE_TIMEOUT_S if timeout_s is None else timeout_s
     key = (grammar.text, id(lltok))
     with _LOCK:
         tmpl = _COMPILED.get(key)

@@ -193,7 +193,9 @@ def test_seeded_sampling_same_with_and_without_speculation(tiny, params):
     ps = prompts(16, repeat=True)
     params_list = [SamplingParams.build(params, seed=params.seed + i) for i in range(len(ps))]
     on, s = run(tiny, ps, params_list, "ngram")
-    assert s["spec_accepted_tokens"] > 0
+    assert s["spec_drafted_tokens"] > 0
+    if params.top_k == 0:   # (at the flatter settings the random model accepts a draft only by chance)
+        assert s["spec_accepted_tokens"] > 0
     # the same keyed draws without any draft: the engine with drafting disabled
     engine = Engine.from_llm(tiny, num_blocks=512, block_size=4, speculative="ngram")
     engine.speculator.ngram.propose = lambda wants: [([], None) for _ in wants]
@@ -212,8 +214,13 @@ def test_logprobs_and_stops_with_drafts(tiny):
     out = Engine.from_llm(tiny, num_blocks=512, block_size=4, speculative="ngram").generate(ps, GREEDY, logprobs=2)
     for a, b in zip(ref, out):
         assert a["token_ids"] == b["token_ids"]
-        assert [(x.token_id, x.logprob, x.top) for x in a["logprobs"]] == [(x.token_id, x.logprob, x.top)
-                                                                           for x in b["logprobs"]]
+        # a verified token's log-probs come from the fp32 log-softmax, a plainly sampled one's from the
+        # native sampler (float64 sums): equal to rounding
+        assert [(x.token_id, [t for t, _ in x.top]) for x in a["logprobs"]] == \
+            [(x.token_id, [t for t, _ in x.top]) for x in b["logprobs"]]
+        for x, y in zip(a["logprobs"], b["logprobs"]):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
+            assert [v for _, v in x.top] == pytest.approx([v for _, v in y.top], abs=1e-5)
     # a stop token inside an accepted run ends the request there
     stop = ref[0]["token_ids"][len(ref[0]["token_ids"]) // 2]
     p = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=(stop,))

@@ -139,14 +139,15 @@ def slow_schema(n: int = 150) -> dict:
 
 @pytest.mark.e2e
 def test_compile_time_cap(llm):
-    """A schema whose build runs past the cap is refused, in about the cap."""
+    """A schema whose build runs past the cap is refused, in about the cap (the schema takes ~0.25 s
+    to build on an idle machine, 5x the cap used here)."""
     import time
 
     g = es.json_schema_grammar(slow_schema(), what="response_format")
     lltok = es.ll_tokenizer(llm.tokenizer, llm.config.vocab_size)
     t0 = time.perf_counter()
-    with pytest.raises(es.GrammarError, match="response_format: compiling the schema took longer than 0.3 s"):
-        es.compile_matcher(g, lltok, timeout_s=0.3)
+    with pytest.raises(es.GrammarError, match="response_format: compiling the schema took longer than 0.05 s"):
+        es.compile_matcher(g, lltok, timeout_s=0.05)
     assert time.perf_counter() - t0 < 1.5
 
 
