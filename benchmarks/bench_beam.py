@@ -68,7 +68,7 @@ def main() -> int:
     llm = jisu.load(args.model, threads=args.threads, precise=True if args.precise else None)
     prompt = prompt_ids(llm, PROMPT_TOKENS)
     engine = Engine.from_llm(llm, block_size=16, prefix_caching=False, max_num_seqs=max(16, args.beams))
-    greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, speculative="off")  # plain decode, no drafts
     beam = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, num_beams=args.beams)
     one_seq = -(-(PROMPT_TOKENS + NEW_TOKENS) // engine.kv.block_size)
 
