@@ -255,7 +255,7 @@ def chat_ids(llm, name):
 @pytest.mark.parametrize("name,nb,lp,es", DEFAULT_CASES)
 def test_default_model_beams_equal_transformers(default_llm_fp32, default_hf, name, nb, lp, es):
     """The fp32 path (every tensor dequantized: what --precise computes up to its ~15-bit activations)
-    against transformers on the same weights: every returned beam, scores within 1e-4."""
+    against transformers on the same weights: every returned beam, scores within 1e-4 + 1e-5 per token."""
     prompt = chat_ids(default_llm_fp32, name)
     got = default_llm_fp32.generate(prompt, beam_params(nb, lp, es, 24)).beams
     want = hf_beams(default_hf, prompt, nb, lp, es, 24, sorted(default_llm_fp32.eos_ids))
