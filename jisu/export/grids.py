@@ -9,6 +9,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..compress.gptq import _IntGrid
+
 # type -> (weights per stored scale, lowest code, highest code, code offset, asymmetric, super-block)
 SPECS = {
     "Q8_0": (32, -128, 127, 0, False, 32),
@@ -215,23 +217,13 @@ def dequantize(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
     return (q * grid.scale[..., None] + grid.minv[..., None]).view(N, K)
 
 
-class Rounder:
-    """What jisu.compress.gptq's column loop calls to round a column on the fixed grid."""
+class Rounder(_IntGrid):
+    """What jisu.compress.gptq's column loop calls to round a column on the fixed grid: gptq's own
+    integer grid (its `prepared` / `round_fast`) with this grid's code range and offset."""
 
     def __init__(self, grid: Grid):
         self.lo, self.hi, self.off = grid.lo_hi_off
         self.asym = grid.minv is not None
-
-    def prepared(self, s, m):
-        return s, torch.where(s != 0, 1.0 / s, torch.zeros_like(s)), m
-
-    def round_fast(self, w, p):
-        s, inv, m = p
-        if m is None:
-            q = torch.round(w * inv).add_(self.off).clamp_(self.lo, self.hi)
-            return q, (q - self.off) * s
-        q = torch.round((w - m) * inv).clamp_(self.lo, self.hi)
-        return q, q * s + m
 
 
 # --- packing ----------------------------------------------------------------------------------------
