@@ -10,6 +10,7 @@ Grammar (whitespace is ignored, case-insensitive):
              | "nf4:g" G                          = rtn:nf4gG
              | "kmeans" [":g" G]                  = rtn:kmeans[gG]
              | "mixed:bpw=" X (":" MIXOPT)*       per-layer bits from {2,3,4,8} within X bits/weight
+             | NAME ":" ARGS                      a transform step (jisu.compress.steps.TRANSFORMS)
     FORMAT  := "w8"                 int8, one float32 scale per output channel
              | "w8g" G              int8, one float16 scale per group of G (G=32: GGUF Q8_0)
              | "w" B "g" G ["a"]    B in {2,3,4}: symmetric x=(q-2^(B-1))*s (B=4,G=32: GGUF Q4_0);
@@ -24,8 +25,10 @@ Grammar (whitespace is ignored, case-insensitive):
                the budget cannot hold 3-bit group 64 everywhere)
              | "max=" B (only the choices of at most B bits per weight, e.g. ":groups:max=4.5": no int8)
 
-Only one quantization step is allowed per recipe; the comma is reserved for later steps (e.g.
-pruning: "gptq:w4g32,prune:2:4"), which are rejected as unknown for now. "+embed" / "+head" also
+Steps run in order. Exactly one step quantizes; the others transform the model
+(jisu.compress.steps: pruning, sparsity, low rank, distillation), before the quantization step
+on the float model or after it on the quantized one, as each transform allows
+("prune:layers=20,distill:minutes=20,gptq:w4g32"). "+embed" / "+head" also
 quantize the token embedding / LM head in FORMAT (default without them: int8 group 32 = Q8_0, or the
 source's own Q8_0/Q4_0/Q4_1 format: jisu.compress.pipeline); without "=FORMAT" they take the
 step's format (w8 for mixed). "+tune" (calibration data) trains every scale and norm of
@@ -41,6 +44,7 @@ from typing import Optional
 
 from ..errors import JisuError
 from .spec import FormatSpec  # noqa: F401  (part of a parsed recipe)
+from .steps import TransformStep, transforms
 
 GROUPS = (32, 64, 128)
 MIXED_BITS = (2, 3, 4, 8)
@@ -57,7 +61,8 @@ class RecipeError(JisuError):
 
 
 def _fail(text: str, problem: str) -> RecipeError:
-    return RecipeError(f"recipe {text!r}: {problem}; valid forms: {VALID_FORMS}")
+    extra = "".join(f" | {t.form}" for t in transforms().values())
+    return RecipeError(f"recipe {text!r}: {problem}; valid forms: {VALID_FORMS}{extra}")
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,19 @@ class Recipe:
 
     @property
     def quant(self) -> QuantStep:
-        return self.steps[0]
+        return next(s for s in self.steps if isinstance(s, QuantStep))
+
+    @property
+    def before(self) -> tuple:
+        """The transform steps before the quantization step (they see the float model)."""
+        i = self.steps.index(self.quant)
+        return self.steps[:i]
+
+    @property
+    def after(self) -> tuple:
+        """The transform steps after the quantization step (they see the quantized model)."""
+        i = self.steps.index(self.quant)
+        return self.steps[i + 1:]
 
     @property
     def needs_calibration(self) -> bool:
@@ -123,6 +140,8 @@ class Recipe:
     def to_dict(self) -> dict:
         q = self.quant
         d = {"text": self.text, "method": q.method}
+        if len(self.steps) > 1:
+            d["steps"] = [s.text if isinstance(s, TransformStep) else "quantize" for s in self.steps]
         if q.fmt is not None:
             d["format"] = q.fmt.name
         if q.method == "gptq":
@@ -168,8 +187,13 @@ def _group(g: str, text: str, s: str) -> int:
     return int(g)
 
 
-def _parse_step(s: str, text: str) -> QuantStep:
+def _parse_step(s: str, text: str):
     method, _, rest = s.partition(":")
+    found = transforms().get(method)
+    if found is not None:
+        params = found.impl.parse(rest, lambda problem: RecipeError(
+            f"recipe {text!r}: step {s!r}: {problem}; valid forms: {found.form}"))
+        return TransformStep(method, s, params)
     fields = [f for f in rest.split(":")] if rest else []
     if any(not f for f in fields):
         raise _fail(text, f"step {s!r} has an empty field")
@@ -234,7 +258,7 @@ def _parse_step(s: str, text: str) -> QuantStep:
         if top is not None and len(step.mixed_choices()) < 2:
             raise _fail(text, f"max={top} leaves fewer than two widths to choose from")
         return step
-    known = ", ".join(STEP_NAMES)
+    known = ", ".join(STEP_NAMES + tuple(transforms()))
     raise _fail(text, f"unknown step {method!r} (known steps: {known})")
 
 
@@ -276,11 +300,17 @@ def parse_recipe(text) -> Recipe:
                 embed = fmt
             else:
                 head = fmt
-    if not steps:
-        raise _fail(text, "no step")
-    if len(steps) > 1:
+    quant = [st for st in steps if isinstance(st, QuantStep)]
+    if not quant:
+        raise _fail(text, "no quantization step" if steps else "no step")
+    if len(quant) > 1:
         raise _fail(text, "only one quantization step per recipe")
-    q = steps[0]
+    q = quant[0]
+    for i, st in enumerate(steps):
+        if isinstance(st, TransformStep):
+            where = "before" if i < steps.index(q) else "after"
+            if not getattr(st.transform, where):
+                raise _fail(text, f"step {st.text!r} cannot run {where} the quantization step")
     default = q.fmt if q.fmt is not None else FormatSpec("int", 8, None)
     embed = default if embed == "default" else embed
     head = default if head == "default" else head

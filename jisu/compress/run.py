@@ -27,6 +27,7 @@ from ..io.text import calibration_ids, heldout_ids, read_calibration, read_heldo
 from .config import CompressConfig, CompressResult
 from .pipeline import check_model, quantize_model
 from .recipe import parse_recipe
+from .steps import StepContext, Teacher, check_steps, dense_float, run_steps
 from .stream import source_bytes
 
 LINEAR_SUFFIXES = tuple(f"{s}.weight" for s in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -57,6 +58,13 @@ def check_output(out, source_path: str, force: bool) -> str:
         if os.path.lexists(out_abs):
             raise JisuError(f"{out}: already exists; use --force to replace it")
     return out_abs
+
+
+def work_path(out: str) -> str:
+    """The transform steps' work folder (checkpoints), next to OUT; it outlives a crash, so that a
+    rerun of the same command resumes, and is removed once OUT is written."""
+    parent, base = os.path.split(os.path.abspath(out))
+    return os.path.join(parent, f".{base}.work")
 
 
 def _remove(path: str) -> None:
@@ -191,6 +199,7 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
     else:
         cfg, weights, tokenizer = load_weights(source, progress=progress, packed=True)
     check_model(cfg, weights, rec)
+    check_steps(rec.before + rec.after, cfg)
     calib_ids = None
     if rec.needs_calibration:
         if c.seq_len > cfg.max_position:
@@ -214,7 +223,22 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
             trim_heap(collect=True)
         t_ref = time.perf_counter() - t1
         t1 = time.perf_counter()
-        qz = quantize_model(cfg, weights, rec, calib_ids, progress=progress, encode=not rec.tune)
+        ctx = None
+        if rec.before or rec.after:  # transform steps: the model in float32, the source kept as the teacher
+            teacher = Teacher(cfg, dense_float(weights))
+            del weights
+            ctx = StepContext(cfg, dict(teacher.weights), teacher, calib_ids, tokenizer, workdir=work_path(out_abs),
+                              progress=progress, threads=c.threads)
+            run_steps(rec.before, ctx)
+            cfg, weights = ctx.cfg, ctx.weights
+            ctx.weights = None
+            check_model(cfg, weights, rec)
+        qz = quantize_model(cfg, weights, rec, calib_ids, progress=progress, encode=not (rec.tune or rec.after))
+        if ctx is not None:
+            ctx.cfg, ctx.quantized = qz.cfg, qz
+            run_steps(rec.after, ctx)
+            qz = ctx.quantized
+            ctx.teacher = None
         t_quant = time.perf_counter() - t1
         del weights
         trim_heap(collect=True)
@@ -248,6 +272,8 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
                             f"nothing written")
         bpw, params = bits_summary(m["tensors"])
         m["sizes"]["source"] = source_bytes(source.path)
+        if ctx is not None:
+            m["steps"] = ctx.log
         m.update({"bits_per_weight": bpw, "params": params, "quality": quality, "layers": layers,
                   "quantize_info": info,
                   "timings": {"prepare_s": t_prep, "quantize_s": t_quant, "write_s": t_write, "verify_measure_s": t_measure,
@@ -256,6 +282,7 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
         artifact.write_json(os.path.join(tmp, artifact.MANIFEST), m)
         artifact.verify_artifact(tmp)
         commit(tmp, out_abs, c.force)
+        _remove(work_path(out_abs))  # the steps' checkpoints: done with
     except BaseException:
         _remove(tmp)
         raise
