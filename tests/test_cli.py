@@ -44,9 +44,22 @@ def test_run_text_output(model):
 
 
 def test_chat_keeps_conversation(model):
-    r = jisu("chat", model, "-n", "3", "--temp", "0", "--ignore-eos", stdin="hello\nagain\n/exit\n")
+    """Each reply is the model's answer to the whole conversation so far; /reset starts over."""
+    import jisu as api
+
+    llm = api.load(model)
+    opts = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    first = llm.chat([{"role": "user", "content": "hello"}], **opts).text
+    second = llm.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                       {"role": "user", "content": "again"}], **opts).text
+    fresh = llm.chat([{"role": "user", "content": "again"}], **opts).text
+    assert second != fresh  # the history changes the answer on this model, so the test can see it
+    r = jisu("chat", model, "-n", "6", "--temp", "0", "--ignore-eos", stdin="hello\nagain\n/exit\n")
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.splitlines()) == 2
+    assert r.stdout == f"{first}\n{second}\n"
+    r = jisu("chat", model, "-n", "6", "--temp", "0", "--ignore-eos", stdin="hello\n/reset\nagain\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{first}\n{fresh}\n"
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -84,6 +97,32 @@ def test_run_precise(model):
         assert ops.get_act_refine() == 0.0
     finally:
         ops.set_act_refine(before)
+
+
+@pytest.mark.skipif(not __import__("jisu.kernels.ops", fromlist=["x"]).native_available(),
+                    reason="the int8-activation kernels need jisu._kernels")
+def test_run_precise_and_fast_reach_the_kernels(tmp_path):
+    """On a Q4_0 model whose greedy tokens differ between plain int8 activations (--fast) and
+    ~15-bit ones (--precise), the command's tokens are the API's in each mode."""
+    import gguf
+
+    import jisu as api
+    from jisu.kernels import ops
+
+    path = write_gguf_llama(str(tmp_path / "q4.gguf"), 0, tensor_type=gguf.GGMLQuantizationType.Q4_0)
+    before = ops.get_act_refine()
+    try:
+        want = {flag: api.load(path, **{flag: True}).generate("hello", temperature=0, max_tokens=12,
+                                                                 ignore_eos=True).token_ids
+                for flag in ("fast", "precise")}
+    finally:
+        ops.set_act_refine(before)
+    assert want["fast"] != want["precise"], "this model no longer tells the two modes apart"
+    for flag, ids in want.items():
+        r = jisu("run", path, "-p", "hello", "--raw", "-n", "12", "--temp", "0", "--ignore-eos", "--json",
+                 f"--{flag}")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["token_ids"] == ids, flag
 
 
 def test_run_isa(tmp_path):

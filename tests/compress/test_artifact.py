@@ -114,7 +114,11 @@ def test_manifest_contents(tiny_hf, tmp_path):
     assert set(e["parts"]) == {"q", "scale"}
     assert m["tensors"]["model.norm.weight"]["format"] == "float32"
     q = m["quality"]
-    assert q["tokens_scored"] == 2 * 63 and 0 <= q["kld_mean"] and 0 <= q["top1_agreement"] <= 1
+    assert q["tokens_scored"] == 2 * 63
+    # the measured figures order as the formats do: int8 is closer to the source than 4 bits
+    q8 = jisu.compress.compress(tiny_hf, str(tmp_path / "m8"), "rtn:w8", **FAST).manifest["quality"]
+    assert 0 < q8["kld_mean"] < q["kld_mean"] and q8["top1_agreement"] >= q["top1_agreement"] > 0.5
+    assert q["kld_median"] <= q["kld_p99"] <= q["kld_max"] and q8["tokens_scored"] == q["tokens_scored"]
     assert q["text"].endswith("[second half]") and m["calibration"]["text"].endswith("[first half]")
     for name, digest in m["files"].items():
         assert artifact.sha256_file(os.path.join(out, name)) == digest

@@ -139,7 +139,28 @@ def test_max_kld_discards_result(tiny_hf, tmp_path):
         jisu.compress.compress(tiny_hf, str(out), "rtn:w2g64", max_kld=1e-9, **FAST)
     assert not out.exists() and not leftovers(str(tmp_path))
     r = jisu.compress.compress(tiny_hf, str(out), "rtn:w8", max_kld=10.0, **FAST)
-    assert r.quality["kld_mean"] <= 10.0 and out.exists()
+    assert out.exists()
+    # a bound just above / below the measured value keeps / refuses the same result
+    kld = r.quality["kld_mean"]
+    assert 0 < kld < 10.0
+    jisu.compress.compress(tiny_hf, str(tmp_path / "above"), "rtn:w8", max_kld=kld * 1.001, **FAST)
+    with pytest.raises(JisuError, match="is above --max-kld"):
+        jisu.compress.compress(tiny_hf, str(tmp_path / "below"), "rtn:w8", max_kld=kld * 0.999, **FAST)
+    assert not (tmp_path / "below").exists() and not leftovers(str(tmp_path))
+
+
+def test_max_kld_cli_exits_2_and_keeps_old_out(tiny_hf, tmp_path):
+    """`jisu compress --max-kld` refusing a result: exit status 2, one line, and with --force the
+    existing OUT is left exactly as it was."""
+    out = tmp_path / "out"
+    jisu.compress.compress(tiny_hf, str(out), "rtn:w8", **FAST)
+    before = {n: artifact.sha256_file(str(out / n)) for n in os.listdir(out)}
+    r = cli("compress", tiny_hf, "-o", str(out), "--recipe", "rtn:w2g64", "--max-kld", "1e-9", "--force",
+            "--samples", "4", "--seq-len", "32")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is above --max-kld" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert {n: artifact.sha256_file(str(out / n)) for n in os.listdir(out)} == before
+    assert not leftovers(str(tmp_path))
 
 
 def test_bad_arguments_fail_fast(tiny_hf, tmp_path, no_work):
