@@ -324,3 +324,21 @@ def test_penalties_end_to_end_through_preemption(llm, which):
     plain = SamplingParams(temperature=params.temperature, max_tokens=14, ignore_eos=True, seed=params.seed)
     assert any(alone(llm, p, plain)["token_ids"] != o["token_ids"] for p, o in zip(ps, out))
     assert_pool_empty(engine)
+
+
+@invariant
+def test_default_step_budget_keeps_batches_invariant(llm):
+    """Without an explicit max_step_tokens the engine takes the runner's own budget (the reference
+    model's is ops.F32_NATIVE_MAX_M rows, where its linears stop being batch invariant): prompts
+    longer than that, batched, give each one's tokens alone."""
+    ps = prompts(70, 95, 6, seed=5)
+    engine = Engine.from_llm(llm, num_blocks=128, block_size=4)
+    runner = engine.runner
+    assert engine.scheduler.max_step_tokens == runner.max_step_tokens
+    if isinstance(runner, NativeRunner) or isinstance(getattr(runner, "inner", None), NativeRunner):
+        assert runner.max_step_tokens >= ops.F32_NATIVE_MAX_M
+    else:
+        assert runner.max_step_tokens == ops.F32_NATIVE_MAX_M
+    out = engine.generate(ps, GREEDY)
+    assert [o["token_ids"] for o in out] == [alone(llm, p, GREEDY)["token_ids"] for p in ps]
+    assert_pool_empty(engine)
