@@ -40,6 +40,7 @@ class RayServeConfig:
     min_replicas: int | None = None                   # autoscaling, when min/max is given
     max_replicas: int | None = None
     target_ongoing_requests: float | None = None
+    autoscaling_kw: dict = field(default_factory=dict)  # more autoscaling_config: upscale_delay_s, ...
     load_kw: dict = field(default_factory=dict)       # jisu.load options: precise, fast, isa
     app_kw: dict = field(default_factory=dict)        # create_app options: api_key, max_concurrency, ...
 
@@ -67,7 +68,8 @@ class RayServeConfig:
             hi = self.max_replicas if self.max_replicas is not None else max(lo, self.replicas)
             opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
                                           "initial_replicas": min(max(self.replicas, lo), hi),
-                                          "target_ongoing_requests": self.target_ongoing_requests or 16}
+                                          "target_ongoing_requests": self.target_ongoing_requests or 16,
+                                          **self.autoscaling_kw}
         else:
             opts["num_replicas"] = self.replicas
         return opts
