@@ -249,13 +249,7 @@ class _Masker:
 
     def _run(self) -> None:
         while True:
-            c = self._q.get()
-            try:
-                c._fill()
-            except BaseException as e:  # noqa: BLE001 - handed to the request's next use of its mask
-                c._failure = e
-            finally:
-                c._ready.release()
+            self._q.get()._claimed_fill()
 
 
 _MASKER = _Masker()
@@ -265,8 +259,9 @@ OVERLAP_MASKS = True          # compute the next mask on _MASKER (False: on the 
 class Constraint:
     """One request's matcher. The mask of the next token is started as soon as the previous token
     is accepted (llguidance, ~25 us, GIL released) on the mask thread, so that it is made while the
-    engine thread goes on with its step; `mask_` waits for it and writes -inf into that request's
-    logits row in place (the bits expanded and added in two numpy passes, no row copies)."""
+    engine thread goes on with its step; `mask_` takes it (making it itself if the mask thread has
+    not started on it) and writes -inf into that request's logits row in place (the bits expanded
+    and added in two numpy passes, no row copies)."""
 
     def __init__(self, grammar: Grammar, tokenizer, vocab_size: int, eos_ids: Sequence[int] = (),
                  overlap: bool | None = None):
@@ -275,7 +270,11 @@ class Constraint:
         self.vocab_size = vocab_size
         self.words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self.overlap = OVERLAP_MASKS if overlap is None else overlap
-        self._ready = threading.Lock()      # held while the mask thread computes this request's mask
+        # a pending mask is made by whichever thread claims it first: the mask thread, or the
+        # engine thread when it needs the mask before the mask thread got to it (a busy machine)
+        self._claim = threading.Lock()      # free only while a mask is pending and unclaimed
+        self._claim.acquire()
+        self._ready = threading.Lock()      # held while a mask is pending
         self._pending = False
         self._failure: BaseException | None = None
         self._fill()                        # the first mask: here (the request is being added)
@@ -283,25 +282,44 @@ class Constraint:
     def _fill(self) -> None:
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
 
+    def _claimed_fill(self) -> None:
+        """The mask thread's part: the pending mask, unless the engine thread claimed it."""
+        if not self._claim.acquire(blocking=False):
+            return                          # made already (or being made) by the engine thread
+        try:
+            self._fill()
+        except BaseException as e:  # noqa: BLE001 - handed to the request's next use of its mask
+            self._failure = e
+        finally:
+            self._ready.release()
+
     def prepare(self) -> None:
         """Start computing the next token's mask (on the mask thread when overlapping)."""
         self._wait()
         if self.overlap:
             self._ready.acquire()
             self._pending = True
+            self._claim.release()
             _MASKER.submit(self)
         else:
             self._fill()
 
     def _wait(self) -> None:
-        """The mask being computed is ready (and the matcher free to use)."""
-        if self._pending:
-            self._ready.acquire()
-            self._ready.release()
-            self._pending = False
-            if self._failure is not None:
-                e, self._failure = self._failure, None
-                raise GrammarError(f"grammar matcher failed: {type(e).__name__}: {e}")
+        """The pending mask is ready (and the matcher free to use): made here if still unclaimed,
+        else waited for."""
+        if not self._pending:
+            return
+        if self._claim.acquire(blocking=False):
+            try:
+                self._fill()
+            finally:
+                self._ready.release()
+        self._ready.acquire()
+        self._ready.release()
+        self._pending = False
+        if self._failure is not None:
+            e, self._failure = self._failure, None
+            raise GrammarError(f"grammar matcher failed: {type(e).__name__}: {e}")
 
     def _check(self) -> None:
         self._wait()
