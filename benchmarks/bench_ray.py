@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pass-timeout", type=float, default=600, help="seconds a pass may issue requests")
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to start")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--note", default=None, help="a note stored with the results (e.g. the machine's load)")
     args = ap.parse_args(argv)
     names = [n for n in args.servers.split(",") if n]
     unknown = set(names) - set(CONFIGS)
