@@ -127,7 +127,6 @@ class RoutedApp:
     async def metrics(self) -> bytes:
         """Every live replica's metrics, labelled replica="<id>", and the routing decisions."""
         from .ray_router import live_replica_ids
-        from .ray_serve import merge_metrics
 
         ids = live_replica_ids()
         if not ids:
@@ -193,3 +192,31 @@ def _prefix(path: str, body: bytes) -> list[int]:
         return block_hashes(prompt_text(path, json.loads(body)))
     except (ValueError, UnicodeDecodeError, RecursionError):
         return []                                    # the app answers the invalid body
+
+
+def merge_metrics(replies: list[dict], decisions: dict[str, int] | None = None) -> bytes:
+    """One Prometheus text of the replicas' own texts, each sample labelled with its replica."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    up = Metric("jisu_replica_up", "Engine replicas answering /metrics (1 each), by replica, node and pid", "gauge")
+    for r in replies:
+        up.add_sample("jisu_replica_up", {"replica": r["replica"], "node": r["node"], "pid": str(r["pid"])}, 1)
+        for fam in text_string_to_metric_families(r["text"]):
+            m = families.get(fam.name)
+            if m is None:
+                m = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            m.samples += [s._replace(labels={**s.labels, "replica": r["replica"]}) for s in fam.samples]
+    routed = Metric("jisu_route_decisions", "Requests routed by this ingress, by reason", "counter")
+    for reason, n in sorted((decisions or {}).items()):
+        routed.add_sample("jisu_route_decisions_total", {"reason": reason}, n)
+
+    class _Collector:
+        def collect(self):
+            return [up, routed, *families.values()]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())
+    return generate_latest(registry)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import JisuError
-from .ray_ingress import error_body
+from .ray_ingress import error_body, merge_metrics  # noqa: F401 - merge_metrics: part of this module's API
 
 log = logging.getLogger("jisu.serve")
 APP_NAME = "jisu"
@@ -193,34 +193,6 @@ def _scope(req: dict) -> dict:
             "raw_path": req.get("path", "/").encode(), "query_string": req.get("query", b""), "root_path": "",
             "headers": [(bytes(k), bytes(v)) for k, v in req.get("headers", [])],
             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {}}
-
-
-def merge_metrics(replies: list[dict], decisions: dict[str, int] | None = None) -> bytes:
-    """One Prometheus text of the replicas' own texts, each sample labelled with its replica."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import Metric
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families: dict[str, Metric] = {}
-    up = Metric("jisu_replica_up", "Engine replicas answering /metrics (1 each), by replica, node and pid", "gauge")
-    for r in replies:
-        up.add_sample("jisu_replica_up", {"replica": r["replica"], "node": r["node"], "pid": str(r["pid"])}, 1)
-        for fam in text_string_to_metric_families(r["text"]):
-            m = families.get(fam.name)
-            if m is None:
-                m = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-            m.samples += [s._replace(labels={**s.labels, "replica": r["replica"]}) for s in fam.samples]
-    routed = Metric("jisu_route_decisions", "Requests routed by this ingress, by reason", "counter")
-    for reason, n in sorted((decisions or {}).items()):
-        routed.add_sample("jisu_route_decisions_total", {"reason": reason}, n)
-
-    class _Collector:
-        def collect(self):
-            return [up, routed, *families.values()]
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector())
-    return generate_latest(registry)
 
 
 def build_app(cfg: RayServeConfig):
