@@ -11,6 +11,10 @@ each) with `--streams` in flight, and reports aggregate tok/s (generated tokens 
 TTFT p50/p99; a server's figure is the median over its passes. The Ray path's overhead is
 ray-1x1 against plain-1t (tok/s). Every loop is bounded in count and in time.
 
+A name may be given more than once: the server is started again and its passes pooled, so that
+`--servers plain-1t,ray-1x1,ray-1x1,plain-1t` interleaves the two (A B B A) on a machine whose load
+drifts.
+
     python benchmarks/bench_ray.py --out benchmarks/results/ray_serve.json
 """
 from __future__ import annotations
@@ -119,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pass-timeout", type=float, default=600, help="seconds a pass may issue requests")
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to start")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--note", default=None, help="a note stored with the results (e.g. the machine's load)")
     args = ap.parse_args(argv)
     names = [n for n in args.servers.split(",") if n]
     unknown = set(names) - set(CONFIGS)
@@ -126,8 +131,14 @@ def main(argv=None) -> int:
         ap.error(f"unknown servers: {sorted(unknown)}")
     result = {"args": vars(args), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "servers": []}
-    for name in names:
-        result["servers"].append(run_server(name, args))
+    runs = [run_server(name, args) for name in names]
+    for name in dict.fromkeys(names):               # a server run more than once: its passes pooled
+        mine = [r for r in runs if r["server"] == name]
+        passes = [p for r in mine for p in r["passes"]]
+        med = {k: statistics.median(p[k] for p in passes) for k in ("tok_s", "ttft_p50", "ttft_p99")}
+        result["servers"].append({**mine[0], "startup_s": statistics.median(r["startup_s"] for r in mine),
+                                  "runs": len(mine), "passes": passes, **med})
+    result["order"] = names
     by = {s["server"]: s for s in result["servers"]}
     if "plain-1t" in by and "ray-1x1" in by:
         result["ray_overhead_tok_s"] = 1 - by["ray-1x1"]["tok_s"] / by["plain-1t"]["tok_s"]

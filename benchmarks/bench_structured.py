@@ -2,12 +2,13 @@
 
   compile   time to a ready matcher (schema -> llguidance grammar -> LLMatcher) for every schema of
             tests/structured_schemas.py, the compile cache emptied before each: p50 / p99 / max
-  mask      per step: llguidance computing the mask (right after the previous token is accepted)
-            and applying it (unpacking the bits, masking the row): p50 / p99
+  mask      per step: llguidance computing the mask (right after the previous token is accepted,
+            on the mask thread) and applying it (waiting for it, masking the row in place): p50 / p99
   decode    time per generated token, constrained vs unconstrained, at 1 and 8 streams:
             (wall of 128 new tokens - wall of 16) / 112, greedy, the constrained rows under a JSON
             Schema that cannot end within 128 tokens, the free rows with EOS ignored; rounds alternate
-            the two, medians over --reps
+            free / constrained (next mask on the mask thread) / constrained with the mask made on the
+            engine thread, medians over --reps
 
   python benchmarks/bench_structured.py [--threads 2] [--reps 3] [--out benchmarks/results/structured.json]
 """
@@ -63,7 +64,7 @@ class MaskTimer:
         from jisu.engine import structured as es
 
         self.es, self.fill, self.apply = es, [], []
-        self._fill0, self._apply0 = es.Constraint._fill, es.Constraint.apply
+        self._fill0, self._apply0 = es.Constraint._fill, es.Constraint.mask_
 
     def __enter__(self):
         fill0, apply0, fill, apply = self._fill0, self._apply0, self.fill, self.apply
@@ -73,22 +74,24 @@ class MaskTimer:
             fill0(c)
             fill.append((time.perf_counter() - t0) * 1e6)
 
-        def timed_apply(c, logits):
+        def timed_apply(c, row):
             t0 = time.perf_counter()
-            out = apply0(c, logits)
+            apply0(c, row)
             apply.append((time.perf_counter() - t0) * 1e6)
-            return out
 
-        self.es.Constraint._fill, self.es.Constraint.apply = timed_fill, timed_apply
+        self.es.Constraint._fill, self.es.Constraint.mask_ = timed_fill, timed_apply
         return self
 
     def __exit__(self, *exc):
-        self.es.Constraint._fill, self.es.Constraint.apply = self._fill0, self._apply0
+        self.es.Constraint._fill, self.es.Constraint.mask_ = self._fill0, self._apply0
 
 
-def run_once(engine, prompt, streams: int, n: int, constrained: bool) -> tuple[float, list[dict]]:
+def run_once(engine, prompt, streams: int, n: int, constrained) -> tuple[float, list[dict]]:
+    """`constrained`: False, True (the next mask on the mask thread) or "serial" (on the engine thread)."""
     from jisu.config import SamplingParams
+    from jisu.engine import structured as es
 
+    es.OVERLAP_MASKS = constrained != "serial"
     p = (SamplingParams(max_tokens=n, temperature=0, json_schema=ROWS) if constrained
          else SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, speculative="off"))  # drafts would flatter the free rows
     t0 = time.perf_counter()
@@ -103,20 +106,23 @@ def bench_decode(llm, reps: int) -> dict:
     prompt = llm.tokenizer.encode_chat(PROMPT)
     res: dict = {}
     timer = MaskTimer()
+    kinds = (False, True, "serial")
     for streams in (1, 8):
-        for constrained in (False, True):        # warm-up (and the compile cache)
+        for constrained in kinds:                # warm-up (and the compile cache)
             run_once(engine, prompt, streams, SHORT, constrained)
-        per = {False: [], True: []}
+        per = {k: [] for k in kinds}
         for _ in range(reps):
-            for constrained in (False, True):
-                with timer if constrained else _Null():
+            for constrained in kinds:
+                with timer if constrained is True else _Null():
                     short, _ = run_once(engine, prompt, streams, SHORT, constrained)
                     long, out = run_once(engine, prompt, streams, LONG, constrained)
                 assert all(len(o["token_ids"]) == LONG for o in out), [o["finish_reason"] for o in out]
                 per[constrained].append((long - short) / (LONG - SHORT) * 1e3)
-        free, cons = statistics.median(per[False]), statistics.median(per[True])
+        free, cons, serial = (statistics.median(per[k]) for k in kinds)
         res[f"{streams}_stream"] = {"unconstrained_ms_per_step": free, "constrained_ms_per_step": cons,
-                                    "ratio": cons / free, "runs": per}
+                                    "ratio": cons / free, "constrained_serial_mask_ms_per_step": serial,
+                                    "ratio_serial_mask": serial / free,
+                                    "runs": {"free": per[False], "constrained": per[True], "serial_mask": per["serial"]}}
     res["mask_fill_us"] = {"p50": pct(timer.fill, 50), "p99": pct(timer.fill, 99), "n": len(timer.fill)}
     res["mask_apply_us"] = {"p50": pct(timer.apply, 50), "p99": pct(timer.apply, 99), "n": len(timer.apply)}
     return res
@@ -135,6 +141,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "structured.json"))
+    ap.add_argument("--skip-compile", action="store_true", help="decode and mask figures only")
     args = ap.parse_args()
 
     import jisu
@@ -144,15 +151,16 @@ def main() -> int:
     llm = jisu.load(threads=args.threads)
     result = {"model": llm.source.path, "threads": args.threads, "reps": args.reps,
               "llguidance": llguidance.__version__, "load_avg_before": load0}
-    result["compile"] = bench_compile(llm, args.reps)
-    c = result["compile"]
-    print(f"compile over {c['schemas']} schemas x {args.reps}: p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, "
-          f"max {c['max_ms']:.2f} ms")
+    if not args.skip_compile:
+        result["compile"] = c = bench_compile(llm, args.reps)
+        print(f"compile over {c['schemas']} schemas x {args.reps}: p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, "
+              f"max {c['max_ms']:.2f} ms")
     result["decode"] = d = bench_decode(llm, args.reps)
     for k in ("1_stream", "8_stream"):
         r = d[k]
         print(f"{k}: unconstrained {r['unconstrained_ms_per_step']:.2f} ms/step, constrained "
-              f"{r['constrained_ms_per_step']:.2f} ms/step, ratio {r['ratio']:.3f}")
+              f"{r['constrained_ms_per_step']:.2f} ms/step, ratio {r['ratio']:.3f} (mask on the engine thread: "
+              f"{r['constrained_serial_mask_ms_per_step']:.2f} ms/step, ratio {r['ratio_serial_mask']:.3f})")
     print(f"mask (llguidance) p50 {d['mask_fill_us']['p50']:.0f} us, p99 {d['mask_fill_us']['p99']:.0f} us; "
           f"applying it p50 {d['mask_apply_us']['p50']:.0f} us, p99 {d['mask_apply_us']['p99']:.0f} us")
     result["load_avg_after"] = os.getloadavg()[0]

@@ -210,13 +210,12 @@ class Sampler:
             return {}
         sel = logits if rows == list(range(logits.shape[0])) else logits[rows]
         if any(c.req.constraint is not None for c in chunks):   # structured output: the grammar's mask
-            # in numpy: a torch copy this size wakes the intra-op pool, whose spinning threads then
-            # slow the next model step on a small machine
-            arr = sel.numpy().copy() if sel is logits else sel.numpy()
+            # in place, in numpy: the rows drawn here are read again only by the draw, and a torch
+            # op this size wakes the intra-op pool, whose spinning threads then slow the next step
+            arr = sel.numpy()
             for i, c in enumerate(chunks):
                 if c.req.constraint is not None:
-                    arr[i] = c.req.constraint.apply(sel[i]).numpy()
-            sel = torch.from_numpy(arr)
+                    c.req.constraint.mask_(arr[i])
         try:
             drawn = sample_rows(sel, specs)
         except Exception:  # noqa: BLE001 - each request is drawn (or fails) on its own

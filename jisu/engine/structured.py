@@ -4,6 +4,7 @@ the per-request `Constraint` whose token mask the sampler applies to that reques
 from __future__ import annotations
 
 import json
+import queue
 import re
 import threading
 import weakref
@@ -225,46 +226,132 @@ def check_grammar(grammar: Grammar, tokenizer, vocab_size: int | None = None, eo
 
 
 # --- one request's constraint -------------------------------------------------------------------------
-class Constraint:
-    """One request's matcher. The mask of the next token is computed as soon as the previous token
-    is accepted (llguidance, ~0.1-1 ms, GIL released), before the next model step; `apply` masks
-    that request's logits row with it. (On a helper thread it overlapped nothing: the model step
-    holds the GIL through the native step's Python, and the wait for the thread cost more than the
-    mask itself on a busy machine.)"""
+_NEG_INF_BITS = np.uint32(0xFF800000)      # float32 -inf: a forbidden token's addend (0.0 for the others)
 
-    def __init__(self, grammar: Grammar, tokenizer, vocab_size: int, eos_ids: Sequence[int] = ()):
+
+class _Masker:
+    """One daemon thread that computes handed-over masks. llguidance releases the GIL while it
+    computes, so a mask is made while the engine thread runs the rest of its step and the next
+    model step (on a machine whose cores the step fills, in the time its pool spends spinning)."""
+
+    def __init__(self):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+
+    def submit(self, c: "Constraint") -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._start:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="jisu-mask", daemon=True)
+                    self._thread.start()
+        self._q.put(c)
+
+    def _run(self) -> None:
+        while True:
+            self._q.get()._claimed_fill()
+
+
+_MASKER = _Masker()
+OVERLAP_MASKS = True          # compute the next mask on _MASKER (False: on the engine thread, after accept)
+
+
+class Constraint:
+    """One request's matcher. The mask of the next token is started as soon as the previous token
+    is accepted (llguidance, ~25 us, GIL released) on the mask thread, so that it is made while the
+    engine thread goes on with its step; `mask_` takes it (making it itself if the mask thread has
+    not started on it) and writes -inf into that request's logits row in place (the bits expanded
+    and added in two numpy passes, no row copies)."""
+
+    def __init__(self, grammar: Grammar, tokenizer, vocab_size: int, eos_ids: Sequence[int] = (),
+                 overlap: bool | None = None):
         lltok = ll_tokenizer(tokenizer, vocab_size, eos_ids)
         self.matcher = compile_matcher(grammar, lltok)
         self.vocab_size = vocab_size
         self.words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
-        self.prepare()
+        self.overlap = OVERLAP_MASKS if overlap is None else overlap
+        # a pending mask is made by whichever thread claims it first: the mask thread, or the
+        # engine thread when it needs the mask before the mask thread got to it (a busy machine)
+        self._claim = threading.Lock()      # free only while a mask is pending and unclaimed
+        self._claim.acquire()
+        self._ready = threading.Lock()      # held while a mask is pending
+        self._pending = False
+        self._failure: BaseException | None = None
+        self._fill()                        # the first mask: here (the request is being added)
 
     def _fill(self) -> None:
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
 
+    def _claimed_fill(self) -> None:
+        """The mask thread's part: the pending mask, unless the engine thread claimed it."""
+        if not self._claim.acquire(blocking=False):
+            return                          # made already (or being made) by the engine thread
+        try:
+            self._fill()
+        except BaseException as e:  # noqa: BLE001 - handed to the request's next use of its mask
+            self._failure = e
+        finally:
+            self._ready.release()
+
     def prepare(self) -> None:
-        """Compute the next token's mask."""
-        self._fill()
+        """Start computing the next token's mask (on the mask thread when overlapping)."""
+        self._wait()
+        if self.overlap:
+            self._ready.acquire()
+            self._pending = True
+            self._claim.release()
+            _MASKER.submit(self)
+        else:
+            self._fill()
+
+    def _wait(self) -> None:
+        """The pending mask is ready (and the matcher free to use): made here if still unclaimed,
+        else waited for."""
+        if not self._pending:
+            return
+        if self._claim.acquire(blocking=False):
+            try:
+                self._fill()
+            finally:
+                self._ready.release()
+        self._ready.acquire()
+        self._ready.release()
+        self._pending = False
+        if self._failure is not None:
+            e, self._failure = self._failure, None
+            raise GrammarError(f"grammar matcher failed: {type(e).__name__}: {e}")
+
+    def _check(self) -> None:
+        self._wait()
+        if self.matcher.is_error():
+            raise GrammarError(f"grammar matcher failed: {self.matcher.get_error()}")
 
     def allowed(self) -> np.ndarray:
         """[V] bool: the tokens the grammar allows next."""
-        if self.matcher.is_error():
-            raise GrammarError(f"grammar matcher failed: {self.matcher.get_error()}")
+        self._check()
         return np.unpackbits(self.words.view(np.uint8), bitorder="little")[:self.vocab_size].view(bool)
+
+    def mask_(self, row: np.ndarray) -> None:
+        """Set every token the grammar forbids to -inf in `row` ([V] float32, in place): the
+        forbidden bits expanded to 0 / -inf and added (x + 0 = x exactly; x + -inf = -inf)."""
+        self._check()
+        n = min(row.shape[-1], self.words.size * 32)
+        forbidden = np.unpackbits((~self.words).view(np.uint8), bitorder="little", count=n)
+        row[:n] += np.multiply(forbidden, _NEG_INF_BITS, dtype=np.uint32).view(np.float32)
+        if row.shape[-1] > n:
+            row[n:] = -np.inf                          # past the grammar's vocabulary: nothing allowed
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [V] with every token the grammar forbids at -inf (a new tensor). In numpy, on
         this thread: a torch op this size wakes the intra-op pool, which on a busy machine waits
         tens of ms for its threads."""
-        allowed = self.allowed()
-        row = logits.detach().float().cpu().numpy()
-        n = min(row.shape[-1], allowed.shape[0])
-        out = np.full(row.shape, -np.inf, dtype=np.float32)
-        np.copyto(out[:n], row[:n], where=allowed[:n])
+        out = logits.detach().float().cpu().numpy().astype(np.float32, copy=True)
+        self.mask_(out)
         return torch.from_numpy(out)
 
     def accept(self, token_id: int) -> None:
         """Advance past the sampled token (EOS included) and start the next mask."""
+        self._wait()
         if not self.matcher.consume_token(int(token_id)):
             raise GrammarError(f"grammar matcher rejected token {token_id}: {self.matcher.get_error()}")
         self.prepare()   # (once the grammar is complete, the mask allows EOS only)
@@ -272,6 +359,7 @@ class Constraint:
     @property
     def done(self) -> bool:
         """The grammar is complete and allows nothing more but EOS."""
+        self._wait()
         return self.matcher.is_stopped()
 
 

@@ -132,8 +132,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, group: Group, 
                     text += parser.flush()
             if text or lp:
                 yield chunk(j, {"content": text}, None, lp)
-            for c in calls:
-                yield chunk(j, {"tool_calls": [{"index": parser.num_calls - len(calls) + calls.index(c), **c}]})
+            for c in calls:                  # a call announced, a piece of its arguments, or a whole call
+                yield chunk(j, {"tool_calls": [c]})
             if out.finished:
                 completion_tokens += out.num_generated_tokens
                 reason = out.finish_reason

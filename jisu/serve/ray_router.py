@@ -102,7 +102,8 @@ def choose(hashes: list[int], loads: dict[str, int], affinity: dict[int, str], *
 
 class PrefixHashRouter(RequestRouter):
     """Routes the engine deployment's requests: payload['prefix'] (block hashes) picks the replica as
-    `choose` does; payload['pin'] (a replica id) goes to that replica only (per-replica /metrics)."""
+    `choose` does; payload['pin'] (a replica id) goes to that replica only (per-replica /metrics);
+    payload['prefer'] (a replica id `decide` picked) goes there while it is a candidate."""
 
     def initialize_state(self, balance: float = 1.25, max_entries: int = 200_000, **kwargs):
         self._balance = balance
@@ -113,9 +114,12 @@ class PrefixHashRouter(RequestRouter):
         _registry().add(self)
 
     def replica_ids(self) -> list[str]:
+        return [r.unique_id for r in self._replica_keys()]
+
+    def _replica_keys(self) -> list[ReplicaID]:
         for _ in range(5):                                      # read from another thread: retry a resize
             try:
-                return [r.unique_id for r in list(self._replicas)]
+                return list(self._replicas)
             except RuntimeError:
                 continue
         return []
@@ -132,6 +136,10 @@ class PrefixHashRouter(RequestRouter):
         cache = self._replica_queue_len_cache
         loads = {rid: cache.get(r.replica_id) or 0 for rid, r in by_id.items()}
         hashes = payload.get("prefix") or []
+        prefer = payload.get("prefer")
+        if prefer in by_id:
+            rest = sorted((r for i, r in by_id.items() if i != prefer), key=lambda r: loads[r.replica_id.unique_id])
+            return [[by_id[prefer]], rest] if rest else [[by_id[prefer]]]
         with self._lock:
             rid, reason = choose(hashes, loads, self._affinity, balance=self._balance)
             self.decisions[reason] = self.decisions.get(reason, 0) + 1
@@ -140,6 +148,24 @@ class PrefixHashRouter(RequestRouter):
         self._remember(hashes, rid)    # on_request_routed corrects it where Ray reports the final replica
         rest = sorted((r for i, r in by_id.items() if i != rid), key=lambda r: loads[r.replica_id.unique_id])
         return [[by_id[rid]], rest] if rest else [[by_id[rid]]]
+
+    def decide(self, hashes: list[int], self_id: str, self_load: int) -> str | None:
+        """The replica for a request that arrived at replica `self_id` (whose own load is known
+        exactly), chosen as `choose` does over the replicas this router knows; the prefix is
+        remembered for the choice. None when no replica is known."""
+        by_id = {r.unique_id: r for r in self._replica_keys()}
+        ids = list(by_id) + ([] if self_id in by_id else [self_id])
+        cache = self._replica_queue_len_cache
+        loads = {rid: (self_load if rid == self_id else (cache.get(by_id[rid]) or 0) if rid in by_id else 0)
+                 for rid in ids}
+        with self._lock:
+            rid, reason = choose(hashes, loads, self._affinity, balance=self._balance)
+            if not hashes and self_id in loads and loads[self_id] <= loads.get(rid, 0):
+                rid, reason = self_id, "local"       # no prefix: stay here unless another is idler
+            self.decisions[reason] = self.decisions.get(reason, 0) + 1
+        if rid is not None:
+            self._remember(hashes, rid)
+        return rid
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self._remember(_payload(pending_request).get("prefix") or [], replica_id.unique_id)
@@ -167,6 +193,13 @@ def _payload(pending_request: PendingRequest | None) -> dict:
     if pending_request is not None and pending_request.args and isinstance(pending_request.args[0], dict):
         return pending_request.args[0]
     return {}
+
+
+def local_router() -> "PrefixHashRouter | None":
+    """This process's router for the engine deployment (made with its first handle call)."""
+    for r in list(_ROUTERS):
+        return r
+    return None
 
 
 def live_replica_ids() -> list[str]:

@@ -1,10 +1,9 @@
-"""`jisu serve --replicas N`: the OpenAI API served by N engine replicas as a Ray Serve application
-(an ingress deployment that routes by prompt prefix, see ray_router.py, in front of an engine
-deployment whose replicas each run jisu's own app around their own engine threads and KV pool)."""
+"""`jisu serve --replicas N`: the OpenAI API served by N engine replicas as a Ray Serve application:
+one deployment whose replicas each run jisu's own app around their own engine threads and KV pool,
+reached straight from Serve's proxy, and routing by prompt prefix among themselves (ray_ingress.py)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -14,12 +13,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import JisuError
+from .ray_ingress import error_body, merge_metrics  # noqa: F401 - merge_metrics: part of this module's API
 
 log = logging.getLogger("jisu.serve")
 APP_NAME = "jisu"
 ROUTER_CLASS = "jisu.serve.ray_router.PrefixHashRouter"   # by name: imported, so /metrics finds its routers
-_HOP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
-_GENERATING = ("/v1/chat/completions", "/v1/completions")
 
 
 def require_ray():
@@ -42,6 +40,7 @@ class RayServeConfig:
     min_replicas: int | None = None                   # autoscaling, when min/max is given
     max_replicas: int | None = None
     target_ongoing_requests: float | None = None
+    autoscaling_kw: dict = field(default_factory=dict)  # more autoscaling_config: upscale_delay_s, ...
     load_kw: dict = field(default_factory=dict)       # jisu.load options: precise, fast, isa
     app_kw: dict = field(default_factory=dict)        # create_app options: api_key, max_concurrency, ...
 
@@ -69,7 +68,8 @@ class RayServeConfig:
             hi = self.max_replicas if self.max_replicas is not None else max(lo, self.replicas)
             opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
                                           "initial_replicas": min(max(self.replicas, lo), hi),
-                                          "target_ongoing_requests": self.target_ongoing_requests or 16}
+                                          "target_ongoing_requests": self.target_ongoing_requests or 16,
+                                          **self.autoscaling_kw}
         else:
             opts["num_replicas"] = self.replicas
         return opts
@@ -79,8 +79,10 @@ class RayServeConfig:
 
 
 class EngineReplica:
-    """One engine replica: jisu's FastAPI app around its own engine, driven in-process over ASGI.
-    `handle` streams a response (start, then body bytes); cancelling it is the client going away."""
+    """One engine replica: jisu's FastAPI app around its own engine. Serve's proxy calls its ASGI
+    app (`__serve_build_asgi_app__`: ray_ingress.RoutedApp); a request another replica forwards
+    arrives at `handle`, which streams the response (start, then body bytes); cancelling it is the
+    client going away."""
 
     def __init__(self, config: dict):
         ray, serve = require_ray()
@@ -89,11 +91,28 @@ class EngineReplica:
 
         cfg = RayServeConfig(**config)
         llm = load(cfg.model, threads=cfg.threads, **cfg.load_kw)
-        self.app = create_app(llm, **cfg.app_kw)
-        self.state = self.app.state.jisu
+        self.jisu_app = create_app(llm, **cfg.app_kw)
+        self.state = self.jisu_app.state.jisu
         self.state.engine.start()      # the app's lifespan is not run here: the replica owns the engine
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        self._deployment = (ctx.deployment, ctx.app_name)
         self.node_id = ray.get_runtime_context().get_node_id()
+        self._handle = None
+        self.routed = None
+
+    def __serve_build_asgi_app__(self):
+        from .ray_ingress import RoutedApp
+
+        self.routed = RoutedApp(self)
+        return self.routed
+
+    def self_handle(self):
+        """A handle to this replica's own deployment (forwarding, per-replica /metrics)."""
+        if self._handle is None:
+            _, serve = require_ray()
+            self._handle = serve.get_deployment_handle(*self._deployment)
+        return self._handle
 
     async def handle(self, req: dict):
         """One HTTP request (method, path, query, headers, body) through the app: yields
@@ -113,12 +132,14 @@ class EngineReplica:
 
         async def run():
             try:
-                await self.app(_scope(req), receive, send)
+                await self.jisu_app(_scope(req), receive, send)
             finally:
                 out.put_nowait(None)
 
         task = asyncio.get_running_loop().create_task(run())
         started = False
+        if self.routed is not None:
+            self.routed.ongoing += 1
         try:
             while True:
                 batch = [await out.get()]
@@ -138,16 +159,20 @@ class EngineReplica:
                 if end:
                     if not started:
                         yield ("start", 500, [(b"content-type", b"application/json")])
-                        yield _error_body("the replica failed to answer", "internal_error")
+                        yield error_body("the replica failed to answer", "internal_error")
                     return
         finally:
+            if self.routed is not None:
+                self.routed.ongoing -= 1
             gone.set()
             if not task.done():
                 task.cancel()        # the app's generators abort their engine requests on the way out
 
     def metrics_text(self, payload: dict | None = None) -> dict:
+        from .ray_router import routing_decisions
+
         return {"replica": self.replica_id, "node": self.node_id, "pid": os.getpid(),
-                "text": self.state.metrics.render().decode()}
+                "text": self.state.metrics.render().decode(), "decisions": routing_decisions()}
 
     def stats(self, payload: dict | None = None) -> dict:
         return {"replica": self.replica_id, "pid": os.getpid(), **self.state.engine.stats()}
@@ -170,158 +195,21 @@ def _scope(req: dict) -> dict:
             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {}}
 
 
-def _error_body(message: str, code: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}}).encode()
-
-
-class Ingress:
-    """The HTTP front (behind Ray Serve's proxy): forwards each request to an engine replica chosen
-    by the prefix router, streams the answer back, and turns a replica that dies under a request
-    into an error for its client (503 before the answer started, an SSE error event after)."""
-
-    def __init__(self, engine, metrics_timeout_s: float = 15.0):
-        self.engine = engine
-        self.metrics_timeout_s = metrics_timeout_s
-
-    async def __call__(self, request):
-        from starlette.responses import Response
-
-        path = request.url.path
-        if path == "/metrics" and request.method == "GET":
-            return Response(await self.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
-        body = await request.body()
-        prefix: list[int] = []
-        if request.method == "POST" and path in _GENERATING:
-            from .ray_router import block_hashes, prompt_text
-
-            try:
-                prefix = block_hashes(prompt_text(path, json.loads(body)))
-            except (ValueError, UnicodeDecodeError):
-                pass                                  # the replica answers the invalid body
-        payload = {"method": request.method, "path": path, "query": request.url.query.encode(),
-                   "headers": list(request.headers.raw), "body": body, "prefix": prefix}
-        gen = self.engine.options(stream=True).handle.remote(payload)
-        try:
-            first = await gen.__anext__()
-        except Exception as e:  # noqa: BLE001 - the replica died or could not be reached
-            gen.cancel()
-            return _unavailable(e)
-        _, status, headers = first
-        headers = [(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS]
-        if dict(headers).get(b"content-type", b"").startswith(b"text/event-stream"):
-            from starlette.responses import StreamingResponse
-
-            response = StreamingResponse(_relay(gen), status_code=status)
-            response.raw_headers = headers
-            return response
-        chunks = []
-        try:
-            async for chunk in gen:
-                chunks.append(chunk)
-        except Exception as e:  # noqa: BLE001
-            return _unavailable(e)
-        finally:
-            gen.cancel()
-        content = b"".join(chunks)
-        response = Response(content, status_code=status)
-        response.raw_headers = headers + [(b"content-length", str(len(content)).encode())]
-        return response
-
-    async def metrics(self) -> bytes:
-        """Every live replica's metrics, labelled replica="<id>", and the routing decisions."""
-        from .ray_router import live_replica_ids, routing_decisions
-
-        ids = live_replica_ids()
-        if not ids:                                   # no router yet in this process: make one
-            await self._call(self.engine.stats, {})
-            for _ in range(50):
-                ids = live_replica_ids()
-                if ids:
-                    break
-                await asyncio.sleep(0.1)
-        # one at a time: calls made while serving one request share its request id, and Ray's
-        # router matches a routed replica to its waiting call by that id
-        replies = [await self._call(self.engine.metrics_text, {"pin": rid}) for rid in ids]
-        return merge_metrics([r for r in replies if isinstance(r, dict)], routing_decisions())
-
-    async def _call(self, method, payload):
-        resp = method.remote(payload)
-        try:
-            return await asyncio.wait_for(_await(resp), self.metrics_timeout_s)
-        except Exception as e:  # noqa: BLE001 - a replica that is gone or stuck is left out
-            log.warning("no answer from a replica for %s: %s", payload or "any", type(e).__name__)
-            resp.cancel()
-            return None
-
-
-async def _await(resp):
-    return await resp
-
-
-async def _relay(gen):
-    """The rest of a streamed answer; a replica lost mid-stream ends it with an SSE error event."""
-    try:
-        async for chunk in gen:
-            yield chunk
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        log.warning("replica lost during a stream: %s", type(e).__name__)
-        yield b"data: " + _error_body("the replica serving this request failed; retry", "replica_failed") + b"\n\n"
-    finally:
-        gen.cancel()
-
-
-def _unavailable(exc: Exception):
-    from starlette.responses import Response
-
-    log.warning("replica unavailable: %s: %s", type(exc).__name__, str(exc)[:200])
-    return Response(_error_body("the replica serving this request failed; retry", "replica_failed"),
-                    status_code=503, media_type="application/json", headers={"Retry-After": "1"})
-
-
-def merge_metrics(replies: list[dict], decisions: dict[str, int] | None = None) -> bytes:
-    """One Prometheus text of the replicas' own texts, each sample labelled with its replica."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import Metric
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families: dict[str, Metric] = {}
-    up = Metric("jisu_replica_up", "Engine replicas answering /metrics (1 each), by replica, node and pid", "gauge")
-    for r in replies:
-        up.add_sample("jisu_replica_up", {"replica": r["replica"], "node": r["node"], "pid": str(r["pid"])}, 1)
-        for fam in text_string_to_metric_families(r["text"]):
-            m = families.get(fam.name)
-            if m is None:
-                m = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-            m.samples += [s._replace(labels={**s.labels, "replica": r["replica"]}) for s in fam.samples]
-    routed = Metric("jisu_route_decisions", "Requests routed by this ingress, by reason", "counter")
-    for reason, n in sorted((decisions or {}).items()):
-        routed.add_sample("jisu_route_decisions_total", {"reason": reason}, n)
-
-    class _Collector:
-        def collect(self):
-            return [up, routed, *families.values()]
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector())
-    return generate_latest(registry)
-
-
 def build_app(cfg: RayServeConfig):
-    """The Ray Serve application: Ingress -> EngineReplica (routed by PrefixHashRouter)."""
+    """The Ray Serve application: the EngineReplica deployment as its own HTTP ingress (the proxy
+    streams from the replica it calls; the replicas route by prefix among themselves through
+    PrefixHashRouter)."""
     _, serve = require_ray()
     from ray.serve.config import RequestRouterConfig
 
-    engine = serve.deployment(EngineReplica, name="JisuEngine").options(
+    opts = cfg.engine_options()
+    # the replica's request code on Serve's own event loop: no thread hop per streamed message
+    opts["ray_actor_options"] = {**opts["ray_actor_options"],
+                                 "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
+    engine = serve.deployment(serve.ingress()(EngineReplica), name="JisuEngine").options(
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS,
-                                                  request_routing_stats_period_s=5),
-        **cfg.engine_options())
-    per_replica = cfg.engine_options()["max_ongoing_requests"]
-    ingress = serve.deployment(Ingress, name="JisuIngress").options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=per_replica * cfg.most_replicas() + 16)
-    return ingress.bind(engine.bind(asdict(cfg)))
+                                                  request_routing_stats_period_s=5), **opts)
+    return engine.bind(asdict(cfg))
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 256):

@@ -159,20 +159,78 @@ def parse(text: str, tools) -> Parsed:
     return Parsed(text)
 
 
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
+
+
+class _Args:
+    """Where a call's arguments value ends, found as its text arrives: an object, array or string
+    ends at its closing character, any other value before the next delimiter."""
+
+    def __init__(self):
+        self.kind = ""
+        self.depth, self.in_str, self.esc = 0, False, False
+        self.end: int | None = None
+
+    def scan(self, text: str, start: int) -> int:
+        """Scans text[start:]; returns how far the value's text is known (its end once found)."""
+        for k in range(start, len(text)):
+            ch = text[k]
+            if not self.kind:
+                self.kind = ch
+                if ch in "{[":
+                    self.depth = 1
+                elif ch == '"':
+                    self.in_str = True
+                continue
+            if self.kind not in '{["':                     # a number, true, false, null
+                if ch in ",}]" or ch.isspace():
+                    self.end = k
+                    return k
+            elif self.in_str:
+                if self.esc:
+                    self.esc = False
+                elif ch == "\\":
+                    self.esc = True
+                elif ch == '"':
+                    self.in_str = False
+                    if self.depth == 0:
+                        self.end = k + 1
+                        return k + 1
+            elif ch == '"':
+                self.in_str = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = k + 1
+                    return k + 1
+        return len(text) if self.kind in '{["' else start
+
+
 class StreamParser:
-    """Splits a streamed output into content deltas and whole tool calls: text that may still
-    open a <tool_call> is held back until it does or cannot."""
+    """Splits a streamed output into content deltas and `delta.tool_calls` entries: text that may
+    still open a <tool_call> is held back until it does or cannot; inside a call, once its name is
+    known, the call is announced (index, id, type, name, empty arguments) and its arguments' text
+    follows in pieces as it arrives (as OpenAI streams them); a call whose text does not open with
+    its name is sent whole when it closes."""
 
     def __init__(self, tools):
         self.names = {t.function.name for t in tools}
         self.buf = ""
         self.in_calls = False
         self.num_calls = 0
+        self._reset_call()
+
+    def _reset_call(self) -> None:
+        self._head: int | None = None      # where the streamed call's arguments begin in its body
+        self._sent = 0                     # how far its arguments have been sent
+        self._args = _Args()
 
     def push(self, text: str) -> tuple[str, list[dict]]:
-        """(content to send now, calls completed now)."""
+        """(content to send now, delta.tool_calls entries to send now)."""
         self.buf += text
-        content, calls = "", []
+        content, deltas = "", []
         while True:
             if not self.in_calls:
                 i = self.buf.find(OPEN)
@@ -180,20 +238,53 @@ class StreamParser:
                     keep = _partial_open(self.buf)
                     content += self.buf[:len(self.buf) - keep]
                     self.buf = self.buf[len(self.buf) - keep:]
-                    return content, calls
+                    return content, deltas
                 content += self.buf[:i]
                 self.buf, self.in_calls = self.buf[i:], True
             j = self.buf.find(CLOSE)
+            body = self.buf[len(OPEN):j if j >= 0 else len(self.buf)]
+            self._stream(body, deltas)
             if j < 0:
-                return content, calls
+                return content, deltas
             block, self.buf = self.buf[:j + len(CLOSE)], self.buf[j + len(CLOSE):]
-            call = _call_of(block[len(OPEN):-len(CLOSE)].strip(), self.names)
-            if call is not None:
-                calls.append(call)
+            if self._head is not None:                       # streamed: send what is left of its arguments
+                if self._args.end is None:
+                    rest = body[self._sent:].rstrip()
+                    rest = rest[:-1].rstrip() if rest.endswith("}") else rest
+                    if rest:
+                        deltas.append({"index": self.num_calls, "function": {"arguments": rest}})
                 self.num_calls += 1
             else:
-                content += block
+                call = _call_of(block[len(OPEN):-len(CLOSE)].strip(), self.names)
+                if call is not None:
+                    deltas.append({"index": self.num_calls, **call})
+                    self.num_calls += 1
+                else:
+                    content += block
             self.in_calls = False
+            self._reset_call()
+
+    def _stream(self, body: str, deltas: list[dict]) -> None:
+        """The open call's announcement and new arguments text, where its body shows them."""
+        if self._head is None:
+            m = _HEAD.match(body)
+            if m is None:
+                return
+            try:
+                name = json.loads(f'"{m.group(1)}"')
+            except ValueError:
+                return
+            if name not in self.names:
+                return
+            self._head = self._sent = m.end()
+            call = new_call(name, "")
+            deltas.append({"index": self.num_calls, **call})
+        if self._args.end is not None:
+            return
+        upto = self._args.scan(body, max(self._sent, self._head))
+        if upto > self._sent:
+            deltas.append({"index": self.num_calls, "function": {"arguments": body[self._sent:upto]}})
+            self._sent = upto
 
     def flush(self) -> str:
         """What is left at the end, as content."""

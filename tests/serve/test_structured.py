@@ -163,6 +163,35 @@ def test_streamed_tool_calls(client):
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
 
 
+@pytest.mark.e2e
+def test_streamed_tool_call_arguments_arrive_in_pieces(client):
+    """As OpenAI streams a call: its index, id, type and name first (arguments ""), then the
+    arguments' text in several pieces that carry neither id nor name; the openai client's stream
+    helper puts them back together."""
+    model = _model(client)
+    chunks = list(client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                                 max_tokens=100, temperature=0, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    head, pieces = deltas[0], deltas[1:]
+    assert head.index == 0 and head.id.startswith("call_") and head.type == "function"
+    assert head.function.name == "get_weather" and head.function.arguments == ""
+    assert len(pieces) >= 3 and all(p.index == 0 and p.id is None and p.function.name is None for p in pieces)
+    assert all(p.function.arguments for p in pieces)
+    args = "".join(p.function.arguments for p in pieces)
+    jsonschema.validate(json.loads(args), WEATHER["function"]["parameters"])
+
+    with client.chat.completions.stream(model=model, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                        max_tokens=100, temperature=0) as stream:
+        events = [e for e in stream if e.type.startswith("tool_calls.function.arguments")]
+        final = stream.get_final_completion()
+    assert sum(e.type == "tool_calls.function.arguments.delta" for e in events) >= 3
+    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    assert len(done) == 1 and done[0].name == "get_weather" and json.loads(done[0].arguments) == json.loads(args)
+    call = final.choices[0].message.tool_calls[0]
+    _check_call(call)
+    assert json.loads(call.function.arguments) == json.loads(args) and final.choices[0].finish_reason == "tool_calls"
+
+
 def _post(url, body):
     return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
 
