@@ -218,24 +218,27 @@ def _compress_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .export import ExportOptions, export_gguf
+    from .export import ExportOptions, OnnxOptions, export_gguf, export_onnx
 
-    options = ExportOptions(qtype=args.type, recipe=args.recipe, calib=args.calib, samples=args.samples,
-                            seq_len=args.seq_len, eval_text=args.eval_text, max_kld=args.max_kld,
-                            force=args.force, check=not args.no_check, threads=args.threads,
-                            progress=sys.stderr.isatty())
-    result = export_gguf(args.model, args.output, options)
+    kind, run = (OnnxOptions, export_onnx) if args.format == "onnx" else (ExportOptions, export_gguf)
+    options = kind(qtype=args.type, recipe=args.recipe, calib=args.calib, samples=args.samples,
+                   seq_len=args.seq_len, eval_text=args.eval_text, max_kld=args.max_kld,
+                   force=args.force, check=not args.no_check, threads=args.threads,
+                   progress=sys.stderr.isatty())
+    result = run(args.model, args.output, options)
     print(json.dumps(result.card) if args.json else result.summary())
     return 0
 
 
 def _export_parser(sub) -> None:
-    e = sub.add_parser("export", help="write a GGUF on llama.cpp's exact grids, checked in llama.cpp")
+    e = sub.add_parser("export", help="write a GGUF on llama.cpp's exact grids or an ONNX decoder, checked in "
+                                      "llama.cpp / onnxruntime")
     e.add_argument("model", nargs="?", default=None, help="artifact, GGUF file or short name (default: smollm2)")
-    e.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (the only format so far)")
-    e.add_argument("-o", "--output", required=True, help="OUT.gguf (must not exist unless --force)")
+    e.add_argument("--format", choices=("gguf", "onnx"), default="gguf", help="gguf (default) or onnx (a folder)")
+    e.add_argument("-o", "--output", required=True, help="OUT.gguf / ONNX folder (must not exist unless --force)")
     e.add_argument("--type", default=None, help="gguf: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K or Q4_K_M "
-                                               "(default: an artifact's own grid, else Q4_K_M)")
+                                               "(default: an artifact's own grid, else Q4_K_M); "
+                                               "onnx: fp32, fp16, int8 or int4 (default int4)")
     e.add_argument("--recipe", default=None, help="rtn (default) or gptq: GPTQ onto llama.cpp's grids, calibrated")
     e.add_argument("--calib", default=None, help="calibration text for gptq (default: first half of the built-in corpus)")
     e.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
