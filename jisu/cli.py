@@ -181,6 +181,8 @@ def cmd_models(args) -> int:
 def cmd_compress(args) -> int:
     from .compress import compress
 
+    if args.target or not args.recipe:
+        return _compress_target(args)
     result = compress(args.model, args.output, args.recipe, calib=args.calib, samples=args.samples,
                       seq_len=args.seq_len, max_kld=args.max_kld, force=args.force, eval_text=args.eval_text,
                       threads=args.threads, progress=sys.stderr.isatty())
@@ -197,11 +199,34 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _compress_target(args) -> int:
+    from .compress import CompressConfig
+    from .export.target import search
+
+    if not args.target or args.recipe:
+        raise JisuError("give --recipe or --target (size=MB, kld=X or speed=TOK_S), one of them")
+    config = CompressConfig(calib=args.calib, samples=args.samples, seq_len=args.seq_len, max_kld=args.max_kld,
+                            force=args.force, eval_text=args.eval_text, threads=args.threads,
+                            progress=sys.stderr.isatty())
+    report = search(args.model, args.output, args.target, config,
+                    compare_gguf=[p for p in (args.compare or "").split(",") if p])
+    best = next(r for r in report["candidates"] if r["recipe"] == report["chosen"])
+    print(json.dumps(report) if args.json else
+          f"{args.output}: {best['recipe']} ({best['bytes'] / 1e6:.1f} MB, KLD {best['kld']:.4f}) chosen for "
+          f"--target {args.target} among {len(report['candidates'])} measured; front: {', '.join(report['front'])}; "
+          f"{args.output}.target.json / .png")
+    return 0
+
+
 def _compress_parser(sub) -> None:
     c = sub.add_parser("compress", help="quantize a model into an artifact folder (jisu run/load it)")
     c.add_argument("model", nargs="?", default=None, help="GGUF file, HF folder, artifact or short name (default: smollm2)")
     c.add_argument("-o", "--output", required=True, help="artifact folder to write (must not exist unless --force)")
-    c.add_argument("--recipe", required=True,
+    c.add_argument("--target", default=None, help="instead of --recipe: size=MB, kld=X or speed=TOK_S; measures "
+                                                  "candidate recipes and keeps the best that meets it")
+    c.add_argument("--compare", default=None, help="with --target: GGUF files (comma-separated) of the same model "
+                                                   "drawn on the front")
+    c.add_argument("--recipe", default=None,
                    help="e.g. rtn:w8, rtn:w4g32, rtn:w4g32a, gptq:w4g32, gptq:w3g32, awq:w4g64, nf4:g64, kmeans:g64, "
                         "mixed:bpw=3.5; options +embed, +head, +tune (README: Compression recipes)")
     c.add_argument("--calib", default=None, help="calibration text (.txt, or .jsonl with a \"text\" field); "
