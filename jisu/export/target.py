@@ -16,6 +16,7 @@ LADDER = ("gptq:w2g32a", "gptq:w3g32", "gptq:w4g32", "gptq:w8")
 # embedding / head as the source keeps them, or at 4 bits (a smaller artifact for the same linears)
 VARIANTS = ("", "+embed=w4g32+head=w4g32")
 MIXED_BPW = (2.5, 8.0)   # the linear bits per weight a mixed recipe is asked for
+W4_BPW = 4.2             # mixed ":w4" (4-bit groups or int8) from this many bits per linear weight
 SIZE_TOL = 0.02          # --target size lands within 2 %
 SPEED_TOKENS = 32
 
@@ -40,7 +41,8 @@ def _linear_bytes(manifest: dict) -> tuple[float, int]:
 def size_candidates(model, work: str, budget_bytes: float, config, variants=VARIANTS, ladder=LADDER) -> list:
     """Recipes whose artifact lands within SIZE_TOL of the budget: per embedding/head variant a cheap
     rtn:w8 probe (not measured) fixes the bytes outside the linears, then the mixed recipe with the
-    linear bits per weight that fill the budget, and any fixed recipe of that size."""
+    linear bits per weight that fill the budget (over 2/3/4/8-bit widths, and over 4-bit group sizes and
+    int8 when the budget allows), and any fixed recipe of that size."""
     from ..compress import compress
 
     out = []
@@ -52,6 +54,8 @@ def size_candidates(model, work: str, budget_bytes: float, config, variants=VARI
         bpw = (budget_bytes - other) * 8 / n_lin
         if MIXED_BPW[0] <= bpw <= MIXED_BPW[1]:
             out.append(f"mixed:bpw={bpw - 0.005:.3f}{v}")  # a hair under: the allocation may round up
+        if W4_BPW <= bpw <= MIXED_BPW[1]:  # 4-bit at groups 128 / 64 / 32 or int8 per linear
+            out.append(f"mixed:bpw={bpw - 0.005:.3f}:w4{v}")
         for r in ladder:
             fixed = {"w2g32a": 3.0, "w3g32": 3.5, "w4g32": 4.5, "w8": 8.047}[r.split(":")[1]]
             if abs(other + fixed * n_lin / 8 - budget_bytes) <= SIZE_TOL * budget_bytes:
