@@ -11,12 +11,16 @@ llama.cpp Q4_K_M with an importance matrix from the same calibration text (when 
 built), jisu RTN and GPTQ-onto-the-grid exports of Q4_0 and Q4_K_M. Targets: jisu GPTQ Q4_0 KLD
 <= 0.5x llama.cpp Q4_0; jisu GPTQ Q4_K_M <= 0.7x llama.cpp Q4_K_M and <= 0.85x with imatrix.
 Writes benchmarks/results/export.json and export.png.
+
+With --onnx METHOD:TYPE,...: ONNX exports instead, each checked in onnxruntime (KLD against jisu on
+the same weights, target <= 0.01, and against the fp32 source; sizes).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,12 +40,15 @@ def llama_quantize(src: str, dst: str, ftype: str, imatrix: str | None = None) -
 
 
 def build_imatrix(src: str, calib_path: str, out: str, chunks: int, ctx: int) -> str | None:
+    """llama-imatrix over the first `chunks` x `ctx` tokens of the calibration text (chunks 0: all of it)."""
     exe = os.path.join(BIN, "llama-imatrix")
     if not os.path.exists(exe):
         return None
     if not os.path.exists(out):
-        subprocess.run([exe, "-m", src, "-f", calib_path, "-o", out, "-c", str(ctx), "--chunks", str(chunks)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [exe, "-m", src, "-f", calib_path, "-o", out + ".tmp.gguf", "-c", str(ctx)]
+        subprocess.run(cmd + (["--chunks", str(chunks)] if chunks else []), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.replace(out + ".tmp.gguf", out)
     return out
 
 
@@ -59,8 +66,15 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--llama-types", default="Q4_0,Q4_K_M", help="llama.cpp's own quantizations to compare")
     p.add_argument("--no-imatrix", action="store_true", help="skip llama.cpp's Q4_K_M with an importance matrix")
+    p.add_argument("--imatrix-chunks", type=int, default=0,
+                   help="llama-imatrix chunks of --seq-len tokens (default 0: all of the calibration text, a superset "
+                        "of the --samples windows jisu's GPTQ sees)")
+    p.add_argument("--onnx", default=None, help="instead: ONNX exports METHOD:TYPE (e.g. rtn:fp32,rtn:int4,gptq:int4) "
+                                                "checked in onnxruntime against jisu and the source")
     p.add_argument("--json", default="benchmarks/results/export.json")
     a = p.parse_args()
+    if a.onnx:
+        return onnx_main(a)
     from jisu.export import ExportOptions, export_gguf
     from jisu.export.check import LlamaCpp, _score, import_llama_cpp
     from jisu.io.text import chunk_ids, encode_prefix, read_calibration, read_text
@@ -93,10 +107,12 @@ def main() -> int:
                                                      check=False, chunks=1, ctx=64, progress=sys.stderr.isatty()))
             seconds[f"jisu {method} {t}"] = time.perf_counter() - s
         files[f"jisu {method} {t}"] = out
-    imatrix = None if a.no_imatrix else build_imatrix(a.source, calib_path, w("imatrix.gguf"), a.samples, a.seq_len)
+    tag = f"c{a.imatrix_chunks}"
+    imatrix = None if a.no_imatrix else build_imatrix(a.source, calib_path, w(f"imatrix.{tag}.gguf"),
+                                                      a.imatrix_chunks, a.seq_len)
     if imatrix:
-        llama_quantize(a.source, w("llama.Q4_K_M.imatrix.gguf"), "Q4_K_M", imatrix)
-        files["llama.cpp Q4_K_M imatrix"] = w("llama.Q4_K_M.imatrix.gguf")
+        llama_quantize(a.source, w(f"llama.Q4_K_M.imatrix.{tag}.gguf"), "Q4_K_M", imatrix)
+        files["llama.cpp Q4_K_M imatrix"] = w(f"llama.Q4_K_M.imatrix.{tag}.gguf")
     tok = gguf_tokenizer(gguf_tokenizer_meta(a.source), a.source)
     held = read_text(a.heldout, "held-out")
     chunks, note = chunk_ids(encode_prefix(tok.encode, held.text, a.chunks * a.ctx), a.chunks, a.ctx, held.name)
@@ -125,13 +141,48 @@ def main() -> int:
                      "size_ratio": size, "equal_size": abs(size - 1) <= 0.01}
         print(f"jisu gptq {t.split('+')[0]} vs {base}: KLD x{ratio:.3f} (target <= {target}) at size x{size:.4f}")
     result = {"source": a.source, "heldout": held.name, "calibration": calib.name, "samples": a.samples,
-              "seq_len": a.seq_len, "chunks": len(chunks), "ctx": a.ctx, "llama_cpp_version": llama_cpp.__version__,
+              "seq_len": a.seq_len, "imatrix_chunks": a.imatrix_chunks or "all of the calibration text",
+              "chunks": len(chunks), "ctx": a.ctx, "llama_cpp_version": llama_cpp.__version__,
               "note": note, "rows": rows, "checks": checks, "export_seconds": seconds,
               "total_seconds": time.perf_counter() - t0}
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)
     _plot(rows, os.path.splitext(a.json)[0] + ".png")
+    return 0
+
+
+def onnx_main(a) -> int:
+    """ONNX exports of the source, each checked by onnxruntime on the held-out text: KLD against
+    jisu on the same weights (target <= 0.01) and against the fp32 source, and file sizes."""
+    from jisu.export import OnnxOptions, export_onnx
+
+    os.makedirs(a.workdir, exist_ok=True)
+    rows = {}
+    for item in a.onnx.split(","):
+        method, t = item.strip().split(":")
+        out = os.path.join(a.workdir, f"onnx.{method}.{t}")
+        s = time.perf_counter()
+        card = export_onnx(a.source, out, OnnxOptions(qtype=t, recipe=method, samples=a.samples, seq_len=a.seq_len,
+                                                      eval_text=a.heldout, chunks=a.chunks, ctx=a.ctx, force=True,
+                                                      threads=a.threads, progress=sys.stderr.isatty())).card
+        rt = card["onnxruntime"]
+        rows[f"onnx {method} {t}"] = {"file_bytes": card["file_bytes"], "seconds": time.perf_counter() - s,
+                                      "vs_jisu": rt["vs_jisu_export_weights"], "vs_source": rt["vs_source"],
+                                      "kv_cache_max_abs_diff": rt["kv_cache_max_abs_diff"],
+                                      "target_vs_jisu": 0.01, "met": rt["vs_jisu_export_weights"]["kld"]["mean"] <= 0.01}
+        r = rows[f"onnx {method} {t}"]
+        print(f"onnx {method} {t}: {r['file_bytes'] / 1e6:.1f} MB  KLD vs jisu {r['vs_jisu']['kld']['mean']:.2e}  "
+              f"vs source {r['vs_source']['kld']['mean']:.5f}  top-1 vs source {r['vs_source']['top1_agreement']:.3f}",
+              flush=True)
+        shutil.rmtree(out)
+    import onnxruntime
+
+    result = {"source": a.source, "heldout": a.heldout, "chunks": a.chunks, "ctx": a.ctx, "samples": a.samples,
+              "onnxruntime_version": onnxruntime.__version__, "rows": rows}
+    os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(result, f, indent=1)
     return 0
 
 

@@ -181,6 +181,8 @@ def cmd_models(args) -> int:
 def cmd_compress(args) -> int:
     from .compress import compress
 
+    if args.target or not args.recipe:
+        return _compress_target(args)
     result = compress(args.model, args.output, args.recipe, calib=args.calib, samples=args.samples,
                       seq_len=args.seq_len, max_kld=args.max_kld, force=args.force, eval_text=args.eval_text,
                       threads=args.threads, progress=sys.stderr.isatty())
@@ -197,11 +199,34 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _compress_target(args) -> int:
+    from .compress import CompressConfig
+    from .export.target import search
+
+    if not args.target or args.recipe:
+        raise JisuError("give --recipe or --target (size=MB, kld=X or speed=TOK_S), one of them")
+    config = CompressConfig(calib=args.calib, samples=args.samples, seq_len=args.seq_len, max_kld=args.max_kld,
+                            force=args.force, eval_text=args.eval_text, threads=args.threads,
+                            progress=sys.stderr.isatty())
+    report = search(args.model, args.output, args.target, config,
+                    compare_gguf=[p for p in (args.compare or "").split(",") if p])
+    best = next(r for r in report["candidates"] if r["recipe"] == report["chosen"])
+    print(json.dumps(report) if args.json else
+          f"{args.output}: {best['recipe']} ({best['bytes'] / 1e6:.1f} MB, KLD {best['kld']:.4f}) chosen for "
+          f"--target {args.target} among {len(report['candidates'])} measured; front: {', '.join(report['front'])}; "
+          f"{args.output}.target.json / .png")
+    return 0
+
+
 def _compress_parser(sub) -> None:
     c = sub.add_parser("compress", help="quantize a model into an artifact folder (jisu run/load it)")
     c.add_argument("model", nargs="?", default=None, help="GGUF file, HF folder, artifact or short name (default: smollm2)")
     c.add_argument("-o", "--output", required=True, help="artifact folder to write (must not exist unless --force)")
-    c.add_argument("--recipe", required=True,
+    c.add_argument("--target", default=None, help="instead of --recipe: size=MB, kld=X or speed=TOK_S; measures "
+                                                  "candidate recipes and keeps the best that meets it")
+    c.add_argument("--compare", default=None, help="with --target: GGUF files (comma-separated) of the same model "
+                                                   "drawn on the front")
+    c.add_argument("--recipe", default=None,
                    help="e.g. rtn:w8, rtn:w4g32, rtn:w4g32a, gptq:w4g32, gptq:w3g32, awq:w4g64, nf4:g64, kmeans:g64, "
                         "mixed:bpw=3.5; options +embed, +head, +tune (README: Compression recipes)")
     c.add_argument("--calib", default=None, help="calibration text (.txt, or .jsonl with a \"text\" field); "
@@ -218,24 +243,27 @@ def _compress_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .export import ExportOptions, export_gguf
+    from .export import ExportOptions, OnnxOptions, export_gguf, export_onnx
 
-    options = ExportOptions(qtype=args.type, recipe=args.recipe, calib=args.calib, samples=args.samples,
-                            seq_len=args.seq_len, eval_text=args.eval_text, max_kld=args.max_kld,
-                            force=args.force, check=not args.no_check, threads=args.threads,
-                            progress=sys.stderr.isatty())
-    result = export_gguf(args.model, args.output, options)
+    kind, run = (OnnxOptions, export_onnx) if args.format == "onnx" else (ExportOptions, export_gguf)
+    options = kind(qtype=args.type, recipe=args.recipe, calib=args.calib, samples=args.samples,
+                   seq_len=args.seq_len, eval_text=args.eval_text, max_kld=args.max_kld,
+                   force=args.force, check=not args.no_check, threads=args.threads,
+                   progress=sys.stderr.isatty())
+    result = run(args.model, args.output, options)
     print(json.dumps(result.card) if args.json else result.summary())
     return 0
 
 
 def _export_parser(sub) -> None:
-    e = sub.add_parser("export", help="write a GGUF on llama.cpp's exact grids, checked in llama.cpp")
+    e = sub.add_parser("export", help="write a GGUF on llama.cpp's exact grids or an ONNX decoder, checked in "
+                                      "llama.cpp / onnxruntime")
     e.add_argument("model", nargs="?", default=None, help="artifact, GGUF file or short name (default: smollm2)")
-    e.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (the only format so far)")
-    e.add_argument("-o", "--output", required=True, help="OUT.gguf (must not exist unless --force)")
+    e.add_argument("--format", choices=("gguf", "onnx"), default="gguf", help="gguf (default) or onnx (a folder)")
+    e.add_argument("-o", "--output", required=True, help="OUT.gguf / ONNX folder (must not exist unless --force)")
     e.add_argument("--type", default=None, help="gguf: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K or Q4_K_M "
-                                               "(default: an artifact's own grid, else Q4_K_M)")
+                                               "(default: an artifact's own grid, else Q4_K_M); "
+                                               "onnx: fp32, fp16, int8 or int4 (default int4)")
     e.add_argument("--recipe", default=None, help="rtn (default) or gptq: GPTQ onto llama.cpp's grids, calibrated")
     e.add_argument("--calib", default=None, help="calibration text for gptq (default: first half of the built-in corpus)")
     e.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")

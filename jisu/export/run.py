@@ -68,8 +68,9 @@ def _method(recipe: str | None) -> str:
     return m
 
 
-def _tokenizer_meta(src) -> dict:
+def _tokenizer_meta(src, vocab_size: int | None = None) -> dict:
     from ..io.artifact import GGUF_TOKENIZER, gguf_tokenizer_meta
+    from .hf_tokenizer import hf_tokenizer_meta
 
     if src.kind == "gguf":
         return gguf_tokenizer_meta(src.path)
@@ -77,9 +78,16 @@ def _tokenizer_meta(src) -> dict:
     if src.kind == "artifact" and os.path.isfile(p):
         with open(p, encoding="utf-8") as f:
             return json.load(f)
-    raise UnsupportedError(f"{src.path}: exporting needs the tokenizer as GGUF metadata: export from a GGUF file "
-                           f"(or an artifact made from one); convert an HF folder with llama.cpp's "
-                           f"convert_hf_to_gguf.py first")
+    if not os.path.isfile(os.path.join(src.path, "tokenizer.json")):
+        raise UnsupportedError(f"{src.path}: no tokenizer.json or GGUF tokenizer metadata to export")
+    meta = hf_tokenizer_meta(src.path)
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    if vocab_size is not None and len(tokens) > vocab_size:
+        raise UnsupportedError(f"{src.path}: the tokenizer has {len(tokens)} tokens, the embedding {vocab_size} rows")
+    pad = range(len(tokens), vocab_size or len(tokens))  # llama.cpp wants one token per embedding row
+    tokens += [f"[PAD{i}]" for i in pad]
+    types += [5] * len(pad)  # unused
+    return meta
 
 
 def _config(src):
@@ -114,7 +122,7 @@ def _preflight(model, out: str, o: ExportOptions):
     src = resolve(model)
     cfg = _config(src)
     check_exportable(cfg, src.path)
-    tok = _tokenizer_meta(src)
+    tok = _tokenizer_meta(src, cfg.vocab_size)
     if src.kind == "artifact" and o.recipe:
         raise JisuError(f"{src.path} is already quantized: --recipe needs an unquantized source")
     if method == "gptq":

@@ -173,3 +173,19 @@ def test_unexportable_architecture_is_one_line(tmp_path, capsys):
     assert main(["export", path, "-o", str(tmp_path / "o.gguf")]) == 2
     err = capsys.readouterr().err
     assert "cannot be exported" in err and err.count("\n") == 1
+
+
+def test_hf_folder_exports_and_llama_cpp_agrees(tmp_path):
+    from tests.fixtures import write_hf_llama
+
+    src = write_hf_llama(str(tmp_path / "hf"))
+    out = str(tmp_path / "hf.Q8_0.gguf")
+    card = export_gguf(src, out, ExportOptions(qtype="Q8_0", chunks=1, ctx=32, check=_llama_cpp() is not None)).card
+    assert card["type"] == "Q8_0" and os.path.getsize(out) == card["file_bytes"]
+    import gguf
+
+    r = gguf.GGUFReader(out)
+    assert r.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    if _llama_cpp() is not None:
+        lc = card["llama_cpp"]
+        assert lc["load_warnings"] == [] and lc["vs_jisu_export_weights"]["kld"]["mean"] < 0.01
