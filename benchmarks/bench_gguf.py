@@ -2,7 +2,7 @@
 peak memory against file size and decode speed against the machine's measured memory bandwidth.
 
   python benchmarks/bench_gguf.py [FILE.gguf ...] [--set default|quants|real|qwen|all] [--reps 3]
-      [--threads 2] [--models DIR] [--llama-bench PATH] [--quick] [--out results/gguf.json]
+      [--threads 2] [--models DIR] [--llama-bench PATH] [--quick] [--prefill-only] [--out results/gguf.json]
 
 Per file and round: jisu in a fresh process (load, warm-up, then greedy, EOS ignored:
   decode tok/s  = (N2 - N1) / (t(N2 new tokens) - t(N1 new tokens)) after a short chat prompt,
@@ -152,6 +152,9 @@ def worker(path: str, threads: int, n1: int, n2: int, n_pre: int) -> dict:
         return time.perf_counter() - t
 
     def measure():
+        if not n2:  # --prefill-only
+            timed(long_ids, 1)  # warm-up
+            return None, None, timed(long_ids, 1)
         timed(ids, n1), timed(long_ids, 1)  # warm-up
         return timed(ids, n1), timed(ids, n2), timed(long_ids, 1)
 
@@ -162,15 +165,16 @@ def worker(path: str, threads: int, n1: int, n2: int, n_pre: int) -> dict:
     ctx = max(len(ids) + n2, n_pre + 1)
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_item * ctx
     peak = peak_rss()
-    return {"decode_tok_s": (n2 - n1) / (t2 - t1), "prefill_tok_s": n_pre / tp, "load_s": load_s,
-            "fast_decode_tok_s": (n2 - n1) / (f2 - f1), "fast_prefill_tok_s": n_pre / fp,
+    dec = {"decode_tok_s": (n2 - n1) / (t2 - t1), "fast_decode_tok_s": (n2 - n1) / (f2 - f1)} if n2 else {}
+    return {**dec, "prefill_tok_s": n_pre / tp, "load_s": load_s, "fast_prefill_tok_s": n_pre / fp,
             "runtime_rss": base, "runtime_rss_now": base_now, "peak_rss": peak, "kv_bytes": kv,
             "jisu_bytes_per_token": bpt, "weight_kinds": kinds, "native_runner": type(llm.runner).__name__,
             "warnings": [str(c.message)[:300] for c in caught if issubclass(c.category, RuntimeWarning)]}
 
 
 def run_jisu(path: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", path, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    cmd = [sys.executable, __file__, "--worker", path, "--threads", str(args.threads)] + (["--quick"] if args.quick else []) + (
+        ["--prefill-only"] if args.prefill_only else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("JSON:")), None)
     if res.returncode or line is None:
@@ -180,6 +184,7 @@ def run_jisu(path: str, args) -> dict:
 
 def run_llama(path: str, args) -> dict:
     p, n = (64, 32) if args.quick else (256, 128)
+    n = 0 if args.prefill_only else n
     cmd = [args.llama_bench, "-m", path, "-t", str(args.threads), "-p", str(p), "-n", str(n), "-r", "1", "-o", "json"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
@@ -320,10 +325,13 @@ def main() -> int:
                     help="a llama-bench built for this CPU (benchmarks/README: a GGML_NATIVE build crashed on a Xeon with AMX)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 rep, short runs (decode 4 -> 32, "
                                                          "prefill 64, llama-bench -p 64 -n 32)")
+    ap.add_argument("--prefill-only", action="store_true", help="only the prefill (no decode, llama-bench -n 0): "
+                                                                "the short run for a loaded machine")
     ap.add_argument("--out", default=str(HERE / "results" / "gguf.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     n1, n2, n_pre = (4, 32, 64) if args.quick else (16, 144, 256)
+    n1, n2 = (0, 0) if args.prefill_only else (n1, n2)
     if args.worker:
         print("JSON:" + json.dumps(worker(args.worker, args.threads, n1, n2, n_pre)))
         return 0

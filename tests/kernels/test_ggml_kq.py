@@ -169,3 +169,16 @@ def test_kq_check_neon_under_qemu(tmp_path):
     r = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe)],
                        capture_output=True, text=True, timeout=600)
     assert "testing neon" in r.stdout and r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_native
+def test_vnni_panels_without_amx_equal_scalar():
+    """With the tile (AMX) path turned off (JISU_KQ_AMX=0, read once per process), M > 1 runs the vpdpbusd /
+    maddubs weight panels: the ISA-vs-scalar and batch-invariance tests again in a child process."""
+    env = dict(os.environ, JISU_KQ_AMX="0")
+    here = os.path.abspath(__file__)
+    r = subprocess.run([os.sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        here + "::test_every_isa_equals_scalar", here + "::test_rows_independent_of_batch_and_split"],
+                       env=env, capture_output=True, text=True, timeout=900,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(here))))
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
