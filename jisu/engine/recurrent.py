@@ -59,9 +59,12 @@ class RecurrentRunner:
             kv.k[layer][blocks_t, 0, offsets_t] = out_h.to(kv.k[layer].dtype)
             kv.v[layer][blocks_t, 0, offsets_t] = out_c.to(kv.v[layer].dtype)
             x = out_h
-        if not step.logit_rows:
+        rows = step.logit_rows
+        if not rows:
             return torch.empty(0, cfg.vocab_size)
-        return rt.logits(x.index_select(0, torch.tensor(step.logit_rows)))
+        if len(rows) != x.shape[0] or rows != list(range(len(rows))):   # not simply every row in order
+            x = x.index_select(0, torch.tensor(rows))
+        return rt.logits(x)
 
     def _chunks(self, layer: int, gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor, lens: list, firsts: list,
                 kv: PagedKVCache | None):
@@ -90,8 +93,11 @@ class RecurrentRunner:
     @staticmethod
     def _initial_state(kv: PagedKVCache, layer: int, prev: list, H: int):
         """(h, c) [S, H] each: the state each sequence's previous position left (zeros at position 0)."""
-        h, c = torch.zeros(len(prev), H), torch.zeros(len(prev), H)
         have = [s for s, p in enumerate(prev) if p is not None]
+        if len(have) == len(prev):   # every sequence continues (decode): one gather each
+            b, o = torch.tensor([p[0] for p in prev]), torch.tensor([p[1] for p in prev])
+            return kv.k[layer][b, 0, o].to(_F32), kv.v[layer][b, 0, o].to(_F32)
+        h, c = torch.zeros(len(prev), H), torch.zeros(len(prev), H)
         if have:
             b = torch.tensor([prev[s][0] for s in have])
             o = torch.tensor([prev[s][1] for s in have])
