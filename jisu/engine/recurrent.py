@@ -18,7 +18,8 @@ class RecurrentRunner:
     the kernels' packed ones (ops.linear) and the gate math is torch's; every row is computed on its
     own, so a sequence's tokens do not depend on what it is batched with or how its prompt is
     chunked. A state is stored rounded to the cache's dtype and the recurrence always continues from
-    the rounded value, so an f16 cache changes the numbers but not that invariance."""
+    the rounded value, so an f16 cache changes the numbers but not that invariance. The weights are
+    taken from the model when the runner is built (a model trained afterwards needs a new runner)."""
 
     kv_dtype = _F32
 
