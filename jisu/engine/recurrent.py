@@ -73,6 +73,13 @@ class RecurrentRunner:
         the sequences whose chunk is longer than t. kv: round each state to its dtype."""
         rt, H = self.rt, self.cfg.head_dim
         out_h, out_c = torch.empty(gx.shape[0], H), torch.empty(gx.shape[0], H)
+        if len(lens) == 1:   # one sequence's prompt chunk: its rows in order
+            for t in range(lens[0]):
+                h, c = rt.cell(layer, gx[t:t + 1], h, c)
+                if kv is not None:
+                    h, c = _rounded(h, kv), _rounded(c, kv)
+                out_h[t:t + 1], out_c[t:t + 1] = h, c
+            return out_h, out_c
         for t in range(max(lens)):
             active = [s for s, n in enumerate(lens) if n > t]
             rows = torch.tensor([firsts[s] + t for s in active])
