@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,6 +33,7 @@ from .stream import source_bytes
 
 LINEAR_SUFFIXES = tuple(f"{s}.weight" for s in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"))
+LSTM_MATRIX = re.compile(r"^model\.lstm\.weight_(ih|hh)_l\d+$|^model\.proj\.weight$")   # an LSTM's linears
 
 
 def temp_path(out: str) -> str:
@@ -166,7 +168,7 @@ def bits_summary(tensors: dict) -> tuple[dict, dict]:
         n = math.prod(e["shape"])
         total_b += e["bytes"]
         total_n += n
-        if name.endswith(LINEAR_SUFFIXES):
+        if name.endswith(LINEAR_SUFFIXES) or LSTM_MATRIX.search(name):
             lin_b += e["bytes"]
             lin_n += n
     bpw = {"total": total_b * 8 / total_n if total_n else 0.0, "linear": lin_b * 8 / lin_n if lin_n else 0.0}
@@ -198,7 +200,13 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
         cfg, weights, tokenizer = load_streamed(source, progress=progress)
     else:
         cfg, weights, tokenizer = load_weights(source, progress=progress, packed=True)
-    check_model(cfg, weights, rec)
+    lstm = cfg.arch == "lstm"   # a recurrent model: its own matrices and reference (compress/lstm.py)
+    if lstm:
+        from .lstm import LSTMReferenceLogprobs, check_lstm, quantize_lstm
+
+        if rec.before or rec.after:
+            raise JisuError(f"recipe {rec.text!r}: an LSTM model takes a quantization step only")
+    (check_lstm if lstm else check_model)(cfg, weights, rec)
     check_steps(rec.before + rec.after, cfg)
     calib_ids = None
     if rec.needs_calibration:
@@ -219,7 +227,8 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
         if c.evaluate:  # the source's log-probs now, while its weights are in memory anyway
             from .measure import ReferenceLogprobs
 
-            ref = ReferenceLogprobs(cfg, weights, eval_ids, folder=os.path.dirname(out_abs), progress=progress)
+            ref = (LSTMReferenceLogprobs if lstm else ReferenceLogprobs)(
+                cfg, weights, eval_ids, folder=os.path.dirname(out_abs), progress=progress)
             trim_heap(collect=True)
         t_ref = time.perf_counter() - t1
         t1 = time.perf_counter()
@@ -233,7 +242,8 @@ def run(model, out, recipe, config: CompressConfig) -> CompressResult:
             cfg, weights = ctx.cfg, ctx.weights
             ctx.weights = None
             check_model(cfg, weights, rec)
-        qz = quantize_model(cfg, weights, rec, calib_ids, progress=progress, encode=not (rec.tune or rec.after))
+        qz = (quantize_lstm if lstm else quantize_model)(cfg, weights, rec, calib_ids, progress=progress,
+                                                         encode=not (rec.tune or rec.after))
         if ctx is not None:
             ctx.cfg, ctx.quantized = qz.cfg, qz
             run_steps(rec.after, ctx)
