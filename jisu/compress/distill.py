@@ -37,7 +37,7 @@ class DistillConfig:
     batch: int = 4                 # windows per Adam step
     clip: float = 1.0              # gradient norm clipping (0: none)
     seed: int = 0
-    eval_every: float = 1.0        # CPU-minutes of training between evaluations
+    eval_every: Optional[float] = None  # CPU-minutes between evaluations (None: an eighth of `minutes`, else 1)
     checkpoint_every: float = 60.0  # wall seconds between checkpoints (0: after every step)
     threads: Optional[int] = None  # the CPU-minute divisor (default: torch's thread count)
 
@@ -257,13 +257,14 @@ def train_loop(loss_fn: Callable, params, samples: int, tokens_per_sample: int, 
         value = float(evaluate())
         st.curve.append({"step": st.step, "tokens": st.tokens, "cpu_minutes": st.cpu_s / 60.0,
                          "wall_minutes": st.wall_s / 60.0, "value": value})
-        st.next_eval = st.cpu_s + c.eval_every * 60.0
+        every = c.eval_every if c.eval_every is not None else (c.minutes / 8 if c.minutes is not None else 1.0)
+        st.next_eval = st.cpu_s + every * 60.0
 
     if not st.done and not st.curve:
         run_eval()
     last_save = time.perf_counter()
     total = c.tokens if c.minutes is None else None
-    bar = tqdm(total=total, initial=st.tokens if total else 0, desc=desc, unit="tok", disable=not progress)
+    bar = tqdm(total=total, initial=st.tokens, desc=desc, unit="tok", disable=not progress)
     while not st.done and budget_fraction() < 1.0:
         if st.pos + batch > samples:
             st.order, st.pos = torch.randperm(samples, generator=gen), 0
@@ -287,7 +288,7 @@ def train_loop(loss_fn: Callable, params, samples: int, tokens_per_sample: int, 
         n = len(pick) * tokens_per_sample
         st.tokens += n
         st.losses.append(float(loss.detach()))
-        bar.update(n if total else 0)
+        bar.update(n)
         bar.set_postfix(loss=f"{st.losses[-1]:.4f}", tok_s=f"{n / max(dw, 1e-9):.0f}",
                         cpu_min=f"{st.cpu_s / 60:.2f}")
         if evaluate is not None and st.cpu_s >= st.next_eval:

@@ -40,7 +40,7 @@ def _student_spec(student: str, teacher_cfg, teacher_path: str):
 def distill_student(teacher: Optional[str], out: str, student: str, *, minutes: Optional[float] = None,
                     tokens: Optional[int] = None, text: Optional[str] = None, samples: int = 64, seq_len: int = 256,
                     no_teacher: bool = False, force: bool = False, lr: float = STUDENT_LR, seed: int = 0,
-                    threads: Optional[int] = None, progress: Optional[bool] = None, evaluate_every: float = 1.0) -> dict:
+                    threads: Optional[int] = None, progress: Optional[bool] = None, evaluate_every: Optional[float] = None) -> dict:
     """Train a student on `text` (default: the built-in calibration text) cut into `samples` windows of
     `seq_len` tokens (the last eighth held out for the perplexity curve) for the budget (CPU-minutes
     and / or tokens), against the teacher's top-k + rest distributions (cached on disk), or with
