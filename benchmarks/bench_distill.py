@@ -159,9 +159,43 @@ def plot(data: dict, png: str) -> None:
     fig.savefig(png, dpi=120)
 
 
+def merge(paths: list[str], out: str, png: str | None) -> None:
+    """One lstm result from the runs of its arms (one process per arm, run side by side)."""
+    data, metas = {}, []
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        data.update(d["results"])
+        metas.append(d["meta"])
+    with open(out, "w") as f:
+        json.dump({"meta": {"runs": metas}, "results": data}, f, indent=1)
+    if png:
+        plot(data, png)
+
+
+def plot_quant(path: str, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        d = json.load(f)["results"]
+    curve = d["curve_kl_vs_minutes"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([c["cpu_minutes"] for c in curve], [c["heldout_binned_kl"] for c in curve], marker="o",
+            label="distill after gptq:w4g32 (held-out calibration windows, top-64 + rest KL)")
+    ax.set_xlabel("CPU-minutes (process CPU time / threads)")
+    ax.set_ylabel("held-out KL")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("quant", "lstm"), required=True)
+    p.add_argument("--part", choices=("quant", "lstm", "merge"), required=True)
+    p.add_argument("--inputs", nargs="*", default=[], help="merge: the lstm JSONs of the arms")
     p.add_argument("--model", default=None)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
@@ -180,6 +214,9 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.part == "merge":
+        merge(args.inputs, args.json, args.png)
+        return 0
     t0 = time.perf_counter()
     data = part_quant(args) if args.part == "quant" else part_lstm(args)
     meta = {"command": " ".join(sys.argv), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
@@ -188,8 +225,8 @@ def main() -> int:
                     "are not comparable"}
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "results": data}, f, indent=1)
-    if args.png and args.part == "lstm":
-        plot(data, args.png)
+    if args.png:
+        plot(data, args.png) if args.part == "lstm" else plot_quant(args.json, args.png)
     return 0
 
 
