@@ -73,6 +73,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sparse"))
     ap.add_argument("--no-baseline", action="store_true", help="skip the fp32 / gptq:w4g32 / magnitude rows "
                     "(a second process running other configs)")
+    ap.add_argument("--magnitude-only", action="store_true", help="of the baseline rows, only magnitude pruning's")
     ap.add_argument("--speed", action="store_true", help="only the tok/s of the artifacts already in --art")
     ap.add_argument("--speed-of", default="", help="with --speed: these folders of --art, the first the dense base")
     ap.add_argument("--merge", nargs="+", help="merge these result files (rows, speed) into --out .json/.md/.png")
@@ -175,7 +176,7 @@ def main() -> int:
         return {"quantize": took, "zeros_after_quant": zeros, "artifact_bytes": size, **q}
 
     artifacts = {}
-    if not args.no_baseline:
+    if not (args.no_baseline or args.magnitude_only):
         row("fp32", zeros=zeros_of(weights), **measure(Quantized(cfg, dict(weights), {})))
         row(QUANT, **quantized(weights, QUANT))
     # magnitude pruning: the baseline needs no calibration

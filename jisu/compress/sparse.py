@@ -204,11 +204,13 @@ def widths(cfg) -> dict:
 
 
 class _Sparse:
-    """sparsegpt / wanda: P% or N:M of every decoder linear's weights zeroed (embedding and head kept)."""
+    """P% or N:M of every decoder linear's weights zeroed (embedding and head kept) by `method`."""
+    method = ""
 
-    def __init__(self, method: str):
-        self.method = method
-        self.form = f"{method}:P% (0 < P < 100) | {method}:N:M (N zeros in every M inputs, 0 < N < M)"
+    @property
+    def form(self) -> str:
+        m = self.method
+        return f"{m}:P% (0 < P < 100) | {m}:N:M (N zeros in every M inputs, 0 < N < M)"
 
     def parse(self, rest, fail):
         return parse_sparsity(rest, fail)
@@ -250,5 +252,12 @@ class _Sparse:
                 "layer_error": err[0]}
 
 
-for _name in METHODS:
-    transform(_name, before=True, after=False, calibrated=True)(lambda _n=_name: _Sparse(_n))
+
+@transform("sparsegpt", before=True, after=False, calibrated=True)
+class SparseGPTStep(_Sparse):
+    method = "sparsegpt"
+
+
+@transform("wanda", before=True, after=False, calibrated=True)
+class WandaStep(_Sparse):
+    method = "wanda"
