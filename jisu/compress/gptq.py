@@ -11,7 +11,10 @@ reconstruction loss ||X W^T - X Q^T||^2 (H = 2/n X^T X from calibration inputs o
 - formats: int 2/3/4 sym/asym, int8 (per channel or grouped), NF4 and k-means tables
   (nearest-entry rounding with tables/scales fixed up front, scales from the current weights);
 - scale search: each group's scale (and min) is picked among shrunk/stretched absmax candidates
-  by the diag(H)-weighted rounding error (as llama.cpp's importance-matrix quantizers do).
+  by the diag(H)-weighted rounding error (as llama.cpp's importance-matrix quantizers do);
+- kept zeros: a weight marked by `keep_zeros` (a sparsified matrix) has its zeros fixed: each such
+  entry gets the zero code and its whole value goes into the error spread over later columns
+  (SparseGPT's joint quantization); unmarked weights are quantized exactly as without the mark.
 Pure function of (w, H, spec); returns the format object and the per-row loss estimate.
 """
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Optional
 
 import torch
 
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..errors import JisuError
 from ..kernels.formats import CodebookWeight, Int8Weight
 from . import codebook
 from .spec import FormatSpec
@@ -30,6 +36,24 @@ from .rtn import INT_CLASSES
 BLOCK = 128
 # scale multipliers tried per group (1.0 = the format's RTN scale)
 SCALE_GRID = tuple(round(0.70 + 0.025 * i, 3) for i in range(19))  # 0.70 .. 1.15
+
+
+_KEEP_ZEROS = WeakIdKeyDictionary()   # weight tensor -> the step that zeroed it (for errors)
+
+
+def keep_zeros(w: torch.Tensor, by: str) -> None:
+    """Mark w (a float weight the quantization step will see as it is): its zeros stay exactly zero."""
+    _KEEP_ZEROS[w] = by
+
+
+def kept_zeros(w) -> Optional[torch.Tensor]:
+    """The zeros [N, K] of a weight marked by keep_zeros, else None."""
+    return (w == 0) if isinstance(w, torch.Tensor) and w in _KEEP_ZEROS else None
+
+
+def zero_capable(spec: FormatSpec) -> bool:
+    """The format stores an exact 0 in every group whatever its scale (symmetric integer grids)."""
+    return spec.kind == "int" and (spec.sym or spec.bits == 8)
 
 
 def _f16(t):
@@ -167,24 +191,29 @@ def prepare(H: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> Prep
 
 
 def gptq_quantize(w: torch.Tensor, H, spec: FormatSpec, *, damp: float = 0.01, act_order: bool = True,
-                  block: int = BLOCK, search: bool = True, overwrite: bool = False):
+                  block: int = BLOCK, search: bool = True, overwrite: bool = False,
+                  zeros: Optional[torch.Tensor] = None):
     """GPTQ-quantize w [N, K] given H [K, K] (or a `prepare(H)` result) -> (format, per-row loss [N]).
     overwrite: w is a float32 transposed view (w = wt.T, wt contiguous) the caller gives up; the
-    column updates then run in its memory instead of a copy (an LM head: 113 MB saved)."""
+    column updates then run in its memory instead of a copy (an LM head: 113 MB saved).
+    zeros: a bool mask [N, K] of entries stored as exactly 0 (their error spread like any other)."""
+    if zeros is not None and not zero_capable(spec):
+        raise JisuError(f"gptq {spec.name}: the format has no exact zero to keep the sparse weights' zeros; "
+                        f"use a symmetric integer format (wBgG, w8, w8gG)")
     # Hundreds of tiny ops per block and small LAPACK calls: on a shared CPU, thread wake-ups cost
     # more than the math, so this runs on one thread.
     with one_thread():
         prep = H if isinstance(H, Prepared) else prepare(H, damp, act_order)
-        return _gptq(w, prep, spec, block, search, overwrite)
+        return _gptq(w, prep, spec, block, search, overwrite, zeros)
 
 
 def quantize_group(weights, H, specs, step) -> list:
     """The METHODS interface: linears sharing the input statistics H share one `prepare(H)`."""
     prep = prepare(H, step.damp, step.act_order)
-    return [gptq_quantize(w, prep, spec)[0] for w, spec in zip(weights, specs)]
+    return [gptq_quantize(w, prep, spec, zeros=kept_zeros(w))[0] for w, spec in zip(weights, specs)]
 
 
-def _gptq(w, prep: Prepared, spec, block, search, overwrite=False):
+def _gptq(w, prep: Prepared, spec, block, search, overwrite=False, zeros=None):
     N, K = w.shape
     if prep.U.shape != (K, K):
         raise ValueError(f"gptq: H is {tuple(prep.U.shape)}, weight has K={K}")
@@ -219,14 +248,17 @@ def _gptq(w, prep: Prepared, spec, block, search, overwrite=False):
     if static:  # every group's parameters from the original weights
         for j in range(ng):
             set_group(j, WT[j * g:(j + 1) * g].T.contiguous(), hdiag[j * g:(j + 1) * g])
+    ZT = None if zeros is None else zeros.T.contiguous()
     if perm is not None:
         _permute_rows_(WT, perm.tolist())
+        if ZT is not None:
+            ZT = ZT[perm]
         group_of = (perm // g).tolist()
     else:
         group_of = [c // g for c in range(K)]
     code_dtype = torch.int8 if (spec.kind == "int" and spec.bits == 8) else torch.uint8
     codes, losses = _columns(WT, prep.U, block, g, group_of, static, set_group, grid, scales, mins, hdiag,
-                             code_dtype)
+                             code_dtype, ZT)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return _build(spec, codes, scales, mins, grid), losses
@@ -261,9 +293,11 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def _columns(WT, U, block, g, group_of, static, set_group, grid, scales, mins, hdiag, code_dtype=torch.int16):
+def _columns(WT, U, block, g, group_of, static, set_group, grid, scales, mins, hdiag, code_dtype=torch.int16,
+             ZT=None):
     """The column loop with lazy block updates over WT [K, N] (the weights transposed, updated in
-    place: the caller gives it up); returns (codes [N, K] in WT's row order, losses [N])."""
+    place: the caller gives it up); returns (codes [N, K] in WT's row order, losses [N]).
+    ZT [K, N] (WT's order): entries given the zero code (a symmetric integer grid's offset)."""
     K, N = WT.shape
     codes = torch.zeros(K, N, dtype=code_dtype)
     losses = torch.zeros(N, dtype=torch.float64)
@@ -286,6 +320,10 @@ def _columns(WT, U, block, g, group_of, static, set_group, grid, scales, mins, h
                 params[j] = grid.prepared(scales[:, j].contiguous(), None if mins is None else mins[:, j].contiguous())
             w_col = W1[i]
             q, deq = grid.round_fast(w_col, params[j])
+            if ZT is not None:
+                z = ZT[col]
+                q.masked_fill_(z, grid.off)
+                deq.masked_fill_(z, 0.0)
             C1[i] = q
             err = (w_col - deq).div_(diag[col])
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)

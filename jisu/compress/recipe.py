@@ -311,6 +311,10 @@ def parse_recipe(text) -> Recipe:
             where = "before" if i < steps.index(q) else "after"
             if not getattr(st.transform, where):
                 raise _fail(text, f"step {st.text!r} cannot run {where} the quantization step")
+            check = getattr(st.transform.impl, "check_quant", None)   # e.g. sparsity: zeros the format keeps
+            problem = check(st.params, q) if check is not None and where == "before" else None
+            if problem:
+                raise _fail(text, problem)
     default = q.fmt if q.fmt is not None else FormatSpec("int", 8, None)
     embed = default if embed == "default" else embed
     head = default if head == "default" else head

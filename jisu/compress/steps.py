@@ -29,7 +29,7 @@ import torch
 
 from ..config import ModelConfig
 
-_MODULES: tuple = ("distill_step",)          # modules of jisu.compress that register transforms, imported on first use
+_MODULES: tuple = ("prune", "sparse", "lowrank", "distill_step")  # modules of jisu.compress that register transforms
 TRANSFORMS: dict = {}         # name -> Transform
 _loaded = False
 
