@@ -40,7 +40,8 @@ def compress(recipe: str, args):
         return None
     if not (args.reuse and os.path.isfile(manifest)):
         cmd = [sys.executable, "-m", "jisu.cli", "compress", "-o", out, "--recipe", recipe, "--eval-text", args.heldout,
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--force", "--json", *(["--threads", str(args.threads)] if args.threads else [])]
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--force", "--json",
+               *(["--threads", str(args.threads)] if args.threads else [])]
         t0 = time.perf_counter()
         with open(out + ".log", "w") as f:
             p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -91,7 +92,8 @@ def rtn_models(ranks: list[int], threads: int) -> dict:
         for n, t in dense.items():
             q = rtn.quantize(t, FormatSpec("int", bits, 32))
             if r:
-                f = Factors.quantize(torch.randn(t.shape[0], r, generator=g) * 1e-3, torch.randn(r, t.shape[1], generator=g))
+                f = Factors.quantize(torch.randn(t.shape[0], r, generator=g) * 1e-3,
+                                     torch.randn(r, t.shape[1], generator=g))
                 q = LowRankWeight(q, f)
             weights[n] = pack(q)
         if bits == 3:
@@ -233,7 +235,8 @@ def main() -> None:
     from jisu.eval.bench import machine_info
 
     res = {"bench": "lowrank", "command": " ".join(sys.argv), "machine": machine_info(), "threads": args.threads,
-           "calibration": {"samples": args.samples, "seq_len": args.seq_len, "text": "built-in pydoc corpus (first half)"},
+           "calibration": {"samples": args.samples, "seq_len": args.seq_len,
+                           "text": "built-in pydoc corpus (first half)"},
            "load_avg_1m_at_start": load_1m, "load_avg_1m_at_end": os.getloadavg()[0],
            "note": "decode/prefill measured in one process, interleaved; on a loaded machine only the ratios "
                    "(decode_vs_w4) mean anything",

@@ -41,7 +41,8 @@ class LowRankStep:
             top = saving_rank(N, K)
             if rank > top:
                 raise JisuError(f"lowrank:rank={rank}: {short} is {N}x{K}; its rank-{rank} factors hold "
-                                f"{rank * (N + K)} values, not fewer than its {N * K} (saving bytes needs rank <= {top})")
+                                f"{rank * (N + K)} values, not fewer than its {N * K} "
+                                f"(saving bytes needs rank <= {top})")
 
     def apply(self, rank: int, ctx) -> dict:
         import torch

@@ -75,7 +75,8 @@ def test_int8_base_with_factors(tiny):
     g = torch.Generator().manual_seed(9)
     for n, t in w.items():
         if t.dim() == 2 and "layers." in n:
-            f = Factors.quantize(torch.randn(t.shape[0], 2, generator=g) * 0.01, torch.randn(2, t.shape[1], generator=g))
+            f = Factors.quantize(torch.randn(t.shape[0], 2, generator=g) * 0.01,
+                                 torch.randn(2, t.shape[1], generator=g))
             wq[n] = pack(LowRankWeight(Int8Weight.quantize_rtn(t), f))
     ref, nat = pair(cfg, wq)
     check_incremental(ref, nat, prompt())
