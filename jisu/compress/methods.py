@@ -45,10 +45,21 @@ class LayerJob:
         """Quantize the linears `shorts` of this layer, which share the input statistics H."""
         w = self.model.w
         names = [self.name(s) for s in shorts]
+        if all(_factored(self.weights.get(n)) for n in names):  # a lowrank step's factors: kept as they are
+            for name in names:
+                w[name] = self.record(name, self.specs[name], self.weights.pop(name), w[name], H)
+            return
         fmts = self.quantize_group([w[n] for n in names], H, [self.specs[n] for n in names], self.step)
+        if getattr(self.step, "lowrank", 0):  # "+lowrank=R": each residual's whitened rank-R factors
+            from .lowrank import correct_group
+            fmts = correct_group([w[n] for n in names], fmts, H, self.step.lowrank)
         for name, fmt in zip(names, fmts):
             w[name] = self.record(name, self.specs[name], fmt, w[name], H)
             self.weights.pop(name, None)
+
+
+def _factored(t) -> bool:
+    return type(t).__name__ == "LowRankWeight"
 
 
 def group_layer(job: LayerJob) -> None:

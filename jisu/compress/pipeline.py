@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..errors import JisuError
 from ..io.artifact import to_runtime
 from ..io.artifact_codec import Encoded
+from ..kernels.lowrank import LowRankWeight
 from ..kernels.packed import PackedInt
 from ..models.layers import EMBED, HEAD, linear_names
 from . import gptq, rtn
@@ -52,6 +53,10 @@ class Quantized:
 def check_model(cfg: ModelConfig, weights: dict, recipe: Recipe) -> None:
     """Every quantized matrix fits its format (group divides K); run before any work."""
     q = recipe.quant
+    factored = [n for n in linear_names(cfg) if isinstance(weights.get(n), LowRankWeight)]
+    if factored and (METHODS[q.method].plan is not None or q.method == "awq" or q.lowrank):
+        raise JisuError(f"{recipe.text}: the linears a lowrank step factored are kept by rtn or gptq steps "
+                        f"(not {q.method}{' with +lowrank' if q.lowrank else ''})")
     if METHODS[q.method].plan is not None:  # each linear needs one choice that fits it (the others are skipped for it)
         specs = list(q.mixed_choices().values())
         for n in linear_names(cfg):
@@ -64,6 +69,12 @@ def check_model(cfg: ModelConfig, weights: dict, recipe: Recipe) -> None:
         targets = []
     else:
         targets = [(n, q.fmt) for n in linear_names(cfg)]
+    if q.lowrank:
+        for n in linear_names(cfg):
+            shape = tuple(weights[n].shape) if n in weights else None
+            if shape is not None and q.lowrank >= min(shape):
+                raise JisuError(f"+lowrank={q.lowrank}: {n} is {shape[0]}x{shape[1]}; the rank must be below "
+                                f"{min(shape)}")
     if recipe.embed:
         targets.append((EMBED, recipe.embed))
     if recipe.head:
@@ -97,7 +108,7 @@ def quantize_model(cfg: ModelConfig, weights: dict, recipe: Recipe, calib_ids: O
 
         targets = tune.teacher_targets(cfg, weights, calib_ids, progress=progress)
 
-    if not method.calibrated:
+    if not method.calibrated and not q.lowrank:  # (a low-rank correction needs each linear's inputs)
         _uncalibrated(cfg, weights, q, out, progress, encode)
         head_h = None
     else:
@@ -198,6 +209,10 @@ def _uncalibrated(cfg, weights, step, out, progress, encode=False):
 
     quantize_group = METHODS[step.method].quantize_group
     for name in tqdm(linear_names(cfg), desc=f"{step.method} {step.fmt.name}", unit="linear", disable=not progress):
+        if isinstance(weights.get(name), LowRankWeight):  # a lowrank step's factors: kept
+            out.tensors[name] = weights.pop(name)
+            out.specs[name] = step.fmt
+            continue
         fmt = quantize_group([as_float(weights.pop(name))], None, [step.fmt], step)[0]
         out.tensors[name] = Encoded.of(name, fmt) if encode else fmt
         out.specs[name] = step.fmt

@@ -3,7 +3,7 @@
 Grammar (whitespace is ignored, case-insensitive):
 
     RECIPE  := STEP ("," STEP)* OPTION*
-    OPTION  := "+embed" ["=" FORMAT] | "+head" ["=" FORMAT] | "+tune" ["=" STEPS]
+    OPTION  := "+embed" ["=" FORMAT] | "+head" ["=" FORMAT] | "+tune" ["=" STEPS] | "+lowrank=" R
     STEP    := "rtn:" FORMAT                      round to nearest
              | "gptq:" FORMAT (":" GPTQOPT)*      GPTQ error compensation (calibration data)
              | "awq:" FORMAT                      activation-aware scaling, then RTN (calibration data)
@@ -33,13 +33,15 @@ quantize the token embedding / LM head in FORMAT (default without them: int8 gro
 source's own Q8_0/Q4_0/Q4_1 format: jisu.compress.pipeline); without "=FORMAT" they take the
 step's format (w8 for mixed). "+tune" (calibration data) trains every scale and norm of
 the result end to end against the source's next-token distribution, codes fixed
-(jisu.compress.tune), for STEPS steps (default 64). The embedding is stored quantized and dequantized to
+(jisu.compress.tune), for STEPS steps (default 64). "+lowrank=R" (calibration data; rtn, gptq and
+mixed steps) adds to every quantized linear the rank-R correction of the error its quantizer left,
+factored in the metric of its calibration inputs and stored as int8 (jisu.compress.lowrank). The embedding is stored quantized and dequantized to
 float32 when loaded (a row lookup, not a matmul); the head runs as a packed weight.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ..errors import JisuError
@@ -51,9 +53,10 @@ MIXED_BITS = (2, 3, 4, 8)
 STEP_NAMES = ("rtn", "gptq", "awq", "nf4", "kmeans", "mixed")  # nf4 / kmeans: rtn steps of those formats
 VALID_FORMS = ("rtn:w8 | rtn:w8g32 | rtn:wBgG[a] (B=2,3,4; G=32,64,128; a=asymmetric) | gptq:FORMAT[:noact][:damp=F] "
                "| awq:wBgG[a] | nf4:gG | kmeans[:gG] | rtn:nf4gG | gptq:nf4gG | mixed:bpw=X[:gG][:rtn][:w4|:groups][:max=B] "
-               "| options +embed[=FORMAT] +head[=FORMAT] +tune[=STEPS]")
+               "| options +embed[=FORMAT] +head[=FORMAT] +tune[=STEPS] +lowrank=R")
 TUNE_STEPS = 64
 MAX_TUNE_STEPS = 10000
+MAX_LOWRANK = 1024
 
 
 class RecipeError(JisuError):
@@ -77,12 +80,13 @@ class QuantStep:
     four_bit_groups: bool = False        # mixed ":w4": 4-bit at groups 128/64/32, or int8
     both_groups: bool = False            # mixed ":groups": 3/4-bit at groups 64 and 32, or int8
     max_bits: Optional[float] = None     # mixed ":max=B": only choices of at most B bits per weight
+    lowrank: int = 0                     # "+lowrank=R": rank of each linear's error correction (0: none)
 
     @property
     def needs_calibration(self) -> bool:
         from .methods import METHODS
 
-        return METHODS[self.method].calibrated
+        return METHODS[self.method].calibrated or self.lowrank > 0
 
     @property
     def layer_method(self) -> str:
@@ -137,6 +141,11 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return self.tune > 0 or any(s.needs_calibration for s in self.steps)
 
+    @property
+    def lowrank(self) -> int:
+        """Rank of the quantized linears' low-rank error correction (0: none)."""
+        return self.quant.lowrank
+
     def to_dict(self) -> dict:
         q = self.quant
         d = {"text": self.text, "method": q.method}
@@ -152,6 +161,8 @@ class Recipe:
         d["embed"] = self.embed.name if self.embed else None
         d["head"] = self.head.name if self.head else None
         d["tune"] = self.tune
+        if q.lowrank:
+            d["lowrank"] = q.lowrank
         return d
 
 
@@ -279,7 +290,7 @@ def parse_recipe(text) -> Recipe:
     if not isinstance(text, str) or not text.strip():
         raise _fail(str(text), "empty recipe")
     s = "".join(text.split()).lower()
-    steps, embed, head, tune = [], None, None, 0
+    steps, embed, head, tune, lowrank = [], None, None, 0, 0
     for part in s.split(","):
         if not part:
             raise _fail(text, "empty step")
@@ -292,6 +303,9 @@ def parse_recipe(text) -> Recipe:
             name, eq, value = opt.partition("=")
             if name == "tune":
                 tune = _steps(value, text) if eq else TUNE_STEPS
+                continue
+            if name == "lowrank":
+                lowrank = _rank(value, text)
                 continue
             if name not in ("embed", "head"):
                 raise _fail(text, f"unknown option +{opt}")
@@ -306,6 +320,16 @@ def parse_recipe(text) -> Recipe:
     if len(quant) > 1:
         raise _fail(text, "only one quantization step per recipe")
     q = quant[0]
+    if lowrank:
+        if q.method == "awq":
+            raise _fail(text, "+lowrank works with rtn, gptq and mixed steps (not awq)")
+        i = steps.index(q)
+        q = steps[i] = replace(q, lowrank=lowrank)
+    factored = any(isinstance(st, TransformStep) and st.name == "lowrank" for st in steps)
+    if factored and (q.method not in ("rtn", "gptq") or q.lowrank):
+        raise _fail(text, "the linears a lowrank step factored are kept by rtn or gptq steps (without +lowrank)")
+    if tune and (factored or q.lowrank):
+        raise _fail(text, "+tune does not train low-rank factors (drop +tune or the low-rank part)")
     for i, st in enumerate(steps):
         if isinstance(st, TransformStep):
             where = "before" if i < steps.index(q) else "after"
@@ -319,6 +343,12 @@ def parse_recipe(text) -> Recipe:
     embed = default if embed == "default" else embed
     head = default if head == "default" else head
     return Recipe(text, tuple(steps), embed, head, tune)
+
+
+def _rank(s: str, text: str) -> int:
+    if not re.fullmatch(r"\d+", s) or not 1 <= int(s) <= MAX_LOWRANK:
+        raise _fail(text, f"+lowrank={s!r}: R must be a whole number from 1 to {MAX_LOWRANK}")
+    return int(s)
 
 
 def _steps(s: str, text: str) -> int:

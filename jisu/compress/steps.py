@@ -29,7 +29,7 @@ import torch
 
 from ..config import ModelConfig
 
-_MODULES: tuple = ("prune", "sparse", "lowrank", "distill_step")  # modules of jisu.compress that register transforms
+_MODULES: tuple = ("prune", "sparse", "lowrank_step", "distill_step")  # modules of jisu.compress that register transforms
 TRANSFORMS: dict = {}         # name -> Transform
 _loaded = False
 

@@ -15,6 +15,7 @@ import torch
 
 from ..config import archs
 from ..kernels import _native, ops
+from ..kernels.lowrank import PackedLowRank
 from ..kernels.packed import PackedF32, PackedWeight, can_concat_rows, concat_rows
 from ..memory import HugePageArena, trim_heap
 from ..models.gemma import GemmaModel
@@ -74,6 +75,8 @@ def supported(model) -> Optional[str]:
     if missing:
         return f"the model has no {missing}"
     for name, w in model.w.items():
+        if isinstance(w, PackedLowRank) and (w.base is None or not hasattr(_native.K.NativeModel, "set_lowrank")):
+            return f"{name} is a low-rank product without a native base weight"
         if isinstance(w, PackedWeight):
             if w.data.device.type != "cpu" or not w._addr:
                 return f"{name} is not a CPU packed weight"
@@ -154,6 +157,9 @@ class NativeRunner:
                                   int(model.windows[kind] or 0), rope=rope_index[kind],
                                   attn_post_norm=norm(names["attn_post"]) if names["attn_post"] else 0,
                                   mlp_post_norm=norm(names["mlp_post"]) if names["mlp_post"] else 0)
+            for x in (*qkv, o, *gu, down):  # low-rank terms, run fused after their linear (cpu/lowrank.h)
+                if isinstance(x, PackedLowRank):
+                    self.handle.set_lowrank(**x.native_args())
         emb = w["model.embed_tokens.weight"]
         tied = w["lm_head.weight"] is emb
         head = None

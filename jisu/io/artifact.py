@@ -277,7 +277,8 @@ def iter_formats(folder: str, manifest: Optional[dict] = None, packed: bool = Fa
 
 def _sliceable(entry: dict) -> bool:
     shape = entry.get("shape")
-    return (entry.get("format") in ("int8", "int2", "int3", "int4") and isinstance(shape, list) and len(shape) == 2
+    return (entry.get("format") in ("int8", "int2", "int3", "int4") and "lowrank" not in entry
+            and isinstance(shape, list) and len(shape) == 2
             and all(isinstance(d, int) and d > 0 for d in shape) and shape[0] * shape[1] > SLICED_ELEMS)
 
 

@@ -103,6 +103,8 @@ def encode(name: str, obj) -> tuple[dict[str, torch.Tensor], dict]:
         if obj.name != name:
             raise ValueError(f"{obj.name} stored as {name}")
         return obj.parts, obj.entry
+    if type(obj).__name__ == "LowRankWeight":
+        return _encode_lowrank(name, obj)
     if isinstance(obj, torch.Tensor):
         t = obj.detach().contiguous()
         entry = {"format": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "parts": {"data": name}}
@@ -139,6 +141,54 @@ def encode(name: str, obj) -> tuple[dict[str, torch.Tensor], dict]:
     return named, _sized(entry, named)
 
 
+LOWRANK_PARTS = ("lowrank_a", "lowrank_a_scale", "lowrank_b", "lowrank_b_scale")
+
+
+def _encode_lowrank(name: str, obj) -> tuple[dict[str, torch.Tensor], dict]:
+    """A base format (or none: format "lowrank") plus its int8 factors NAME.lowrank_a [N, r],
+    NAME.lowrank_b [r, K] and their per-row scales; the entry's bytes count them all."""
+    f = obj.factors
+    if obj.base is None:
+        named, entry = {}, {"format": "lowrank", "shape": list(obj.shape), "parts": {}}
+    else:
+        named, entry = encode(name, obj.base)
+        entry = {k: v for k, v in entry.items() if k not in ("bytes", "bits_per_weight")}
+        entry["parts"] = dict(entry["parts"])
+    tensors = dict(zip(LOWRANK_PARTS, (f.a.to(torch.int8).contiguous(), _compact(f.a_scale),
+                                       f.b.to(torch.int8).contiguous(), _compact(f.b_scale))))
+    for k, t in tensors.items():
+        named[f"{name}.{k}"] = t
+        entry["parts"][k] = f"{name}.{k}"
+    entry["lowrank"] = f.rank
+    return named, _sized(entry, named)
+
+
+def _decode_lowrank(name: str, entry: dict, get) -> Any:
+    from ..kernels.lowrank import Factors, LowRankWeight
+
+    r, (N, K) = entry["lowrank"], entry["shape"]
+    if not isinstance(r, int) or r <= 0:
+        raise ModelFormatError(f"{name}: bad low-rank rank {r!r}")
+    parts = entry["parts"]
+    if any(k not in parts for k in LOWRANK_PARTS):
+        raise ModelFormatError(f"{name}: manifest lists no low-rank factors")
+    want = {"lowrank_a": (N, r), "lowrank_a_scale": (N,), "lowrank_b": (r, K), "lowrank_b_scale": (r,)}
+    got = {}
+    for k, shp in want.items():
+        t = get(parts[k])
+        if tuple(t.shape) != shp:
+            raise ModelFormatError(f"{name}: {k} has shape {tuple(t.shape)}, expected {shp}")
+        got[k] = t
+    factors = Factors(got["lowrank_a"].view(torch.int8), got["lowrank_a_scale"].to(torch.float32),
+                      got["lowrank_b"].view(torch.int8), got["lowrank_b_scale"].to(torch.float32))
+    base = None
+    if entry["format"] != "lowrank":
+        rest = {k: v for k, v in entry.items() if k != "lowrank"}
+        rest["parts"] = {k: v for k, v in parts.items() if k not in LOWRANK_PARTS}
+        base = decode(name, rest, get)
+    return LowRankWeight(base, factors)
+
+
 def _sized(entry: dict, tensors: dict) -> dict:
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     numel = 1
@@ -154,6 +204,11 @@ def decode(name: str, entry: dict, get) -> Any:
     from ..kernels.formats import NF4_TABLE, CodebookWeight, Int8Weight
     from ..kernels.formats import Int2Weight, Int3Weight, Int4Weight
 
+    if isinstance(entry, dict) and "lowrank" in entry:
+        try:
+            return _decode_lowrank(name, entry, get)
+        except (KeyError, TypeError, ValueError):
+            raise ModelFormatError(f"manifest entry for {name} is malformed") from None
     try:
         kind, shape, parts = entry["format"], entry["shape"], entry["parts"]
         N, K = (shape + [0, 0])[:2] if kind in ("int8", "int2", "int3", "int4", "codebook") else (0, 0)

@@ -26,9 +26,11 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "driver.h"
+#include "lowrank.h"
 
 namespace py = pybind11;
 
@@ -200,6 +202,20 @@ class NativeModel {
                int64_t block_size, int64_t num_blocks, uintptr_t rows_p, int64_t R, uintptr_t logits_p,
                bool kv_half);
 
+  // A low-rank term y += A (B x) on the linear whose descriptor is at `desc` (lowrank.h: B int8
+  // [segments * r, K] and f32 row scales, A int8 tiles and f32 row scales, the rows of each segment).
+  void set_lowrank(uintptr_t desc, uintptr_t b, uintptr_t b_scale, uintptr_t a, uintptr_t a_scale, int64_t r,
+                   std::vector<int64_t> seg_rows) {
+    if (!desc) throw std::invalid_argument("set_lowrank: no weight");
+    const PackedDesc& d = *(const PackedDesc*)desc;
+    LowRank L;
+    L.N = d.N, L.K = d.K, L.r = r;
+    L.b = (const int8_t*)b, L.sb = (const float*)b_scale, L.a = (const int8_t*)a, L.sa = (const float*)a_scale;
+    L.seg_rows = std::move(seg_rows);
+    L.init();
+    lowrank_[(const PackedDesc*)desc] = std::move(L);
+  }
+
   py::dict stats() const {  // a Python dict built field by field, as module.cpp's cpu_features
     py::dict d;
     d["linear_s"] = st_.linear;
@@ -267,6 +283,8 @@ class NativeModel {
   FBuf x_, h_, qkv_, q_, k_, v_, att_, tmp_, gu_, g_, u_, act_, xr_;
   std::vector<FBuf> thr_;
   std::vector<int64_t> pos_, seq_;
+  std::unordered_map<const PackedDesc*, LowRank> lowrank_;  // low-rank terms by their linear
+  FBuf lr_u_;
   Stats st_;
 };
 
@@ -320,6 +338,10 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
   auto lin = [&](const PackedDesc* W, const float* in, float* out, const float* bias) {
     const double t0 = prof ? now_s() : 0;
     linear((uintptr_t)W, (uintptr_t)in, (uintptr_t)out, T, (uintptr_t)bias);
+    if (!lowrank_.empty()) {  // y += A (B x) where the linear carries a low-rank term
+      const auto it = lowrank_.find(W);
+      if (it != lowrank_.end()) lowrank_add(it->second, in, T, out, W->N, lr_u_.get(T * it->second.u_size()));
+    }
     if (prof) t_lin += now_s() - t0;
   };
 
@@ -502,6 +524,9 @@ void register_llama_step(py::module_& m) {
            py::arg("tokens"), py::arg("T"), py::arg("S"), py::arg("q_lens"), py::arg("starts"), py::arg("tables"),
            py::arg("max_blocks"), py::arg("k_ptrs"), py::arg("v_ptrs"), py::arg("block_size"), py::arg("num_blocks"),
            py::arg("rows"), py::arg("R"), py::arg("logits"), py::arg("kv_half") = false)
+      .def("set_lowrank", &NativeModel::set_lowrank, py::arg("desc"), py::arg("b"), py::arg("b_scale"), py::arg("a"),
+           py::arg("a_scale"), py::arg("rank"), py::arg("seg_rows"),
+           "a low-rank term y += A (B x) on the linear at desc (see cpu/lowrank.h)")
       .def("stats", &NativeModel::stats)
       .def("reset_stats", &NativeModel::reset_stats)
       .def_readwrite("profile", &NativeModel::profile);
