@@ -14,7 +14,7 @@ from .prune_width import GROUP, LayerRefit, prune_width, reference_model, shaped
 from .steps import StepContext, transform
 
 BATCH = 4          # calibration sequences per forward
-KL_TOKENS = 4096   # calibration tokens the skip-one-layer KL is measured on (it costs ~L/2 forwards)
+KL_TOKENS = 1024   # calibration tokens the skip-one-layer KL is measured on (it costs ~L/2 forwards)
 
 
 @dataclass(frozen=True)
