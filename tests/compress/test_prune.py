@@ -177,3 +177,12 @@ def test_pruned_artifact_loads_runs_natively_and_generates(tiny_hf, tmp_path, re
     # here the tiny random model's int8 activations put a few rows on rounding ties)
     assert float((got - ref).abs().max() / ref.abs().max()) < 0.1
     assert len(llm.generate("hello", max_tokens=4, temperature=0, ignore_eos=True).token_ids) == 4
+
+
+def test_a_model_without_a_native_step_is_refused(monkeypatch):
+    from jisu.models import llama
+
+    monkeypatch.setattr(llama, "NATIVE", False)
+    st = parse_recipe("prune:layers=2,rtn:w8").before[0]
+    with pytest.raises(JisuError, match="does not run on the native step"):
+        st.transform.impl.check(st.params, config())
