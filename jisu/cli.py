@@ -217,6 +217,38 @@ def _compress_parser(sub) -> None:
     c.set_defaults(func=cmd_compress)
 
 
+def cmd_distill(args) -> int:
+    from .compress.distill_student import distill_student
+
+    r = distill_student(args.teacher, args.output, args.student, minutes=args.minutes, tokens=args.tokens,
+                        text=args.text, samples=args.samples, seq_len=args.seq_len, no_teacher=args.no_teacher,
+                        force=args.force, lr=args.lr, threads=args.threads, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['path']}: {r['student']} {r['mode']}, {r['tokens']} tokens in {r['cpu_minutes']:.1f} CPU-minutes "
+              f"({r['wall_minutes']:.1f} wall); held-out perplexity {r['heldout_perplexity']:.2f}")
+    return 0
+
+
+def _distill_parser(sub) -> None:
+    d = sub.add_parser("distill", help="train a small student model (LSTM) from a teacher's next-token distributions")
+    d.add_argument("teacher", nargs="?", default=None, help="GGUF file, HF folder, artifact or short name (default: smollm2)")
+    d.add_argument("-o", "--output", required=True, help="artifact folder to write (must not exist unless --force)")
+    d.add_argument("--student", required=True, help="lstm:layers=N,hidden=H[,tied=0|1], or an LSTM artifact to train further")
+    d.add_argument("--minutes", type=float, default=None, help="budget in CPU-minutes (process CPU time / threads)")
+    d.add_argument("--tokens", type=int, default=None, help="budget in training tokens")
+    d.add_argument("--text", default=None, help="training text (.txt / .jsonl; default: first half of the built-in corpus)")
+    d.add_argument("--samples", type=int, default=64, help="windows cut from the text (default 64; the last eighth held out)")
+    d.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    d.add_argument("--no-teacher", action="store_true", help="plain cross-entropy training on the same tokens (the baseline)")
+    d.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    d.add_argument("--force", action="store_true", help="replace an existing OUTPUT artifact")
+    d.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    d.add_argument("--json", action="store_true", help="print one JSON object with the figures and the curve")
+    d.set_defaults(func=cmd_distill)
+
+
 def cmd_export(args) -> int:
     from .export import ExportOptions, export_gguf
 
@@ -356,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compress_parser(sub)  # `jisu compress`
     _serve_parser(sub)  # `jisu serve`
     _export_parser(sub)  # `jisu export`
+    _distill_parser(sub)  # `jisu distill`
 
     from .eval.commands import add_parsers as add_eval_parsers
 

@@ -41,28 +41,22 @@ BATCH = 4          # calibration samples per step
 # ---------------------------------------------------------------------------------------------
 # teacher targets
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
 def teacher_targets(cfg, weights: dict, ids: torch.Tensor, k: int = TOP_K, batch: int = BATCH,
                     progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The source's top-k next-token log-probs [S, T, k] and their token ids [S, T, k] (int32) on
     the calibration ids [S, T]; packed source weights are decoded in float32 when used."""
     from tqdm import tqdm
 
-    model = compression_model(cfg, model_form(cfg, weights), ReferenceNumerics(exact=True))
+    from .distill_cache import decoder_teacher
+
+    compute = decoder_teacher(cfg, weights)
     S, T = ids.shape
     lp_out = torch.empty(S, T, k)
     ix_out = torch.empty(S, T, k, dtype=torch.int32)
     for s0 in tqdm(range(0, S, batch), desc="tune: targets", unit="batch", disable=not progress):
         sl = slice(s0, min(S, s0 + batch))
-        x = model.embed(ids[sl])
-        for i in range(cfg.num_layers):
-            x = model.layer(i, x, CTX)
-        h = model.final_hidden(x)
-        for t0 in range(0, T, 64):  # the head a few positions at a time: no [B, T, V] buffer
-            lp = torch.log_softmax(model.head(h[:, t0:t0 + 64]).float(), dim=-1)
-            v, ix = lp.topk(k, dim=-1)
-            lp_out[sl, t0:t0 + 64] = v
-            ix_out[sl, t0:t0 + 64] = ix.to(torch.int32)
+        lp, ix, _, _ = compute(ids[sl], k, False)
+        lp_out[sl], ix_out[sl] = lp, ix.to(torch.int32)
     return lp_out, ix_out
 
 
@@ -252,6 +246,48 @@ def _loss(model, ids, t_lp, t_ix, checkpoint: bool = True) -> torch.Tensor:
     return total / T
 
 
+class QuantizedTuning:
+    """The continuous parameters of a quantized model `qz` (jisu.compress.pipeline.Quantized) made
+    trainable: relative corrections of every group scale / min (Tunable) and of every RMSNorm weight,
+    and the model over them (`model`, compression's numerics). prepare() before each forward;
+    write_back() stores the trained values in qz."""
+
+    def __init__(self, qz):
+        cfg = self.cfg = qz.cfg
+        self.qz = qz
+        tunables, self.by_id = {}, {}
+        for name, spec in qz.specs.items():
+            f = qz.tensors[name]
+            if id(f) not in self.by_id:
+                self.by_id[id(f)] = Tunable(f)
+            tunables[name] = self.by_id[id(f)]
+        if HEAD not in qz.tensors and EMBED in tunables and cfg.tie_embeddings:
+            tunables[HEAD] = tunables[EMBED]
+        self.w = model_form(cfg, qz.tensors)
+        self.norms = _norm_names(self.w)
+        self.base = {n: self.w[n].detach().float().clone() for n in self.norms}
+        self.r_norm = {n: torch.zeros_like(self.base[n], requires_grad=True) for n in self.norms}
+        self.numerics = TuneNumerics(tunables)
+        self.model = compression_model(cfg, self.w, self.numerics)
+
+    def param_groups(self, lr: float = LR, norm_lr: float = NORM_LR) -> list[dict]:
+        return [{"params": [p for t in self.by_id.values() for p in t.params()], "lr": lr},
+                {"params": list(self.r_norm.values()), "lr": norm_lr}]
+
+    def prepare(self) -> None:
+        """Norm weights and scales at the current corrections (once per step)."""
+        for n in self.norms:
+            self.w[n] = self.base[n] * (1.0 + self.r_norm[n])
+        self.numerics.refresh()
+
+    def write_back(self) -> None:
+        for t in self.by_id.values():
+            t.write_back()
+        with torch.no_grad():
+            for n in self.norms:
+                self.qz.tensors[n] = source_form(self.cfg, n, (self.base[n] * (1.0 + self.r_norm[n])).detach().clone())
+
+
 def tune(qz, targets, ids: torch.Tensor, steps: int, *, batch: int = BATCH, lr: float = LR,
          norm_lr: float = NORM_LR, progress: bool = False, seed: int = 0) -> dict:
     """Tune the quantized model `qz` (jisu.compress.pipeline.Quantized; changed in place) against
@@ -259,36 +295,16 @@ def tune(qz, targets, ids: torch.Tensor, steps: int, *, batch: int = BATCH, lr: 
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    cfg = qz.cfg
-    tunables, by_id = {}, {}
-    for name, spec in qz.specs.items():
-        f = qz.tensors[name]
-        if id(f) not in by_id:
-            by_id[id(f)] = Tunable(f)
-        tunables[name] = by_id[id(f)]
-    if HEAD not in qz.tensors and EMBED in tunables and cfg.tie_embeddings:
-        tunables[HEAD] = tunables[EMBED]
-    w = model_form(cfg, qz.tensors)
-    norms = _norm_names(w)
-    base = {n: w[n].detach().float().clone() for n in norms}
-    r_norm = {n: torch.zeros_like(base[n], requires_grad=True) for n in norms}
-    params = [p for t in by_id.values() for p in t.params()]
-    opt = torch.optim.Adam([{"params": params, "lr": lr},
-                            {"params": list(r_norm.values()), "lr": norm_lr}])
-    numerics = TuneNumerics(tunables)
-    model = compression_model(cfg, w, numerics)
+    qt = QuantizedTuning(qz)
+    opt = torch.optim.Adam(qt.param_groups(lr, norm_lr))
+    model = qt.model
     t_lp, t_ix = targets
     S = ids.shape[0]
     gen = torch.Generator().manual_seed(seed)
 
-    def set_norms():
-        for n in norms:
-            w[n] = base[n] * (1.0 + r_norm[n])
-
     def evaluate() -> float:
         with torch.no_grad():
-            set_norms()
-            numerics.refresh()
+            qt.prepare()
             tot = 0.0
             for s0 in range(0, S, batch):
                 sl = slice(s0, min(S, s0 + batch))
@@ -307,8 +323,7 @@ def tune(qz, targets, ids: torch.Tensor, steps: int, *, batch: int = BATCH, lr: 
         pos += batch
         for gidx, group in enumerate(opt.param_groups):
             group["lr"] = (lr, norm_lr)[gidx] * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
-        set_norms()
-        numerics.refresh()
+        qt.prepare()
         loss = _loss(model, ids[pick], t_lp[pick], t_ix[pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -320,9 +335,5 @@ def tune(qz, targets, ids: torch.Tensor, steps: int, *, batch: int = BATCH, lr: 
             "calib_kl_before": before, "calib_kl_after": after, "kept": after < before,
             "seconds": time.perf_counter() - t0}
     if after < before:
-        for t in by_id.values():
-            t.write_back()
-        with torch.no_grad():
-            for n in norms:
-                qz.tensors[n] = source_form(cfg, n, (base[n] * (1.0 + r_norm[n])).detach().clone())
+        qt.write_back()
     return info

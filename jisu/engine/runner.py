@@ -114,10 +114,14 @@ class TorchRunner:
 
 
 def make_runner(model, native: bool | None = None):
-    """NativeRunner when the model is supported natively (and `native` is not False), else
-    TorchRunner."""
+    """RecurrentRunner (recurrent.py) for a recurrent model; NativeRunner when the model is
+    supported natively (and `native` is not False), else TorchRunner."""
     from .native_runner import NativeRunner, supported
 
+    if getattr(model, "RECURRENT", False):
+        from .recurrent import RecurrentRunner
+
+        return RecurrentRunner(model)
     if native is not False and supported(model) is None:
         return NativeRunner(model)
     return TorchRunner(model)

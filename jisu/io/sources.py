@@ -189,6 +189,10 @@ def _expected_shapes(cfg: ModelConfig):
     from ..models import model_class
 
     cls = model_class(cfg)
+    module = archs()[cfg.arch]
+    if hasattr(module, "expected_shapes"):  # an architecture other than a decoder declares its own
+        yield from module.expected_shapes(cfg)
+        return
     norms = [n for n in ("input_layernorm", cls.MLP_NORM, cls.ATTN_POST_NORM, cls.MLP_POST_NORM) if n]
     h, hd = cfg.hidden_size, cfg.head_dim
     yield "model.norm.weight", (h,), True

@@ -11,8 +11,9 @@ from . import common
 
 
 def names(module) -> set[str]:
-    """Every name a module answers to: HF model_types, GGUF architectures, ModelConfig.arch values."""
-    return {*module.HF_TYPES, *module.HF_TYPES.values(), *module.GGUF_ARCHS}
+    """Every name a module answers to: HF model_types, GGUF architectures, ModelConfig.arch values
+    (ARCHS: names of an architecture no HF or GGUF file declares)."""
+    return {*module.HF_TYPES, *module.HF_TYPES.values(), *module.GGUF_ARCHS, *getattr(module, "ARCHS", ())}
 
 
 def register(module) -> None:
@@ -26,10 +27,11 @@ def register(module) -> None:
 
 
 def _register_builtins() -> None:
-    from . import gemma, llama  # they load the kernels: on the registry's first use, not at `import jisu`
+    from . import gemma, llama, lstm  # they load the kernels: on the registry's first use, not at `import jisu`
 
     register(llama)
     register(gemma)
+    register(lstm)
 
 
 defer_archs(_register_builtins)
