@@ -72,7 +72,7 @@ def group_layer(job: LayerJob) -> None:
     for sl in batches(n, job.batch):
         acc(model.attn_in(i, X[sl]))
     job.quantize(qkv, acc.H)
-    A = torch.empty(n, X.shape[1], model.cfg.num_heads * model.cfg.head_dim)
+    A = torch.empty(n, X.shape[1], model.cfg.heads(i)[0] * model.cfg.head_dim)
     acc = Stats()
     for sl in batches(n, job.batch):
         A[sl] = model.attn_core(i, model.attn_in(i, X[sl]), CTX)

@@ -90,8 +90,8 @@ def chain_hash(parent: int, tokens: Sequence[int]) -> int:
 
 
 class PagedKVCache:
-    """K/V storage [num_blocks, Hkv, block_size, D] per layer plus the block bookkeeping; the
-    runners attend over it. The storage is fp32 or fp16 (half the bytes for attention to read;
+    """K/V storage [num_blocks, Hkv, block_size, D] per layer (Hkv: the layer's own) plus the block
+    bookkeeping; the runners attend over it. The storage is fp32 or fp16 (half the bytes for attention to read;
     values are rounded once when written, the same way by the native step and the reference path).
     resident=True zero-fills it at once (a server's pool: its steps then never wait on a first-touch
     page fault, ~3 % of 16 streams' first pass over a fresh pool); False maps it lazily
@@ -102,15 +102,20 @@ class PagedKVCache:
         self.cfg = cfg
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, block_size)
-        shape, n = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim), 2 * cfg.num_layers
-        kv = [torch.zeros(shape, dtype=dtype) for _ in range(n)] if resident else zeroed_tensors(n, shape, dtype)
-        self.k, self.v = kv[:cfg.num_layers], kv[cfg.num_layers:]
+        L = cfg.num_layers
+        shapes = [(num_blocks, cfg.heads(i % L)[1], block_size, cfg.head_dim) for i in range(2 * L)]
+        if resident:
+            kv = [torch.zeros(s, dtype=dtype) for s in shapes]
+        else:  # one lazy mapping per distinct shape, handed out in layer order
+            pools = {s: iter(zeroed_tensors(shapes.count(s), s, dtype)) for s in set(shapes)}
+            kv = [next(pools[s]) for s in shapes]
+        self.k, self.v = kv[:L], kv[L:]
         self._arrays: list | None = None
 
     @classmethod
     def for_memory(cls, cfg: ModelConfig, max_bytes: int, block_size: int = 16, **kw) -> "PagedKVCache":
         itemsize = kw.get("dtype", torch.float32).itemsize
-        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
+        per_block = 2 * sum(cfg.heads(i)[1] for i in range(cfg.num_layers)) * block_size * cfg.head_dim * itemsize
         return cls(cfg, max(1, max_bytes // per_block), block_size, **kw)
 
     @property

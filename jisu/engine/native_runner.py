@@ -65,8 +65,6 @@ def supported(model) -> Optional[str]:
     cfg = model.cfg
     if not archs()[cfg.arch].NATIVE or cfg.hidden_act != act:
         return f"architecture {cfg.arch} ({cfg.hidden_act}) is not supported natively"
-    if cfg.intermediate_sizes or cfg.layer_heads:
-        return "layers of different widths are not supported natively"
     if cfg.head_dim % 2:
         return "odd head_dim"
     if set(model.rotaries) - {"full", "sliding"} or set(model.layer_kinds) - set(model.rotaries):
@@ -121,8 +119,11 @@ class NativeRunner:
         gemma = isinstance(model, GemmaModel)
         kinds = sorted(model.rotaries, key=lambda k: k != "full")  # table 0: the full layers' RoPE
         inv_freq = [keep(_f32(model.rotaries[k].inv_freq)) for k in kinds]
-        self.handle = _native.K.NativeModel(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
-                                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, float(cfg.rms_norm_eps),
+        # the largest MLP width and head counts size the step's buffers; set_layer gives each layer its own
+        L = range(cfg.num_layers)
+        self.handle = _native.K.NativeModel(cfg.hidden_size, max(map(cfg.mlp_width, L)), cfg.num_layers,
+                                            max(cfg.heads(i)[0] for i in L), max(cfg.heads(i)[1] for i in L),
+                                            cfg.head_dim, cfg.vocab_size, float(cfg.rms_norm_eps),
                                             float(model.scale), inv_freq[0].data_ptr(), activation=_activation(model),
                                             attn_softcap=float(model.attn_softcap or 0.0))
         rope_index = {kinds[0]: 0}
@@ -132,12 +133,12 @@ class NativeRunner:
         qkv_group, gu_group = model.fused_groups()  # q|k|v and gate|up, fused where their layouts allow
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
+            heads, kv_heads = cfg.heads(i)
             qkv = self._group(w, [p + n + ".weight" for n in qkv_group])
             biases = [w.get(p + n + ".bias") for n in qkv_group]
             if len(qkv) == 1:
                 if any(b is not None for b in biases):
-                    sizes = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
-                             cfg.num_kv_heads * cfg.head_dim)
+                    sizes = (heads * cfg.head_dim, kv_heads * cfg.head_dim, kv_heads * cfg.head_dim)
                     bias = torch.cat([_f32(b) if b is not None else torch.zeros(n) for b, n in zip(biases, sizes)])
                     bias_ptrs = [keep(bias).data_ptr()]
                 else:
@@ -156,7 +157,8 @@ class NativeRunner:
                                   down._addr, norm(names["attn_norm"]), norm(names["mlp_norm"]), qn, kn,
                                   int(model.windows[kind] or 0), rope=rope_index[kind],
                                   attn_post_norm=norm(names["attn_post"]) if names["attn_post"] else 0,
-                                  mlp_post_norm=norm(names["mlp_post"]) if names["mlp_post"] else 0)
+                                  mlp_post_norm=norm(names["mlp_post"]) if names["mlp_post"] else 0,
+                                  intermediate=cfg.mlp_width(i), num_heads=heads, num_kv_heads=kv_heads)
             for x in (*qkv, o, *gu, down):  # low-rank terms, run fused after their linear (cpu/lowrank.h)
                 if isinstance(x, PackedLowRank):
                     self.handle.set_lowrank(**x.native_args())

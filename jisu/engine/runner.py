@@ -55,7 +55,7 @@ class PagedAttention:
                softcap: float | None, window: int | None) -> torch.Tensor:
         # q: [1, H, N, D], k/v: [1, Hkv, N, D], sequences back to back
         kv, s = self.kv, self.step
-        hkv, d, bs = kv.cfg.num_kv_heads, kv.cfg.head_dim, kv.block_size
+        hkv, d, bs = kv.k[layer].shape[1], kv.cfg.head_dim, kv.block_size
         K = _native.K
         invariant = K is not None and softcap is None and window is None and q.dtype is torch.float32
         if invariant:

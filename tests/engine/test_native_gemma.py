@@ -4,8 +4,6 @@ q/k norms) against the PyTorch reference model, through the paged cache (fp32 an
 Engine; batch invariance; the Llama-family configs it runs too; and what stays on the reference."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -57,15 +55,10 @@ def test_gemma_config_details(tmp_path_factory):
 
 
 def test_not_native_reasons(tmp_path_factory):
-    """Layers of different widths stay on the reference path, and so does a model whose weights
-    lack what its architecture's step reads (here a Gemma built over Llama-shaped weights)."""
+    """A model whose weights lack what its architecture's step reads stays on the reference path
+    (here a Gemma built over Llama-shaped weights); layers of different widths run natively
+    (tests/engine/test_native_per_layer.py)."""
     cfg, w, _, _ = hf_case("gemma2", tmp_path_factory)
-    model = build_model(cfg, dict(w))
-    inter = (cfg.intermediate_size,) * (cfg.num_layers - 1) + (cfg.intermediate_size // 2,)
-    model.cfg = replace(cfg, intermediate_sizes=inter)
-    assert "different widths" in supported(model)
-    model.cfg = replace(cfg, layer_heads=((cfg.num_heads, cfg.num_kv_heads),) * cfg.num_layers)
-    assert "different widths" in supported(model)
     partial = {k: v for k, v in w.items() if "pre_feedforward_layernorm" not in k}
     why = supported(build_model(cfg, partial))
     assert why and "pre_feedforward_layernorm" in why

@@ -6,8 +6,8 @@
 // The model handle (NativeModel) holds only pointers: Python keeps the weights alive. A step
 // takes T tokens from S sequences (sequence s appends q_lens[s] tokens after its starts[s]
 // cached positions; tokens are back to back), writes their K/V into the cache
-// [num_blocks, Hkv, block_size, D] per layer (fp32, or IEEE half) through each sequence's
-// block table, and returns the logits of the requested rows. Everything per token is computed
+// [num_blocks, Hkv, block_size, D] per layer (fp32, or IEEE half; Hkv the layer's own) through
+// each sequence's block table, and returns the logits of the requested rows. Everything per token is computed
 // independently of the other tokens in the step (the linear kernels' per-row results do not
 // depend on M, and attention runs per (token, head) with an order of operations fixed by the
 // token's own positions only), so a sequence's logits are bitwise the same alone or in any
@@ -90,6 +90,7 @@ struct Layer {
   const float* mlp_post = nullptr;   // norm of the MLP's output (Gemma), or null
   int64_t window = 0;  // 0: full causal attention
   int rope = 0;        // index of its RoPE table (Gemma 3: the sliding layers have their own base)
+  int64_t F = 0, H = 0, Hkv = 0;  // its MLP width and head counts (a pruned layer's may be below the model's)
 };
 
 // cos/sin of one set of inverse frequencies, grown on demand.
@@ -106,13 +107,14 @@ struct Stats {
 class NativeModel {
  public:
   // activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU); attn_softcap > 0: tanh soft-capping of
-  // the scaled attention scores. inv_freq: RoPE table 0 (add_rope adds more).
+  // the scaled attention scores. inv_freq: RoPE table 0 (add_rope adds more). inter / H / Hkv: the
+  // largest MLP width and head counts (set_layer may give a layer smaller ones).
   NativeModel(int64_t hidden, int64_t inter, int64_t n_layers, int64_t H, int64_t Hkv, int64_t D,
               int64_t vocab, double eps, double scale, uintptr_t inv_freq, const std::string& activation,
               double attn_softcap)
       : hidden_(hidden), inter_(inter), H_(H), Hkv_(Hkv), D_(D), vocab_(vocab), eps_((float)eps),
         scale_((float)scale), attn_softcap_((float)attn_softcap), layers_(n_layers) {
-    if (hidden <= 0 || inter <= 0 || n_layers <= 0 || H <= 0 || Hkv <= 0 || D <= 0 || D % 2 || H % Hkv || vocab <= 0)
+    if (hidden <= 0 || inter <= 0 || n_layers <= 0 || H <= 0 || Hkv <= 0 || D <= 0 || D % 2 || vocab <= 0)
       throw std::invalid_argument("NativeModel: bad config");
     if (activation != "silu" && activation != "gelu_tanh")
       throw std::invalid_argument("NativeModel: activation must be silu or gelu_tanh, not " + activation);
@@ -133,11 +135,15 @@ class NativeModel {
   void set_layer(int64_t i, std::vector<uintptr_t> qkv, std::vector<uintptr_t> qkv_bias, uintptr_t o,
                  std::vector<uintptr_t> gu, uintptr_t down, uintptr_t attn_norm, uintptr_t ffn_norm,
                  uintptr_t q_norm, uintptr_t k_norm, int64_t window, int64_t rope, uintptr_t attn_post_norm,
-                 uintptr_t mlp_post_norm) {
+                 uintptr_t mlp_post_norm, int64_t inter, int64_t heads, int64_t kv_heads) {
     if (i < 0 || i >= (int64_t)layers_.size()) throw std::out_of_range("set_layer: layer index");
     if (rope < 0 || rope >= (int64_t)ropes_.size()) throw std::out_of_range("set_layer: RoPE table index");
     Layer& L = layers_[i];
-    const int64_t nq = H_ * D_, nkv = Hkv_ * D_;
+    // per-layer sizes: 0 = the model's; at most the model's (its buffers are sized by them)
+    L.F = inter ? inter : inter_, L.H = heads ? heads : H_, L.Hkv = kv_heads ? kv_heads : Hkv_;
+    if (L.F <= 0 || L.F > inter_ || L.H <= 0 || L.H > H_ || L.Hkv <= 0 || L.Hkv > Hkv_ || L.H % L.Hkv)
+      throw std::invalid_argument("set_layer: bad per-layer MLP width or head counts");
+    const int64_t inter_l = L.F, nq = L.H * D_, nkv = L.Hkv * D_;
     if (qkv.size() == 1) {
       check(qkv[0], nq + 2 * nkv, hidden_, "qkv");
     } else if (qkv.size() == 3) {
@@ -156,16 +162,16 @@ class NativeModel {
     check(o, hidden_, nq, "o");
     L.o = (const PackedDesc*)o;
     if (gu.size() == 1) {
-      check(gu[0], 2 * inter_, hidden_, "gate_up");
+      check(gu[0], 2 * inter_l, hidden_, "gate_up");
     } else if (gu.size() == 2) {
-      check(gu[0], inter_, hidden_, "gate");
-      check(gu[1], inter_, hidden_, "up");
+      check(gu[0], inter_l, hidden_, "gate");
+      check(gu[1], inter_l, hidden_, "up");
     } else {
       throw std::invalid_argument("set_layer: gate/up needs 1 or 2 weights");
     }
     L.ngu = (int)gu.size();
     for (int j = 0; j < L.ngu; j++) L.gu[j] = (const PackedDesc*)gu[j];
-    check(down, hidden_, inter_, "down");
+    check(down, hidden_, inter_l, "down");
     L.down = (const PackedDesc*)down;
     if (!attn_norm || !ffn_norm) throw std::invalid_argument("set_layer: norms are required");
     L.attn_norm = (const float*)attn_norm;
@@ -345,19 +351,19 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
     if (prof) t_lin += now_s() - t0;
   };
 
-  const int64_t E = hidden_, F = inter_, D = D_, H = H_, Hkv = Hkv_, G = H / Hkv;
-  const int64_t nq = H * D, nkv = Hkv * D;
+  const int64_t E = hidden_, D = D_;
   float* x = x_.get(T * E);
   float* h = h_.get(T * E);
-  float* att = att_.get(T * nq);
+  float* att = att_.get(T * H_ * D);
   float* tmp = tmp_.get(T * E);
-  float* act = act_.get(T * F);
+  float* act = act_.get(T * inter_);
   for (int64_t i = 0; i < T; i++) embed_row(tokens[i], x + i * E);
   const int nth = pool_max_threads();
   if ((int64_t)thr_.size() < nth) thr_.resize(nth);
 
   for (size_t li = 0; li < layers_.size(); li++) {
     const Layer& L = layers_[li];
+    const int64_t F = L.F, H = L.H, Hkv = L.Hkv, G = H / Hkv, nq = H * D, nkv = Hkv * D;
     const RopeTable& rt = ropes_[L.rope];
     void* kcache = (void*)kptrs[li];
     void* vcache = (void*)vptrs[li];
@@ -506,7 +512,8 @@ void register_llama_step(py::module_& m) {
       .def("set_layer", &NativeModel::set_layer, py::arg("i"), py::arg("qkv"), py::arg("qkv_bias"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"), py::arg("attn_norm"), py::arg("ffn_norm"), py::arg("q_norm"),
            py::arg("k_norm"), py::arg("window"), py::arg("rope") = 0, py::arg("attn_post_norm") = 0,
-           py::arg("mlp_post_norm") = 0)
+           py::arg("mlp_post_norm") = 0, py::arg("intermediate") = 0, py::arg("num_heads") = 0,
+           py::arg("num_kv_heads") = 0)
       .def("set_globals", &NativeModel::set_globals, py::arg("embed_f32"), py::arg("embed_desc"),
            py::arg("head_desc"), py::arg("final_norm"), py::arg("embed_scale") = 1.0, py::arg("final_softcap") = 0.0)
       .def("forward",
