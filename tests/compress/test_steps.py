@@ -64,6 +64,7 @@ class _Norm:
 
 @pytest.fixture
 def registered(monkeypatch):
+    steps_mod.transforms()  # the real ones first, into the real registry (they outlive this test)
     monkeypatch.setattr(steps_mod, "TRANSFORMS", dict(steps_mod.TRANSFORMS))
     steps_mod.transform("zero", before=True, after=False)(_ZeroO)
     steps_mod.transform("norm", before=False, after=True)(_Norm)
