@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 W4 = "gptq:w4g32"
 W3 = "gptq:w3g32+embed=w4g32+head=w4g32"
 TABLES = "+embed=w4g32+head=w4g32"
+UNFINISHED: list = []   # --only-finished: recipes without a finished artifact
 
 
 def slug(recipe: str) -> str:
@@ -37,6 +38,7 @@ def compress(recipe: str, args):
     manifest = os.path.join(out, "manifest.json")
     if args.only_finished and not os.path.isfile(manifest):
         print(f"{recipe}: not finished in {args.workdir}; left out", flush=True)
+        UNFINISHED.append(recipe)
         return None
     if not (args.reuse and os.path.isfile(manifest)):
         cmd = [sys.executable, "-m", "jisu.cli", "compress", "-o", out, "--recipe", recipe, "--eval-text", args.heldout,
@@ -240,7 +242,8 @@ def main() -> None:
            "load_avg_1m_at_start": load_1m, "load_avg_1m_at_end": os.getloadavg()[0],
            "note": "decode/prefill measured in one process, interleaved; on a loaded machine only the ratios "
                    "(decode_vs_w4) mean anything",
-           "rows": [{k: v for k, v in r.items() if k != "path"} for r in rows]}
+           "rows": [{k: v for k, v in r.items() if k != "path"} for r in rows],
+           **({"unfinished": UNFINISHED} if UNFINISHED else {})}
     out = ROOT / "benchmarks" / "results" / f"lowrank_{args.tag}"
     with open(f"{out}.json", "w") as f:
         json.dump(res, f, indent=1)
