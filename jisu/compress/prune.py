@@ -10,7 +10,7 @@ import torch
 from ..config import ModelConfig, archs
 from ..errors import JisuError
 from .observe import CTX, batches, compression_model
-from .prune_width import GROUP, LayerRefit, prune_width, reference_model, shaped_config
+from .prune_width import GROUP, TOKENS_PER_INPUT, LayerRefit, prune_width, reference_model, shaped_config
 from .steps import StepContext, transform
 
 BATCH = 4          # calibration sequences per forward
@@ -182,9 +182,13 @@ def _refit_runs(ctx: StepContext, ref, keep: list[int]) -> list[dict]:
                 for sl in batches(X.shape[0], BATCH):
                     m = stu.attn_out(i, X[sl], stu.attn_core(i, stu.attn_in(i, X[sl]), CTX))
                     acc.add(stu.mlp_core(i, stu.mlp_in(i, m)), T[sl] - m)
-                old = stu_w[name]
-                stu_w[name] = ctx.weights[name] = acc.solve()
-                out.append({"layer": i, "replaces": list(range(i + 1, nxt)), **acc.errors(stu_w[name], old)})
+                if not acc.enough(cfg.mlp_width(i)):
+                    out.append({"layer": i, "replaces": list(range(i + 1, nxt)),
+                                "skipped": f"fewer than {TOKENS_PER_INPUT} calibration tokens per input"})
+                else:
+                    old = stu_w[name]
+                    stu_w[name] = ctx.weights[name] = acc.solve()
+                    out.append({"layer": i, "replaces": list(range(i + 1, nxt)), **acc.errors(stu_w[name], old)})
             for sl in batches(X.shape[0], BATCH):
                 X[sl] = stu.layer(i, X[sl], CTX)
             for sl in batches(R.shape[0], BATCH):

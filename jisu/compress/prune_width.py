@@ -15,6 +15,9 @@ from .steps import StepContext
 
 GROUP = 32      # pruned MLP widths are multiples of this (every quantization group up to 32 divides them)
 DAMP = 1e-3     # ridge term of the refit, relative to the mean diagonal of A^T A
+# the refit runs only on at least this many calibration tokens per input it fits (fewer: the least
+# squares overfit the calibration text; 1k tokens for 1024 kept channels raised the held-out KLD)
+TOKENS_PER_INPUT = 4
 BATCH = 4
 
 
@@ -54,6 +57,10 @@ class LayerRefit:
             self.H = A2.T @ A2 if self.H is None else self.H.addmm_(A2.T, A2)
             self.C = A2.T @ Y2 if self.C is None else self.C.addmm_(A2.T, Y2)
             self.yy += float(Y2.pow(2).sum())
+
+    def enough(self, inputs: int) -> bool:
+        """Whether the tokens seen determine a refit of this many inputs."""
+        return self.fit and self.n >= TOKENS_PER_INPUT * inputs
 
     @property
     def importance(self) -> torch.Tensor:
@@ -121,6 +128,10 @@ def spread_widths(ref, ids: torch.Tensor, per_layer: int) -> list[int]:
         n[j] += 1
         frac[j] -= 1
         left -= 1
+    while left < 0:  # the floor of one group per layer took more than the budget: from the largest cuts
+        j = int(torch.where(n > 1, units - n, torch.full_like(n, float("inf"))).argmin())
+        n[j] -= 1
+        left += 1
     return [int(v) * GROUP for v in n]
 
 
@@ -164,12 +175,12 @@ def prune_width(ctx: StepContext, kind: str, value: int, spread: bool, refit: bo
                     if name in stu_w:
                         stu_w[name] = ctx.weights[name] = stu_w[name][rows].contiguous()
                 old_o = stu_w[n["o"][0]][:, rows].contiguous()
-                new_o = acc.solve(keep) if refit else old_o
+                new_o = acc.solve(keep) if acc.enough(len(rows)) else old_o
                 stu_w[n["o"][0]] = ctx.weights[n["o"][0]] = new_o
                 heads[i] = (value, kv)
                 stu.cfg = shaped_config(cfg, widths, heads)
                 layers.append({"layer": i, "kept": keep.tolist(),
-                               **(acc.errors(new_o, old_o, keep) if refit else {})})
+                               **(acc.errors(new_o, old_o, keep) if acc.enough(len(rows)) else {})})
             Xm = torch.empty_like(X)
             for sl in batches(X.shape[0], BATCH):
                 Xm[sl] = stu.attn_out(i, X[sl], stu.attn_core(i, stu.attn_in(i, X[sl]), CTX))
@@ -185,15 +196,19 @@ def prune_width(ctx: StepContext, kind: str, value: int, spread: bool, refit: bo
                 for s in ("gate", "up"):
                     stu_w[n[s][0]] = ctx.weights[n[s][0]] = stu_w[n[s][0]][keep].contiguous()
                 old_d = stu_w[n["down"][0]][:, keep].contiguous()
-                new_d = acc.solve(keep) if refit else old_d
+                new_d = acc.solve(keep) if acc.enough(width) else old_d
                 stu_w[n["down"][0]] = ctx.weights[n["down"][0]] = new_d
                 widths[i] = width
-                layers.append({"layer": i, "width": width, **(acc.errors(new_d, old_d, keep) if refit else {})})
+                layers.append({"layer": i, "width": width,
+                               **(acc.errors(new_d, old_d, keep) if acc.enough(width) else {})})
             del Rm
             for sl in batches(X.shape[0], BATCH):
                 X[sl] = stu.mlp_out(i, Xm[sl], stu.mlp_core(i, stu.mlp_in(i, Xm[sl])))
     ctx.cfg = shaped_config(cfg, widths, heads)
-    info = {"kind": kind, "refit": refit, "layers": layers}
+    tokens = ids.shape[0] * ids.shape[1]
+    info = {"kind": kind, "refit": refit and any("err_after" in r for r in layers), "layers": layers}
+    if refit and not info["refit"]:
+        info["refit_skipped"] = f"{tokens} calibration tokens: fewer than {TOKENS_PER_INPUT} per refit input"
     if kind == "ffn":
         info["widths"] = widths
     return info

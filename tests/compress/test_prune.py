@@ -36,7 +36,7 @@ def pruned(step: str, weights: dict | None = None):
     """(cfg, weights, info) after one prune step on the 4-layer tiny model."""
     cfg = config()
     w = weights if weights is not None else tiny_weights(0, SHAPE)
-    ids = torch.randint(0, CFG["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, CFG["vocab_size"], (16, 32), generator=torch.Generator().manual_seed(1))
     st = parse_recipe(step + ",rtn:w8").before[0]
     st.transform.impl.check(st.params, cfg)
     ctx = StepContext(cfg, dict(w), Teacher(cfg, w), ids)
@@ -71,6 +71,22 @@ def test_an_identity_layer_goes_first(by):
         w[f"model.layers.1.{n}.weight"] = torch.zeros_like(w[f"model.layers.1.{n}.weight"])
     _, _, info = pruned(f"prune:layers=3:by={by}", w)
     assert info["removed"] == [1] and info["importance"][1] == pytest.approx(0, abs=1e-6)
+
+
+def test_refit_needs_enough_calibration_tokens():
+    """Fewer than TOKENS_PER_INPUT tokens per fitted input: the plain slice, and the step says so."""
+    from jisu.compress import prune_width
+
+    cfg = config()
+    w = tiny_weights(0, SHAPE)
+    ids = torch.randint(0, CFG["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
+    st = parse_recipe("prune:ffn=64,rtn:w8").before[0]
+    ctx = StepContext(cfg, dict(w), Teacher(cfg, w), ids)
+    info = st.transform.impl.apply(st.params, ctx)
+    assert not info["refit"] and "64 calibration tokens" in info["refit_skipped"]
+    assert 64 < prune_width.TOKENS_PER_INPUT * 64
+    keep = _kept_rows(ctx.weights["model.layers.0.mlp.gate_proj.weight"], w["model.layers.0.mlp.gate_proj.weight"])
+    assert torch.equal(ctx.weights["model.layers.0.mlp.down_proj.weight"], w["model.layers.0.mlp.down_proj.weight"][:, keep])
 
 
 def test_layer_refit_matches_the_skipped_run_better():
