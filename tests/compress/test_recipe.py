@@ -72,7 +72,9 @@ def test_options_and_mixed():
     ("mixed:bpw=abc", "not a number"),
     ("rtn:w4g32+tail", "unknown option"),
     ("rtn:w4g32,gptq:w4g32", "only one quantization step"),
-    ("gptq:w4g32,prune:2:4", "unknown step 'prune'"),
+    ("gptq:w4g32,frob:2:4", "unknown step 'frob'"),
+    ("gptq:w4g32,prune:layers=2", "cannot run after the quantization step"),
+    ("prune:2:4,gptq:w4g32", "say what to keep"),
     ("awq:nf4g64", "awq supports integer formats"),
     ("rtn:w4g32,", "empty step"),
 ])
