@@ -74,6 +74,10 @@ class LowRankWeight:
         p = self.factors.product()
         return p if self.base is None else self.base.dequantize().to(_F32) + p
 
+    def packed_with(self, pack) -> "PackedLowRank":
+        """packed.pack's hook: the base packed by `pack`, the factors as they are."""
+        return PackedLowRank.of(self, None if self.base is None else pack(self.base))
+
 
 class PackedLowRank(PackedWeight):
     """A packed base weight (or none) and the factors of its row segments: rows [n0, n1) of
@@ -97,6 +101,16 @@ class PackedLowRank(PackedWeight):
         self._A = self.a.to(_F32) * self.a_scale[:, None]
         self._B = self.b.to(_F32) * self.b_scale[:, None]
         self._dense_cache = None
+
+    @classmethod
+    def can_join_rows(cls, parts: list) -> bool:
+        """packed.can_concat_rows' hook (see can_join)."""
+        return can_join(parts)
+
+    @classmethod
+    def join_rows(cls, parts: list, arena=None) -> "PackedLowRank":
+        """packed.concat_rows' hook (see join)."""
+        return join(parts, arena)
 
     @classmethod
     def of(cls, fmt: LowRankWeight, base=None) -> "PackedLowRank":

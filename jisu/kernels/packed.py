@@ -390,9 +390,8 @@ class PackedF32(PackedWeight):
 def can_concat_rows(parts: list[PackedWeight]) -> bool:
     """Same packed kind and layout, and every part but the last a whole number of 8-row tiles."""
     a = parts[0]
-    if type(a).__name__ == "PackedLowRank":  # its base joined, its factors stacked (kernels/lowrank.py)
-        from .lowrank import can_join
-        return can_join(parts)
+    if hasattr(type(a), "can_join_rows"):  # a weight that joins itself (kernels/lowrank.py PackedLowRank)
+        return type(a).can_join_rows(parts)
     if any(p.N % NR for p in parts[:-1]) or any(type(p) is not type(a) or p.K != a.K for p in parts):
         return False
     if isinstance(a, PackedInt):
@@ -408,9 +407,8 @@ def concat_rows(parts: list[PackedWeight], arena=None) -> PackedWeight:
     buffers become views of the joined ones (no memory is duplicated, and the parts keep working
     on their own). The joined bytes are carved from `arena` (a memory.HugePageArena) when given."""
     a = parts[0]
-    if type(a).__name__ == "PackedLowRank":
-        from .lowrank import join
-        return join(parts, arena)
+    if hasattr(type(a), "join_rows"):
+        return type(a).join_rows(parts, arena)
     joined = object.__new__(type(a))
     joined.__dict__.update({k: v for k, v in a.__dict__.items() if k not in ("_desc", "_addr", "_dense_cache")})
     joined.N = sum(p.N for p in parts)
@@ -440,9 +438,8 @@ def pack(fmt) -> PackedWeight:
     """Repacks a weight format (or a float tensor) for the native kernels."""
     if isinstance(fmt, PackedWeight):
         return fmt
-    if type(fmt).__name__ == "LowRankWeight":  # a base plus its low-rank factors (kernels/lowrank.py)
-        from .lowrank import PackedLowRank
-        return PackedLowRank.of(fmt, None if fmt.base is None else pack(fmt.base))
+    if hasattr(fmt, "packed_with"):  # a format that packs itself (kernels/lowrank.py LowRankWeight)
+        return fmt.packed_with(pack)
     if isinstance(fmt, (Int8Weight, IntWeight)):
         return PackedInt(fmt)
     if isinstance(fmt, CodebookWeight):
