@@ -31,12 +31,12 @@ def default_gguf() -> str:
 
 @pytest.fixture(scope="session")
 def default_llm(default_gguf):
-    """The default model as users get it: jisu.load() defaults (packed quantized weights and the
-    native forward when jisu._kernels is built)."""
+    """The default model as users get it: jisu.load() defaults (the file's quantized weights kept
+    packed, the native forward step when jisu._kernels is built, its fp16 KV cache) -- what
+    `jisu run` and `jisu serve` run. Tests that compare with transformers' fp32 use default_llm_fp32."""
     import jisu
 
-    # fp32 weights (every tensor dequantized), as the transformers reference it is compared with
-    return jisu.load(default_gguf, packed=False)
+    return jisu.load(default_gguf)
 
 
 @pytest.fixture(scope="session")
