@@ -23,7 +23,7 @@ import torch
 
 from ..errors import JisuError
 from ..memory import fixed_mmap_threshold, peak_rss_bytes, trim_heap
-from ..io.artifact import sha256_file
+from ..io.artifact import replace_folder, sha256_file
 from ..io.text import calibration_ids, heldout_ids, read_calibration, read_heldout
 from .config import CompressConfig, CompressResult
 from .pipeline import check_model, quantize_model
@@ -78,20 +78,9 @@ def _remove(path: str) -> None:
 
 def commit(tmp: str, out: str, force: bool) -> None:
     """Rename the finished artifact into place (the old OUT, with force, goes only now)."""
-    if os.path.lexists(out):
-        if not force:
-            raise JisuError(f"{out}: appeared while compressing; left as it is (use --force to replace it)")
-        parent, base = os.path.split(out)
-        old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        _remove(old)
-    else:
-        os.rename(tmp, out)
+    if os.path.lexists(out) and not force:
+        raise JisuError(f"{out}: appeared while compressing; left as it is (use --force to replace it)")
+    replace_folder(tmp, out)
 
 
 def _source_formats(source, cfg, tensors: dict) -> None:

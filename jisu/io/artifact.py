@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, fields
 from typing import Optional
 
@@ -170,6 +171,26 @@ def write_artifact(folder: str, cfg: ModelConfig, tensors: dict, manifest: dict,
 
 
 # --- reading ------------------------------------------------------------------------------------
+
+def replace_folder(tmp: str, out: str) -> None:
+    """Rename the finished folder `tmp` to `out`. An existing `out` is moved aside first and removed
+    only once `tmp` is in place (put back if that rename fails), so `out` is never half written."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    parent, base = os.path.split(out)
+    old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.unlink(old)
+
 
 def is_artifact(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))

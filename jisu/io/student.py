@@ -10,7 +10,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import JisuError
-from .artifact import CONFIG, config_from_dict, is_artifact, verify_artifact, write_artifact
+from .artifact import CONFIG, config_from_dict, is_artifact, replace_folder, verify_artifact, write_artifact
 from .sources import ModelSource, resolve
 
 
@@ -40,20 +40,9 @@ def check_student_vocab(cfg: ModelConfig, teacher: ModelSource, teacher_cfg: Mod
 
 def _replace(tmp: str, out: str) -> None:
     """Rename `tmp` to `out`; an existing artifact (or empty folder) at `out` goes only now."""
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    if not (is_artifact(out) or (os.path.isdir(out) and not os.listdir(out))):
+    if os.path.lexists(out) and not (is_artifact(out) or (os.path.isdir(out) and not os.listdir(out))):
         raise JisuError(f"{out}: exists and is not a jisu artifact folder; not replacing it")
-    parent, base = os.path.split(out)
-    old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out)
 
 
 def save_student(model, folder, *, tokenizer_from: str, meta: dict) -> None:
