@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,34 +14,20 @@ import torch
 from ..errors import JisuError, UnsupportedError
 from ..models.layers import EMBED, HEAD, linear_names
 from .quantize import GridWeight, calibrated, from_format, rtn
+from .run import ExportOptions, ExportResult
 
 TYPES = {"fp32": None, "fp16": None, "int8": "Q8_0", "int4": "Q4_0"}  # --type -> grid of the linears
 MODEL_FILE, CARD = "model.onnx", "report.json"
 INLINE_LIMIT = 1_500_000_000  # larger graphs keep their weights in model.onnx.data (protobuf's 2 GB cap)
 
 
-@dataclass
-class OnnxOptions:
-    qtype: str | None = None     # fp32 | fp16 | int8 | int4 (None: an artifact's own grid, else int4)
-    recipe: str | None = None    # rtn | gptq
-    calib: str | None = None
-    samples: int = 64
-    seq_len: int = 256
-    eval_text: str | None = None
-    chunks: int = 4
-    ctx: int = 256
-    max_kld: float | None = None
-    force: bool = False
-    check: bool = True
-    threads: int | None = None
-    progress: bool = False
+class OnnxOptions(ExportOptions):
+    """ExportOptions for the ONNX export: `qtype` is fp32 | fp16 | int8 | int4 (None: an artifact's
+    own grid, else int4); `recipe` rtn | gptq."""
 
 
-@dataclass
-class OnnxResult:
-    path: str
-    card_path: str
-    card: dict = field(default_factory=dict)
+class OnnxResult(ExportResult):
+    """ExportResult whose report card holds the onnxruntime check."""
 
     def summary(self) -> str:
         c = self.card
