@@ -16,7 +16,7 @@ from ..models.lstm import EMBED, HEAD, PROJ, LSTMModel, b_hh, b_ih, linear_names
 from . import gptq, rtn
 from .measure import ReferenceLogprobs, log_probs_
 from .observe import Stats, as_float, batches
-from .pipeline import Quantized, _default_table, quantize_rows
+from .pipeline import Quantized, _default_table, check_targets, quantize_rows
 from .recipe import Recipe
 
 METHODS = ("rtn", "gptq")
@@ -28,18 +28,7 @@ def check_lstm(cfg: ModelConfig, weights: dict, recipe: Recipe) -> None:
     if len(recipe.steps) != 1 or q.method not in METHODS or recipe.tune:
         raise JisuError(f"recipe {recipe.text!r}: an LSTM model is quantized by one rtn:FORMAT or gptq:FORMAT "
                         f"step (+embed / +head); awq, mixed, +tune and further steps are for decoders")
-    targets = [(n, q.fmt) for n in linear_names(cfg)]
-    if recipe.embed:
-        targets.append((EMBED, recipe.embed))
-    if recipe.head:
-        targets.append((HEAD if HEAD in weights else EMBED, recipe.head))
-    for name, spec in targets:
-        if name not in weights:
-            raise JisuError(f"model has no tensor {name}")
-        K = weights[name].shape[1]
-        if not spec.check_k(K):
-            raise JisuError(f"format {spec.name}: {name} has {K} inputs, not a multiple of the group size "
-                            f"{spec.group_size}; pick another group size")
+    check_targets(weights, recipe, [(n, q.fmt) for n in linear_names(cfg)])
 
 
 def _layer(x: torch.Tensor, w_i: torch.Tensor, w_h: torch.Tensor, bias_i: torch.Tensor, bias_h: torch.Tensor):

@@ -75,6 +75,12 @@ def check_model(cfg: ModelConfig, weights: dict, recipe: Recipe) -> None:
             if shape is not None and q.lowrank >= min(shape):
                 raise JisuError(f"+lowrank={q.lowrank}: {n} is {shape[0]}x{shape[1]}; the rank must be below "
                                 f"{min(shape)}")
+    check_targets(weights, recipe, targets)
+
+
+def check_targets(weights: dict, recipe: Recipe, targets: list) -> None:
+    """Every (name, format) of `targets`, plus the embedding / head the recipe quantizes, exists and
+    fits its format (group divides K)."""
     if recipe.embed:
         targets.append((EMBED, recipe.embed))
     if recipe.head:
