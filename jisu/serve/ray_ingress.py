@@ -10,6 +10,8 @@ import logging
 log = logging.getLogger("jisu.serve")
 _HOP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
 _GENERATING = ("/v1/chat/completions", "/v1/completions")
+SERVED_BY = b"x-jisu-replica"         # the replica whose engine generated the answer
+INGRESS = b"x-jisu-ingress"           # the replica that took the request from Serve's proxy
 BOOTSTRAP_S = 5.0          # how long a replica waits, once, for its router to learn the replicas
 
 
@@ -56,11 +58,23 @@ class RoutedApp:
             hashes = _prefix(path, body)
             target = await self.pick(hashes)
             if target is None:
-                await self.replica.jisu_app(scope, _replay(body, receive), send)
+                await self.replica.jisu_app(scope, _replay(body, receive), self._tagged(send, served=True))
             else:
-                await self.forward(target, scope, body, hashes, send)
+                await self.forward(target, scope, body, hashes, self._tagged(send, served=False))
         finally:
             self.ongoing -= 1
+
+    def _tagged(self, send, served: bool):
+        """`send` that names this replica in the response's headers: as the ingress, and as the
+        server when it generates the answer itself (a forwarded answer names its own server)."""
+        me = self.replica.replica_id.encode()
+        extra = [(INGRESS, me)] + ([(SERVED_BY, me)] if served else [])
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+        return tagged
 
     async def pick(self, hashes: list[int]) -> str | None:
         """None to serve here, else the id of the replica the prefix router picks."""

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import JisuError
-from .ray_ingress import error_body, merge_metrics  # noqa: F401 - merge_metrics: part of this module's API
+from .ray_ingress import SERVED_BY, error_body, merge_metrics  # noqa: F401 - merge_metrics: part of this module's API
 
 log = logging.getLogger("jisu.serve")
 APP_NAME = "jisu"
@@ -151,7 +151,7 @@ class EngineReplica:
                         end = True
                     elif m["type"] == "http.response.start":
                         started = True
-                        yield ("start", m["status"], list(m.get("headers", [])))
+                        yield ("start", m["status"], [*m.get("headers", []), (SERVED_BY, self.replica_id.encode())])
                     elif m["type"] == "http.response.body":
                         chunk += m.get("body", b"")
                 if chunk:
