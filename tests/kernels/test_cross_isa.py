@@ -4,49 +4,28 @@ the import-time ISA self-check that guards untested paths such as AVX-512."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
 
 from jisu.kernels import ops
 
+from .cpp_check import AARCH64, X86, needs_qemu, needs_x86, run_check
 from .helpers import K, needs_native
 
-HERE = os.path.dirname(__file__)
-SRC = os.path.join(HERE, "..", "..", "jisu", "kernels", "cpu")
 
-
-# the kernel tables of every ISA, without the Python bindings
-KERNEL_SOURCES = [os.path.join(SRC, f) for f in ("kernels_scalar.cpp", "kernels_neon.cpp", "kernels_avx2.cpp",
-                                                 "kernels_avx512.cpp", "attention.cpp", "ggml.cpp",
-                                                 "ggml_q32.cpp", "ggml_kq.cpp")]
-
-
-@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-                    reason="needs aarch64-linux-gnu-g++ and qemu-aarch64")
+@needs_qemu
 def test_neon_matches_scalar_under_qemu(tmp_path):
-    exe = tmp_path / "cross_isa_check"
-    subprocess.run(["aarch64-linux-gnu-g++", "-O1", "-std=c++20", "-ffp-contract=off", "-I", SRC,
-                    os.path.join(HERE, "cross_isa_check.cpp"), *KERNEL_SOURCES, "-o", str(exe)], check=True)
-    r = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe)],
-                       capture_output=True, text=True, timeout=300)
-    assert "testing neon" in r.stdout and r.returncode == 0, r.stdout + r.stderr
+    assert "testing neon" in run_check("cross_isa_check", AARCH64, tmp_path, timeout=300)
 
 
-@pytest.mark.skipif(not (shutil.which("g++") and os.uname().machine == "x86_64"), reason="needs g++ on x86-64")
+@needs_x86
 def test_x86_paths_match_scalar_natively(tmp_path):
     """The same C++ check on this CPU: AVX2, and AVX-512 (VNNI) where the CPU has it, bitwise
     against scalar, with refined activation blocks on and off."""
-    exe = tmp_path / "cross_isa_check"
-    subprocess.run(["g++", "-O1", "-std=c++20", "-ffp-contract=off", "-I", SRC,
-                    os.path.join(HERE, "cross_isa_check.cpp"), *KERNEL_SOURCES, "-o", str(exe)], check=True)
-    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert "testing avx2" in r.stdout and r.returncode == 0, r.stdout + r.stderr
+    assert "testing avx2" in run_check("cross_isa_check", X86, tmp_path, timeout=300)
 
 
-@needs_native
 def test_isa_self_check_keeps_agreeing_paths(monkeypatch):
     # Pretend the paths on this machine are untested: each must pass the check and stay.
     monkeypatch.setattr(ops, "_UNTESTED_ISAS", tuple(K.available_isas()))

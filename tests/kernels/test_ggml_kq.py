@@ -4,7 +4,6 @@ and the C++ check (AVX2 / AVX-512 natively, NEON under qemu-aarch64)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from jisu.kernels import ops
 
 from .helpers import ISAS, isa, needs_native, quantize_act_ref, threads
-from .test_cross_isa import HERE, KERNEL_SOURCES, SRC
+from .cpp_check import AARCH64, X86, needs_qemu, needs_x86, run_check
 
 # ggml type id -> (bytes per 256 values, byte offsets of its fp16 scale fields)
 KQ_TYPES = {
@@ -148,27 +147,14 @@ def test_every_isa_equals_scalar(name, refine):
         ops.set_act_refine(old)
 
 
-def _build(cc, exe):
-    subprocess.run([cc, "-O1", "-std=c++20", "-ffp-contract=off", "-I", SRC, os.path.join(HERE, "ggml_kq_check.cpp"),
-                    *KERNEL_SOURCES, "-o", str(exe)], check=True)
-
-
-@pytest.mark.skipif(not (shutil.which("g++") and os.uname().machine == "x86_64"), reason="needs g++ on x86-64")
+@needs_x86
 def test_kq_check_x86_natively(tmp_path):
-    exe = tmp_path / "ggml_kq_check"
-    _build("g++", exe)
-    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
-    assert "testing avx2" in r.stdout and r.returncode == 0, r.stdout + r.stderr
+    assert "testing avx2" in run_check("ggml_kq_check", X86, tmp_path)
 
 
-@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-                    reason="needs aarch64-linux-gnu-g++ and qemu-aarch64")
+@needs_qemu
 def test_kq_check_neon_under_qemu(tmp_path):
-    exe = tmp_path / "ggml_kq_check"
-    _build("aarch64-linux-gnu-g++", exe)
-    r = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe)],
-                       capture_output=True, text=True, timeout=600)
-    assert "testing neon" in r.stdout and r.returncode == 0, r.stdout + r.stderr
+    assert "testing neon" in run_check("ggml_kq_check", AARCH64, tmp_path)
 
 
 @needs_native

@@ -3,9 +3,6 @@ dequantization, linear against the dequantized matrix, batch invariance, every I
 and the C++ cross-ISA check (natively, and for NEON under qemu-aarch64)."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from jisu.kernels import ops
 from jisu.kernels.packed_ggml import PackedGGML, as_bytes, native_types
 
 from .helpers import ISAS, check_close, isa, needs_native, quantize_act_ref, threads
-from .test_cross_isa import HERE, KERNEL_SOURCES, SRC
+from .cpp_check import AARCH64, X86, needs_qemu, needs_x86, run_check
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -155,22 +152,13 @@ def test_every_isa_matches_scalar(qtype):
         ops.set_act_refine(old)
 
 
-def _run_check(compiler: str, runner: list[str], tmp_path) -> str:
-    exe = tmp_path / "ggml_q32_check"
-    subprocess.run([compiler, "-O1", "-std=c++20", "-ffp-contract=off", "-I", SRC,
-                    os.path.join(HERE, "ggml_q32_check.cpp"), *KERNEL_SOURCES, "-o", str(exe)], check=True)
-    r = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "0 failures in all" in r.stdout, r.stdout + r.stderr
-    return r.stdout
-
-
-@pytest.mark.skipif(not (shutil.which("g++") and os.uname().machine == "x86_64"), reason="needs g++ on x86-64")
+@needs_x86
 def test_cpp_check_x86(tmp_path):
-    assert "testing avx2" in _run_check("g++", [], tmp_path)
+    out = run_check("ggml_q32_check", X86, tmp_path)
+    assert "testing avx2" in out and "0 failures in all" in out, out
 
 
-@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-                    reason="needs aarch64-linux-gnu-g++ and qemu-aarch64")
+@needs_qemu
 def test_cpp_check_neon_under_qemu(tmp_path):
-    assert "testing neon" in _run_check("aarch64-linux-gnu-g++", ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"],
-                                        tmp_path)
+    out = run_check("ggml_q32_check", AARCH64, tmp_path)
+    assert "testing neon" in out and "0 failures in all" in out, out
