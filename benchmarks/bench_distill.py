@@ -206,7 +206,7 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=None, help="quant: default = +tune's CPU-minutes; lstm: per arm")
     p.add_argument("--student", default="lstm:layers=2,hidden=768")
     p.add_argument("--arm", choices=("both", "distilled", "cross-entropy"), default="both")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default=tempfile.gettempdir())
     p.add_argument("--json", required=True)
