@@ -201,7 +201,7 @@ def cmd_compress(args) -> int:
 
 def _compress_target(args) -> int:
     from .compress import CompressConfig
-    from .export.target import search
+    from .export.target import TUNE_STEPS, search
 
     if not args.target or args.recipe:
         raise JisuError("give --recipe or --target (size=MB, kld=X or speed=TOK_S), one of them")
@@ -209,7 +209,8 @@ def _compress_target(args) -> int:
                             force=args.force, eval_text=args.eval_text, threads=args.threads,
                             progress=sys.stderr.isatty())
     report = search(args.model, args.output, args.target, config,
-                    compare_gguf=[p for p in (args.compare or "").split(",") if p])
+                    compare_gguf=[p for p in (args.compare or "").split(",") if p],
+                    tune=TUNE_STEPS if args.target_tune is None else args.target_tune)
     best = next(r for r in report["candidates"] if r["recipe"] == report["chosen"])
     print(json.dumps(report) if args.json else
           f"{args.output}: {best['recipe']} ({best['bytes'] / 1e6:.1f} MB, KLD {best['kld']:.4f}) chosen for "
@@ -224,6 +225,9 @@ def _compress_parser(sub) -> None:
     c.add_argument("-o", "--output", required=True, help="artifact folder to write (must not exist unless --force)")
     c.add_argument("--target", default=None, help="instead of --recipe: size=MB, kld=X or speed=TOK_S; measures "
                                                   "candidate recipes and keeps the best that meets it")
+    c.add_argument("--target-tune", type=int, default=None, metavar="STEPS",
+                   help="with --target size= or speed=: +tune steps for the chosen candidate, kept when its KLD "
+                        "is lower (default 32; 0: no polish)")
     c.add_argument("--compare", default=None, help="with --target: GGUF files (comma-separated) of the same model "
                                                    "drawn on the front")
     c.add_argument("--recipe", default=None,

@@ -40,15 +40,31 @@ def test_size_target_lands_within_two_percent(wide_gguf, tmp_path):
     out = str(tmp_path / "s")
     cands = target.size_candidates(wide_gguf, str(tmp_path), 0.75e6, CFG, variants=("",), ladder=("gptq:w4g32",))
     assert cands and cands[0].startswith("mixed:bpw=")
-    report = target.search(wide_gguf, out, "size=0.75", CFG, candidates=cands[:1])
+    report = target.search(wide_gguf, out, "size=0.75", CFG, candidates=cands[:1], tune=0)
     best = report["candidates"][0]
     assert abs(best["bytes"] - 0.75e6) <= 0.02 * 0.75e6
     assert report["chosen"] == cands[0]
 
 
+def test_size_target_polishes_the_chosen_with_tuning(wide_gguf, tmp_path):
+    """The best candidate is compressed again with +tune: same bytes, its own KLD, and whichever of
+    the two measures lower is chosen."""
+    out = str(tmp_path / "t")
+    cands = target.size_candidates(wide_gguf, str(tmp_path), 0.75e6, CFG, variants=("",), ladder=())
+    report = target.search(wide_gguf, out, "size=0.75", CFG, candidates=cands[:1], tune=4)
+    rows = report["candidates"]
+    assert [r["recipe"] for r in rows] == [cands[0], cands[0] + "+tune=4"]
+    assert rows[1]["bytes"] == rows[0]["bytes"]
+    assert rows[1]["kld"] != rows[0]["kld"]
+    assert report["chosen"] == min(rows, key=lambda r: r["kld"])["recipe"]
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["recipe"]["text"] == report["chosen"]
+    assert target._tuned(cands[0] + "+tune=4", 8) is None and target._tuned("rtn:w8", 0) is None
+
+
 def test_speed_target_measures_decode(wide_gguf, tmp_path):
     out = str(tmp_path / "v")
-    report = target.search(wide_gguf, out, "speed=0.5", CFG, candidates=["rtn:w8", "rtn:w4g32"])
+    report = target.search(wide_gguf, out, "speed=0.5", CFG, candidates=["rtn:w8", "rtn:w4g32"], tune=0)
     assert report["chosen"] == "rtn:w8"  # the first is fast enough: nothing smaller is tried
     assert len(report["candidates"]) == 1 and report["candidates"][0]["tok_s"] >= 0.5
 
