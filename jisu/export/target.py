@@ -14,8 +14,9 @@ from ..errors import JisuError
 
 # fixed recipes, smallest first (the kld / speed ladder; size adds mixed recipes solved for the budget)
 LADDER = ("gptq:w2g32a", "gptq:w3g32", "gptq:w4g32", "gptq:w8")
-# embedding / head as the source keeps them, or at 4 bits (a smaller artifact for the same linears)
-VARIANTS = ("", "+embed=w4g32+head=w4g32")
+# embedding / head as the source keeps them, or at 4 bits in groups of 32 or 64 (a smaller artifact for the
+# same linears, or more bits for the linears at the same size)
+VARIANTS = ("", "+embed=w4g32+head=w4g32", "+embed=w4g64+head=w4g64")
 MIXED_BPW = (2.5, 8.0)   # the linear bits per weight a mixed recipe is asked for
 W4_BPW = 4.2             # mixed ":w4" (4-bit groups or int8) from this many bits per linear weight
 SIZE_TOL = 0.02          # --target size lands within 2 %
