@@ -147,6 +147,36 @@ def test_every_isa_equals_scalar(name, refine):
         ops.set_act_refine(old)
 
 
+@needs_native
+@needs_kq
+def test_decode_rows_with_whole_refined_super_blocks_equal_scalar(name):
+    """Sparse refinement can refine all 8 blocks of one super-block (the M = 1 kernels' second pass on the
+    residual codes), some of another (their per-super-block step) and none of a third: each ISA equals
+    scalar bit for bit, and the row equals its rows in a batch."""
+    N, K = 37, 1024
+    w = packed(name, N, K, seed=11)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(7, K, generator=g)
+    x[:, 256:512] *= 40.0  # super-block 1: every block far above the row's mean block maximum
+    x[:, 512:640] *= 40.0  # super-block 2: half its blocks
+    amax = x.reshape(7, K // 32, 32).abs().amax(-1)
+    refined = amax > 1.0 * amax.mean(-1, keepdim=True)  # the kernels' rule at threshold 1.0
+    per_sb = refined.reshape(7, K // 256, 8).sum(-1)
+    assert (per_sb[:, 1] == 8).all() and (per_sb[:, 2] == 4).all() and (per_sb[:, [0, 3]] == 0).all()
+    old = ops.get_act_refine()
+    try:
+        ops.set_act_refine(1.0)
+        outs = {}
+        for name_isa in ISAS:
+            with isa(name_isa):
+                outs[name_isa] = torch.cat([ops.linear(x[m:m + 1], w) for m in range(7)])
+        for name_isa, o in outs.items():
+            assert torch.equal(o, outs["scalar"]), name_isa
+        assert torch.equal(ops.linear(x, w), outs["scalar"])
+    finally:
+        ops.set_act_refine(old)
+
+
 @needs_x86
 def test_kq_check_x86_natively(tmp_path):
     assert "testing avx2" in run_check("ggml_kq_check", X86, tmp_path)
