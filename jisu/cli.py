@@ -227,7 +227,7 @@ def _compress_parser(sub) -> None:
                                                   "candidate recipes and keeps the best that meets it")
     c.add_argument("--target-tune", type=int, default=None, metavar="STEPS",
                    help="with --target size= or speed=: +tune steps for the chosen candidate, kept when its KLD "
-                        "is lower (default 32; 0: no polish)")
+                        "is lower (default 64; 0: no polish)")
     c.add_argument("--compare", default=None, help="with --target: GGUF files (comma-separated) of the same model "
                                                    "drawn on the front")
     c.add_argument("--recipe", default=None,
