@@ -103,13 +103,11 @@ def _tuned(recipe: str, steps: int) -> str | None:
     """recipe + "+tune=steps", or None where it already tunes or has a part tuning does not train."""
     from ..compress.recipe import parse_recipe
 
-    try:
-        r = parse_recipe(recipe)
-    except JisuError:
-        return None
-    if r.tune or steps <= 0:
+    if steps <= 0:
         return None
     try:
+        if parse_recipe(recipe).tune:
+            return None
         parse_recipe(recipe + f"+tune={steps}")
     except JisuError:
         return None
