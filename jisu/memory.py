@@ -166,6 +166,43 @@ def release_mapped(ptr: int, nbytes: int, mapping: tuple[int, int]) -> None:
 HUGE_PAGE = 2 << 20
 
 
+def huge_pages_on() -> bool:
+    """Whether an advised anonymous mapping gets transparent huge pages here (Linux THP mode
+    "always" or "madvise"), unless JISU_HUGE_PAGES=0 turns their use off."""
+    import os
+
+    if os.environ.get("JISU_HUGE_PAGES", "1").strip() in ("0", "off", "no", "false"):
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of each of this process's file-backed mappings, sorted."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("/") and parts[4] != "0":
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi))
+    except (OSError, ValueError):
+        return []
+    return sorted(out)
+
+
+def mapping_holding(ptr: int, maps: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The mapping of `maps` (from file_mappings) that holds address ptr, or None."""
+    import bisect
+
+    i = bisect.bisect_right(maps, (ptr, float("inf"))) - 1
+    return maps[i] if i >= 0 and maps[i][0] <= ptr < maps[i][1] else None
+
+
 class HugePageArena:
     """One anonymous mapping, advised for transparent huge pages (Linux `madvise` mode), that
     tensors are copied into back to back (64-byte aligned). The fp32 GEMV over 450 MB streamed

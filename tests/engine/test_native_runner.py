@@ -466,3 +466,38 @@ def test_fp32_weights_in_the_huge_page_arena(tiny, monkeypatch):
         assert model.w["lm_head.weight"] is model.w["model.embed_tokens.weight"]
     ref = build_model(cfg, dict(w))
     assert rel_err(full_logits(ref, tokens)[0], got) <= RTOL
+
+
+@pytest.mark.parametrize("huge", ["1", "0"])
+def test_gguf_weights_copied_out_of_the_file_into_the_arena(huge, tmp_path, monkeypatch):
+    """Where huge pages are on, a GGUF's packed weights are copied out of the file mapping into
+    the runner's arena (its file pages released), and the step's outputs are bitwise those of the
+    weights read in place; JISU_HUGE_PAGES=0 leaves them in the file."""
+    pytest.importorskip("gguf")
+    from jisu.memory import file_mappings, huge_pages_on, mapping_holding
+    from tests.fixtures import write_gguf_llama
+
+    import gguf
+
+    # Q5_0 stays the file's bytes (Q4_0 / Q8_0 are repacked into the heap; those move too)
+    path = write_gguf_llama(str(tmp_path / "q.gguf"), tensor_type=gguf.GGMLQuantizationType.Q5_0)
+    tokens = prompt()[0].tolist()
+    cfg, w, _ = load_weights(resolve(path), packed=True)
+    plain = NativeRunner(build_model(cfg, dict(w)))
+    assert plain._arena is None  # below the threshold: read in place
+    want = run_logits(plain, tokens)
+    monkeypatch.setenv("JISU_HUGE_PAGES", huge)
+    monkeypatch.setattr(NativeRunner, "arena_min_bytes", 1)
+    cfg, w, _ = load_weights(resolve(path), packed=True)
+    model = build_model(cfg, dict(w))
+    maps = file_mappings()
+    names = ["model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight",
+             "model.embed_tokens.weight"]
+    assert all(mapping_holding(model.w[n].data.data_ptr(), maps) for n in names)  # a view of the file
+    nat = NativeRunner(model)
+    moved = huge == "1" and huge_pages_on()
+    for n in names:
+        p = model.w[n]
+        assert (nat._arena is not None and nat._arena.holds(p.data)) == moved, n
+        assert (mapping_holding(p.data.data_ptr(), maps) is None) == moved, n
+    assert torch.equal(run_logits(nat, tokens), want)
