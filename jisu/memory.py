@@ -180,6 +180,23 @@ def huge_pages_on() -> bool:
         return False
 
 
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # Linux; COLLAPSE since 6.1
+
+
+def collapse_huge(ptr: int, nbytes: int) -> bool:
+    """Ask Linux to back the whole 2 MB pages inside the anonymous memory [ptr, ptr + nbytes) with
+    huge pages now, in place (MADV_COLLAPSE; no copy, so no second buffer). False where the kernel
+    refuses (older than 6.1, THP off, a file mapping) or the range holds no whole huge page."""
+    libc = _libc()
+    a, b = -(-ptr // HUGE_PAGE) * HUGE_PAGE, (ptr + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if libc is None or b <= a:
+        return False
+    import ctypes
+
+    libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_HUGEPAGE)
+    return libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_COLLAPSE) == 0
+
+
 def file_mappings() -> list[tuple[int, int]]:
     """(start, end) of each of this process's file-backed mappings, sorted."""
     out = []

@@ -17,7 +17,7 @@ from ..config import archs
 from ..kernels import _native, ops
 from ..kernels.lowrank import PackedLowRank
 from ..kernels.packed import PackedF32, PackedWeight, can_concat_rows, concat_rows
-from ..memory import HugePageArena, file_mappings, huge_pages_on, mapping_holding, release_mapped, trim_heap
+from ..memory import HugePageArena, collapse_huge, file_mappings, huge_pages_on, mapping_holding, release_mapped, trim_heap
 from ..models.gemma import GemmaModel
 from ..models.llama import LlamaModel
 from .batch import StepBatch
@@ -224,21 +224,25 @@ class NativeRunner:
         return HugePageArena(total)
 
     def _into_arena(self, p: PackedWeight) -> PackedWeight:
-        """p with its bytes moved into the arena (where packed weights go there, see arena_min_bytes):
-        bytes read from a file mapping have their pages released there, a heap buffer is freed."""
+        """p on huge pages (where packed weights go there, see arena_min_bytes): bytes in a file
+        mapping are copied into the arena a slice at a time, each slice's file pages released; a
+        buffer of its own (repacked at load) is collapsed into huge pages in place (no copy, so
+        no second buffer of its size at any time)."""
         if (self._arena is None or not self._move_packed or isinstance(p, (PackedF32, PackedLowRank))
                 or p.data.device.type != "cpu" or self._arena.holds(p.data)):
             return p
         old = p.data
-        new = self._arena.empty(old.shape, old.dtype)
         mapping = mapping_holding(old.data_ptr(), self._file_maps)
+        if mapping is None:
+            collapse_huge(old.data_ptr(), old.numel() * old.element_size())
+            return p
+        new = self._arena.empty(old.shape, old.dtype)
         src, dst = old.reshape(-1).view(torch.uint8), new.reshape(-1).view(torch.uint8)
         step = 16 << 20  # a slice at a time, its file pages released: the peak stays the weights' bytes
         for a in range(0, src.numel(), step):
             dst[a:a + step].copy_(src[a:a + step])
-            if mapping is not None:
-                part = src[a:a + step]
-                release_mapped(part.data_ptr(), part.numel(), mapping)
+            part = src[a:a + step]
+            release_mapped(part.data_ptr(), part.numel(), mapping)
         p.data = new
         p._attach()
         return p

@@ -501,3 +501,26 @@ def test_gguf_weights_copied_out_of_the_file_into_the_arena(huge, tmp_path, monk
         assert (nat._arena is not None and nat._arena.holds(p.data)) == moved, n
         assert (mapping_holding(p.data.data_ptr(), maps) is None) == moved, n
     assert torch.equal(run_logits(nat, tokens), want)
+
+
+def test_repacked_weights_stay_in_their_own_buffers(tmp_path, monkeypatch):
+    """Weights repacked at load (Q4_0 into jisu's tiles) are not copied into the arena (that would
+    hold two buffers of the largest one at once): they stay where they are (collapsed into huge
+    pages in place where the kernel can), with the same outputs."""
+    pytest.importorskip("gguf")
+    import gguf
+    from tests.fixtures import write_gguf_llama
+
+    path = write_gguf_llama(str(tmp_path / "q.gguf"), tensor_type=gguf.GGMLQuantizationType.Q4_0)
+    tokens = prompt()[0].tolist()
+    cfg, w, _ = load_weights(resolve(path), packed=True)
+    want = run_logits(NativeRunner(build_model(cfg, dict(w))), tokens)
+    monkeypatch.setenv("JISU_HUGE_PAGES", "1")
+    monkeypatch.setattr(NativeRunner, "arena_min_bytes", 1)
+    cfg, w, _ = load_weights(resolve(path), packed=True)
+    model = build_model(cfg, dict(w))
+    names = ["model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    before = [model.w[n].data.data_ptr() for n in names]
+    nat = NativeRunner(model)
+    assert [model.w[n].data.data_ptr() for n in names] == before
+    assert torch.equal(run_logits(nat, tokens), want)
