@@ -1,6 +1,8 @@
 """GGML-kind weights: a GGUF tensor's (or a 16-bit safetensors tensor's) own bytes, multiplied in
 place by the native kernels (cpu/ggml*.cpp), with no repacking and no fp32 copy. The bytes are
-usually a view of the memory-mapped file, so resident memory is the pages the kernels read."""
+a view of the memory-mapped file as loaded, so resident memory is the pages the kernels read; the
+native runner copies them onto huge pages where it can (engine/native_runner.py arena_min_bytes),
+releasing the file's pages."""
 from __future__ import annotations
 
 import warnings
