@@ -69,6 +69,30 @@ def test_speed_target_measures_decode(wide_gguf, tmp_path):
     assert len(report["candidates"]) == 1 and report["candidates"][0]["tok_s"] >= 0.5
 
 
+def test_speed_target_prunes_layers_when_no_bit_width_is_fast_enough(wide_gguf, tmp_path, monkeypatch):
+    """A speed the ladder does not reach tries depth-pruned recipes next (fewest layers first) and
+    keeps the first that meets it; its artifact has fewer layers."""
+    assert target.prune_candidates(30) == ["prune:layers=4,gptq:w4g32", "prune:layers=8,gptq:w4g32",
+                                           "prune:layers=15,gptq:w4g32"]
+    assert target.prune_candidates(2) == ["prune:layers=1,gptq:w4g32"]
+    layers = {}
+
+    def speed(folder, threads, tokens=target.SPEED_TOKENS):  # fast only with a layer dropped
+        with open(os.path.join(folder, "config.json")) as f:
+            n = json.load(f)["num_layers"]
+        layers[folder] = n
+        return 100.0 if n < max(layers.values()) else 1.0
+
+    monkeypatch.setattr(target, "decode_speed", speed)
+    out = str(tmp_path / "p")
+    report = target.search(wide_gguf, out, "speed=50", CFG, candidates=["rtn:w8"], tune=0,
+                           pruned=["prune:layers=1,rtn:w4g32"])
+    assert [r["recipe"] for r in report["candidates"]] == ["rtn:w8", "prune:layers=1,rtn:w4g32"]
+    assert report["chosen"] == "prune:layers=1,rtn:w4g32"
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_layers"] == max(layers.values()) - 1
+
+
 def test_unmet_target_writes_nothing(wide_gguf, tmp_path):
     from jisu.errors import JisuError
 
