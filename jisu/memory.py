@@ -127,22 +127,29 @@ def peak_rss_bytes() -> int:
         return psutil.Process().memory_info().peak_wset
 
 
+def _file_maps():
+    """(start, end, inode, path) of each of this process's file-backed mappings (/proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("/") and parts[4] != "0":
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    yield lo, hi, parts[4], parts[5]
+    except (OSError, ValueError):
+        return
+
+
 def file_mapping(path: str) -> tuple[int, int] | None:
     """(start, end) address of this process's mapping of the file `path` (the first one found in
     /proc/self/maps), or None."""
     import os
 
     try:
-        st = os.stat(path)
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 6 and parts[4] == str(st.st_ino) and os.path.realpath(parts[5]) == os.path.realpath(path):
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    return lo, hi
-    except (OSError, ValueError):
-        pass
-    return None
+        ino, real = str(os.stat(path).st_ino), os.path.realpath(path)
+    except OSError:
+        return None
+    return next(((lo, hi) for lo, hi, i, p in _file_maps() if i == ino and os.path.realpath(p) == real), None)
 
 
 def release_mapped(ptr: int, nbytes: int, mapping: tuple[int, int]) -> None:
@@ -199,17 +206,7 @@ def collapse_huge(ptr: int, nbytes: int) -> bool:
 
 def file_mappings() -> list[tuple[int, int]]:
     """(start, end) of each of this process's file-backed mappings, sorted."""
-    out = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 6 and parts[5].startswith("/") and parts[4] != "0":
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((lo, hi))
-    except (OSError, ValueError):
-        return []
-    return sorted(out)
+    return sorted((lo, hi) for lo, hi, _, _ in _file_maps())
 
 
 def mapping_holding(ptr: int, maps: list[tuple[int, int]]) -> tuple[int, int] | None:
