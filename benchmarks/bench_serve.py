@@ -121,10 +121,17 @@ def llama_server(binary: str, gguf: str, port: int, threads: int) -> Server:
 
 
 # ----------------------------------------------------------------------------- one request
+# --temperature T: every request samples (T, top-p 0.95, a seed of its own), as clients call
+SAMPLING: dict = {"temperature": 0}
+_SEEDS = iter(range(1, 1 << 30))
+
+
 async def one_stream(client: httpx.AsyncClient, srv: Server, prompt: str, max_tokens: int, *,
                      cancel_after: int | None = None) -> dict:
-    body = {"model": srv.model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {"model": srv.model_id, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            **SAMPLING}
+    if SAMPLING["temperature"] > 0:
+        body["seed"] = next(_SEEDS)
     t0 = time.perf_counter()
     first = last = None
     chunks = 0
@@ -322,6 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     ap.add_argument("--level-timeout", type=float, default=300, help="seconds per level before it stops issuing")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample every request at this temperature with top-p 0.95 and a seed each (default 0: greedy)")
     ap.add_argument("--kv-memory", type=int, default=256, help="jisu KV cache MB (default 256)")
     ap.add_argument("--llama-server", default=None, nargs="?", const=DEFAULT_LLAMA_SERVER,
                     help=f"llama-server binary to compare with (flag alone: {DEFAULT_LLAMA_SERVER})")
@@ -336,6 +345,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.temperature > 0:
+        SAMPLING.update(temperature=args.temperature, top_p=0.95)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
 
     result: dict = {"args": vars(args), "loadavg_before": os.getloadavg(), "cpus": os.cpu_count()}
