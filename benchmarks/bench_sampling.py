@@ -43,9 +43,11 @@ PROMPTS = [
 
 
 def params_for(config: str, i: int, tokens: int) -> SamplingParams:
+    # speculation off in both: the sampler alone
     if config == "greedy":
-        return SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, speculative="off")  # the sampler alone: no drafts
-    return SamplingParams(temperature=0.7, top_p=0.95, seed=1000 + i, max_tokens=tokens, ignore_eos=True)
+        return SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, speculative="off")
+    return SamplingParams(temperature=0.7, top_p=0.95, seed=1000 + i, max_tokens=tokens, ignore_eos=True,
+                          speculative="off")
 
 
 def one_pass(llm, config: str, streams: int, tokens: int) -> dict:

@@ -243,6 +243,37 @@ def bench_interleaved(a: Server, b: Server, args) -> tuple[list[dict], list[dict
     return rows, summary
 
 
+def bench_sampling_cost(srv: Server, args) -> tuple[list[dict], list[dict]]:
+    """One jisu server, each level's passes alternated greedy / sampled (temperature --temperature or
+    0.7, top-p 0.95, a seed per request; speculation off in both, so the sampler alone differs):
+    (rows, per-level summary as bench_interleaved's, greedy first)."""
+    import statistics
+
+    temp = args.temperature if args.temperature > 0 else 0.7
+    modes = {"greedy": dict(temperature=0.0, top_p=1.0, speculative="off"),
+             "sampled": dict(temperature=temp, top_p=0.95, speculative="off")}
+    asyncio.run(run_level(srv, 1, 1, 4, 120))        # warm-up
+    rows, summary = [], []
+    for c in args.concurrency:
+        got: dict = {m: [] for m in modes}
+        for i in range(max(args.interleave, 1)):
+            for m in (("greedy", "sampled") if i % 2 == 0 else ("sampled", "greedy")):
+                SAMPLING.clear()
+                SAMPLING.update(modes[m])
+                srv.name = m
+                row = one_level(srv, c, args)
+                row["pass"] = i
+                rows.append(row)
+                got[m].append(row["tok_s"])
+        mg, ms = statistics.median(got["greedy"]), statistics.median(got["sampled"])
+        summary.append({"concurrency": c, "greedy_tok_s": got["greedy"], "sampled_tok_s": got["sampled"],
+                        "greedy_median": mg, "sampled_median": ms, "ratio_of_medians": mg / ms if ms else None,
+                        "pass_ratios": [x / y for x, y in zip(got["greedy"], got["sampled"]) if y > 0],
+                        "sampling_cost": 1 - ms / mg if mg else None})
+    srv.name = "jisu"
+    return rows, summary
+
+
 def summary_table(summary: list[dict], a: str, b: str) -> str:
     out = [f"| streams | {a} tok/s (passes) | {b} tok/s (passes) | {a} / {b}, medians | per pass |",
            "|---:|---|---|---:|---|"]
@@ -339,6 +370,9 @@ def main(argv=None) -> int:
     ap.add_argument("--interleave", type=int, default=0, metavar="N",
                     help="with --llama-server: keep both servers up and run N passes per server and level, "
                          "alternated (default 0: jisu's levels, then llama-server's)")
+    ap.add_argument("--sampling-cost", action="store_true",
+                    help="jisu alone: greedy and sampled passes alternated per level (--interleave N pairs), "
+                         "the cost of sampling against greedy")
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="run the soak test instead, for N minutes")
     ap.add_argument("--soak-concurrency", type=int, default=8)
     ap.add_argument("--soak-max-requests", type=int, default=100_000)
@@ -371,6 +405,13 @@ def main(argv=None) -> int:
                        preemptions=metric(srv, "jisu_preemptions"))
             result["soak"] = res
             print(json.dumps(res, indent=1))
+        elif args.sampling_cost:
+            rows, result["sampling_cost"] = bench_sampling_cost(srv, args)
+            result["rows"] = rows
+            print()
+            print(summary_table(result["sampling_cost"], "greedy", "sampled"))
+            for s in result["sampling_cost"]:
+                print(f"streams {s['concurrency']}: sampling costs {100 * s['sampling_cost']:+.1f}% of greedy tok/s")
         else:
             both = bool(args.llama_server) and os.access(args.llama_server, os.X_OK)
             rows = [] if (both and args.interleave > 0) else bench(srv, args)

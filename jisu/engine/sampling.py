@@ -13,6 +13,7 @@ import traceback
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import SamplingParams
@@ -28,9 +29,17 @@ __all__ = ["Sampler", "RowSpec", "sample_rows", "filtered_dist", "rejection_samp
            "native_sampler_available"]
 
 
+_NATIVE = None   # the module once found (it does not go away)
+
+
 def native_sampler_available() -> bool:
-    K = _native.get()
-    return K is not None and hasattr(K, "sample_rows")
+    global _NATIVE
+    if _NATIVE is None:
+        K = _native.get()
+        if K is None or not hasattr(K, "sample_rows"):
+            return False
+        _NATIVE = K
+    return True
 
 
 @dataclass
@@ -77,7 +86,7 @@ def _param_rows(spec: RowSpec, V: int) -> tuple[list[float], list[int], list[tor
 
 
 def _native_ok(logits: torch.Tensor) -> bool:
-    return (native_sampler_available() and logits.dtype == torch.float32 and logits.device.type == "cpu"
+    return (native_sampler_available() and logits.dtype == torch.float32 and not logits.is_cuda
             and logits.dim() == 2 and logits.stride(1) == 1 and logits.shape[1] > 0)
 
 
@@ -92,15 +101,16 @@ def sample_rows(logits: torch.Tensor, specs: list[RowSpec]) -> list[Drawn]:
         return [_ref_row(logits[r], s) for r, s in enumerate(specs)]
     R, V = logits.shape
     rows = [_param_rows(s, V) for s in specs]
-    fp = torch.tensor([r[0] for r in rows], dtype=torch.float64)
-    ip = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+    # numpy buffers: a torch.tensor from lists costs ~50 us, a sizeable part of a small model's step
+    fp = np.array([r[0] for r in rows], dtype=np.float64)
+    ip = np.array([r[1] for r in rows], dtype=np.int64)
     max_top = max(max(s.logprobs or 0 for s in specs), 1)
-    tokens = torch.empty(R, dtype=torch.int64)
-    lps = torch.empty(R, dtype=torch.float64)
-    top_ids = torch.empty(R, max_top, dtype=torch.int64)
-    top_lp = torch.empty(R, max_top, dtype=torch.float64)
-    _native.get().sample_rows(logits.data_ptr(), R, V, logits.stride(0), fp.data_ptr(), ip.data_ptr(),
-                              tokens.data_ptr(), lps.data_ptr(), top_ids.data_ptr(), top_lp.data_ptr(), max_top)
+    tokens = np.empty(R, dtype=np.int64)
+    lps = np.empty(R, dtype=np.float64)
+    top_ids = np.empty((R, max_top), dtype=np.int64)
+    top_lp = np.empty((R, max_top), dtype=np.float64)
+    _NATIVE.sample_rows(logits.data_ptr(), R, V, logits.stride(0), fp.ctypes.data, ip.ctypes.data,
+                        tokens.ctypes.data, lps.ctypes.data, top_ids.ctypes.data, top_lp.ctypes.data, max_top)
     out = []
     toks = tokens.tolist()
     want = [s.logprobs is not None for s in specs]

@@ -41,9 +41,10 @@ double keyed_uniform(uint64_t seed, int64_t position, int64_t stream) {
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
 #endif
-// x86: an AVX2 copy of the two passes over the whole row, picked at load time (same results).
+// x86: AVX-512 and AVX2 copies of the passes over the whole row, picked at load time (same
+// results: no contraction, and every sum keeps its lanes' order).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define JISU_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
+#define JISU_AVX2_CLONE __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define JISU_AVX2_CLONE
 #endif
@@ -70,6 +71,7 @@ inline float fexp(float x) {
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 256;  // elements per block of the weight pass (sums, maxima)
+constexpr int64_t kPartitionMax = 4096;  // top-p partitions at most this many candidates, else bins
 
 JISU_AVX2_CLONE float row_max(const float* x, int64_t n) {
   float acc[kLanes];
@@ -108,7 +110,7 @@ JISU_AVX2_CLONE void exp_into(const float* __restrict x, float* __restrict w, in
 }
 
 // w[i] = exp((x[i] - m) * s) over [a, b) (b - a <= kBlock); returns the sum, sets *mx the maximum.
-double weight_block(const float* x, float* w, int64_t a, int64_t b, float m, float s, float* mx) {
+JISU_AVX2_CLONE double weight_block(const float* x, float* w, int64_t a, int64_t b, float m, float s, float* mx) {
   exp_into(x + a, w + a, b - a, m, s);
   double acc[8] = {0};
   float hi[8] = {0};
@@ -174,12 +176,31 @@ inline bool before(const Cand& a, const Cand& b) {  // descending weight, then a
   return a.w > b.w || (a.w == b.w && a.id < b.id);
 }
 
+// A row's kept tokens as a rule over its weights, for large kept sets (they are not listed): t is
+// kept when w > hi, or w == hi and t <= id_hi (before(t, cutoff) or t is the cutoff).
+struct Rule {
+  float hi;
+  int32_t id_hi;
+};
+
+// The rule keeping the tokens at or before (hi, id_hi) whose weight is also >= min_p.
+Rule make_rule(float hi, int32_t id_hi, double min_p) {
+  float m = (float)min_p;  // the least float >= min_p: w >= min_p as a float comparison
+  if ((double)m < min_p) m = std::nextafter(m, 2.0f);
+  if (m > hi) return {m, INT32_MAX};
+  return {hi, id_hi};
+}
+
 struct Scratch {
   std::vector<float> pen, w, heap;
   std::vector<double> bsum;
   std::vector<float> bmax;
   std::vector<Cand> cand, cbuf;
   std::vector<std::pair<int32_t, double>> kept;  // (id, weight)
+  bool by_rule = false;                          // the kept tokens are those `rule` keeps in w
+  Rule rule;
+  std::vector<double> hmass, hmass2, ksum;
+  std::vector<int64_t> hcnt, hcnt2;
 };
 
 Scratch& scratch() {
@@ -228,12 +249,152 @@ int64_t top_p_prefix(Cand* c, int64_t n, double target) {
   return hi;
 }
 
+// ---------------------------------------------------------------- top-p over the whole row
+// A positive float's bits order like its value: weights are binned by their top bits (exponent
+// and mantissa), a bin's mass and count tell which bin the top-p boundary crosses, and only that
+// bin's tokens are ever sorted, so a flat distribution (top-p keeping most of a 150k vocabulary)
+// costs two scans instead of a sort of the row.
+inline uint32_t fbits(float w) {
+  uint32_t u;
+  std::memcpy(&u, &w, 4);
+  return u;
+}
+
+struct Cutoff {  // the last kept token in `before` order
+  float w;
+  int32_t id;
+};
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+inline bool kept_by(const Rule& r, float x, int32_t i) { return (x > r.hi) | ((x == r.hi) & (i <= r.id_hi)); }
+
+// The kept mass of w[a, e) (e - a <= kBlock), in 8 lanes like weight_block.
+JISU_AVX2_CLONE double kept_block_sum(const float* __restrict w, int64_t a, int64_t e, const Rule& r) {
+  float t[kBlock];
+  const int32_t n = (int32_t)(e - a), id = r.id_hi - (int32_t)a;  // (ids < 2^31: id_hi - a fits)
+  const float hi = r.hi;
+  for (int32_t i = 0; i < n; i++) {
+    const float x = w[a + i];
+    t[i] = (x > hi || (x == hi && i <= id)) ? x : 0.f;
+  }
+  double acc[8] = {0};
+  int32_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; j++) acc[j] += (double)t[i + j];
+  double sum = 0;
+  for (int j = 0; j < 8; j++) sum += acc[j];
+  for (; i < n; i++) sum += (double)t[i];
+  return sum;
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// f(id, w) for every kept token, in ascending id order.
+template <class F>
+void for_kept(const float* w, int64_t V, const float* bmax, const Rule& r, F&& f) {
+  for (int64_t b = 0, nb = (V + kBlock - 1) / kBlock; b < nb; b++) {
+    if (!(bmax[b] >= r.hi)) continue;
+    for (int64_t i = b * kBlock, e = std::min(V, (b + 1) * kBlock); i < e; i++)
+      if (kept_by(r, w[i], (int32_t)i)) f(i, w[i]);
+  }
+}
+
+// Where top-p stops: the last token (in `before` order) whose preceding mass is < need, among the
+// tokens of weight >= lb, or of weight >= floor_lb when those do not hold need.
+Cutoff top_p_cutoff(const float* w, int64_t V, const float* bmax, float lb, float floor_lb, double need,
+                    Scratch& s) {
+  constexpr int kShift1 = 19, kBins1 = 1 << (32 - kShift1 - 1);  // sign bit is 0
+  constexpr int kShift2 = 6, kBins2 = 1 << (kShift1 - kShift2);
+  const int64_t nb = (V + kBlock - 1) / kBlock;
+  std::vector<double>& mass = s.hmass;
+  std::vector<int64_t>& cnt = s.hcnt;
+  for (;;) {
+    mass.assign(kBins1, 0.0);
+    cnt.assign(kBins1, 0);
+    double total = 0;
+    for (int64_t b = 0; b < nb; b++) {
+      if (!(bmax[b] >= lb)) continue;
+      for (int64_t i = b * kBlock, e = std::min(V, (b + 1) * kBlock); i < e; i++) {
+        const float x = w[i];
+        if (x >= lb) {
+          const uint32_t k = fbits(x) >> kShift1;
+          mass[k] += (double)x;
+          cnt[k]++;
+          total += (double)x;
+        }
+      }
+    }
+    if (total >= need || lb <= floor_lb) break;
+    lb = floor_lb;
+  }
+  double above = 0;
+  int k1 = kBins1 - 1;
+  for (; k1 >= 0; k1--) {
+    if (cnt[k1] == 0) continue;
+    if (above + mass[k1] >= need) break;
+    above += mass[k1];
+  }
+  if (k1 < 0) {  // the candidates hold less than need (rounding): keep them all
+    return {lb, INT32_MAX};
+  }
+  // the crossing bin's tokens
+  if ((int64_t)s.cbuf.size() < cnt[k1] + 1) s.cbuf.resize(cnt[k1] + 1);
+  Cand* c = s.cbuf.data();
+  int64_t n = 0;
+  for (int64_t b = 0; b < nb; b++) {
+    if (!(bmax[b] >= lb) || (fbits(bmax[b]) >> kShift1) < (uint32_t)k1) continue;
+    for (int64_t i = b * kBlock, e = std::min(V, (b + 1) * kBlock); i < e; i++) {
+      c[n] = {w[i], (int32_t)i};
+      n += (w[i] >= lb) & ((fbits(w[i]) >> kShift1) == (uint32_t)k1);
+    }
+  }
+  int64_t lo = 0, hi = n;
+  if (n > 64) {  // a finer histogram within the bin
+    std::vector<double>& m2 = s.hmass2;
+    std::vector<int64_t>& c2 = s.hcnt2;
+    m2.assign(kBins2, 0.0);
+    c2.assign(kBins2, 0);
+    for (int64_t i = 0; i < n; i++) {
+      const uint32_t k = (fbits(c[i].w) >> kShift2) & (kBins2 - 1);
+      m2[k] += (double)c[i].w;
+      c2[k]++;
+    }
+    int k2 = -1;  // the sub-bin crossing need (the last non-empty one if rounding leaves none)
+    double before_k2 = above;
+    for (int k = kBins2 - 1; k >= 0; k--) {
+      if (c2[k] == 0) continue;
+      k2 = k;
+      before_k2 = above;
+      if (above + m2[k] >= need) break;
+      above += m2[k];
+    }
+    above = before_k2;
+    int64_t m = 0;  // the sub-bin's tokens to the front
+    for (int64_t i = 0; i < n; i++)
+      if (((fbits(c[i].w) >> kShift2) & (kBins2 - 1)) == (uint32_t)k2) std::swap(c[i], c[m++]);
+    hi = m;
+  }
+  std::sort(c + lo, c + hi, before);
+  Cutoff cut = {c[lo].w, c[lo].id};
+  for (int64_t i = lo; i < hi; i++) {
+    if (above >= need) break;
+    above += c[i].w;
+    cut = {c[i].w, c[i].id};
+  }
+  return cut;
+}
+
 // The kept tokens of row x (penalized) with their weights, in ascending id order, in s.kept; or
 // none when every token is kept with weight s.w (then *all = true; block sums in s.bsum).
 void filter_row(const float* x, int64_t V, const RowParams& P, Scratch& s, bool* all) {
   const float m = row_max(x, V);
   const float it = (float)(1.0 / P.temperature);
   s.kept.clear();
+  s.by_rule = false;
   *all = false;
   if (P.top_k > 0 && P.top_k < V) {
     // the k-th largest logit (a min-heap of the k largest), then every logit >= it
@@ -264,35 +425,40 @@ void filter_row(const float* x, int64_t V, const RowParams& P, Scratch& s, bool*
       *all = true;
       return;
     }
-    // Candidates: every token whose weight is >= lb, a lower bound of the kept weights. Top-p
-    // keeps nothing below (1 - top_p) Z / V (the tokens below it weigh less than what top-p
-    // drops); a higher bound serves once the tokens above it hold top_p of the mass. Min-p alone
-    // keeps nothing below min_p.
+    if (P.top_p >= 1.0) {  // min-p alone
+      s.by_rule = true;
+      s.rule = make_rule(0.f, INT32_MAX, P.min_p);
+      return;
+    }
+    // Only tokens weighing >= (1 - top_p) Z / V can be kept (those below weigh less than what
+    // top-p drops). Usually the tokens of weight >= 1e-2 (of the largest) hold the mass needed and
+    // are few: they are partitioned; otherwise (a flat distribution) the weights are binned.
     const double need = P.top_p * Z;
-    const float floor_lb = P.top_p < 1.0 ? (float)((1.0 - P.top_p) * Z / (double)V * 0.5) : (float)P.min_p * 0.999f;
-    float lb = P.top_p < 1.0 ? std::max(floor_lb, 1e-2f) : floor_lb;
+    const float floor_lb = (float)((1.0 - P.top_p) * Z / (double)V * 0.5);
+    const float lb = std::max(floor_lb, 1e-2f);
     if ((int64_t)s.cbuf.size() < V + 1) s.cbuf.resize(V + 1);
     Cand* c = s.cbuf.data();
-    int64_t n;
-    for (;;) {
-      n = 0;
-      double mass = 0;
-      for (int64_t b = 0; b < nb; b++)
-        if (s.bmax[b] >= lb)
-          for (int64_t i = b * kBlock, e = std::min(V, (b + 1) * kBlock); i < e; i++) {
-            c[n] = {s.w[i], (int32_t)i};
-            const bool in = s.w[i] >= lb;
-            mass += in ? (double)s.w[i] : 0.0;
-            n += in;
-          }
-      if (P.top_p >= 1.0 || mass >= need || lb <= floor_lb) break;
-      lb = std::max(lb * 1e-3f, floor_lb);
+    int64_t n = 0;
+    double mass = 0;
+    for (int64_t b = 0; b < nb && n <= kPartitionMax; b++)
+      if (s.bmax[b] >= lb)
+        for (int64_t i = b * kBlock, e = std::min(V, (b + 1) * kBlock); i < e; i++) {
+          c[n] = {s.w[i], (int32_t)i};
+          const bool in = s.w[i] >= lb;
+          mass += in ? (double)s.w[i] : 0.0;
+          n += in;
+        }
+    if (n <= kPartitionMax && mass >= need) {
+      n = top_p_prefix(c, n, need);
+      for (int64_t i = 0; i < n; i++)
+        if ((double)c[i].w >= P.min_p) s.kept.push_back({c[i].id, (double)c[i].w});
+      std::sort(s.kept.begin(), s.kept.end());
+      return;
     }
-    s.cand.assign(c, c + n);
-    if (P.top_p < 1.0) s.cand.resize(top_p_prefix(s.cand.data(), n, need));
-    for (const Cand& c : s.cand)
-      if ((double)c.w >= P.min_p) s.kept.push_back({c.id, (double)c.w});
-    std::sort(s.kept.begin(), s.kept.end());
+    const Cutoff cut = top_p_cutoff(s.w.data(), V, s.bmax.data(), n <= kPartitionMax ? floor_lb : lb, floor_lb,
+                                     need, s);
+    s.by_rule = true;
+    s.rule = make_rule(cut.w, cut.id, P.min_p);
     return;
   }
   // top-k candidates: top-p over their mass, then min-p
@@ -324,7 +490,7 @@ const float* penalize(const float* x, int64_t V, const RowParams& P, Scratch& s)
   return y;
 }
 
-int64_t draw_row(const Scratch& s, bool all, int64_t V, double u) {
+int64_t draw_row(Scratch& s, bool all, int64_t V, double u) {
   if (all) {
     double total = 0;
     for (double b : s.bsum) total += b;
@@ -345,6 +511,38 @@ int64_t draw_row(const Scratch& s, bool all, int64_t V, double u) {
       }
     }
     return last < 0 ? 0 : last;
+  }
+  if (s.by_rule) {  // the kept mass per block, then the crossing block's tokens
+    const Rule& r = s.rule;
+    const float lb = r.hi;
+    const int64_t nb = (V + kBlock - 1) / kBlock;
+    std::vector<double>& ks = s.ksum;
+    ks.assign(nb, 0.0);
+    double total = 0;
+    for (int64_t b = 0; b < nb; b++)
+      if (s.bmax[b] >= lb) total += ks[b] = kept_block_sum(s.w.data(), b * kBlock, std::min(V, (b + 1) * kBlock), r);
+    const double t = u * total;
+    double cum = 0;
+    int64_t last = -1;
+    for (int64_t b = 0; b < nb; b++) {
+      if (ks[b] <= 0) continue;
+      if (cum + ks[b] <= t) {
+        cum += ks[b];
+        last = b;
+        continue;
+      }
+      for (int64_t i = b * kBlock, e = std::min(V, (b + 1) * kBlock); i < e; i++)
+        if (kept_by(r, s.w[i], (int32_t)i)) {
+          cum += s.w[i];
+          if (cum > t) return i;
+        }
+      last = b;
+    }
+    if (last < 0) return 0;
+    int64_t id = 0;  // rounding: the last kept token
+    for (int64_t i = last * kBlock, e = std::min(V, (last + 1) * kBlock); i < e; i++)
+      if (kept_by(r, s.w[i], (int32_t)i)) id = i;
+    return id;
   }
   double total = 0;
   for (const auto& k : s.kept) total += k.second;
@@ -454,6 +652,12 @@ int64_t filtered_dist(uintptr_t logits, int64_t V, uintptr_t fparams, uintptr_t 
         probs[n++] = s.w[i];
         total += s.w[i];
       }
+  } else if (s.by_rule) {
+    for_kept(s.w.data(), V, s.bmax.data(), s.rule, [&](int64_t i, float x) {
+      ids[n] = i;
+      probs[n++] = x;
+      total += x;
+    });
   } else {
     for (const auto& k : s.kept) {
       ids[n] = k.first;
