@@ -36,7 +36,11 @@ import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-DEFAULT_LLAMA_SERVER = "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"
+# llama.cpp built on this machine (../shared/BENCHMARKS.md), else the peers' tree (built elsewhere, it
+# may use instructions this CPU lacks)
+DEFAULT_LLAMA_SERVER = next((p for p in (os.path.expanduser("~/.cache/jisu/llama.cpp-build-native/bin/llama-server"),
+                                         "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server")
+                             if os.path.exists(p)), "llama-server")
 
 PROMPTS = [
     "The history of the printing press begins",
