@@ -90,16 +90,21 @@ def _native_ok(logits: torch.Tensor) -> bool:
             and logits.dim() == 2 and logits.stride(1) == 1 and logits.shape[1] > 0)
 
 
-def sample_rows(logits: torch.Tensor, specs: list[RowSpec]) -> list[Drawn]:
-    """One token per row of logits [R, V] (row r drawn as specs[r] says), natively in one call
-    when the module is built, else by the reference; both give the same tokens."""
-    if len(specs) != logits.shape[0]:
-        raise ValueError(f"{len(specs)} row specs for {logits.shape[0]} logits rows")
+def sample_rows(logits: torch.Tensor, specs: list[RowSpec], rows: list[int] | None = None) -> list[Drawn]:
+    """One token per spec: specs[i] draws from logits row rows[i] (row i when rows is None),
+    natively in one call when the module is built, else by the reference; both give the same tokens."""
+    n_rows = logits.shape[0] if rows is None else len(rows)
+    if len(specs) != n_rows:
+        raise ValueError(f"{len(specs)} row specs for {n_rows} logits rows")
     if not specs:
         return []
+    if rows is not None and not all(0 <= r < logits.shape[0] for r in rows):
+        raise ValueError("row index outside the logits")
     if not _native_ok(logits):
-        return [_ref_row(logits[r], s) for r, s in enumerate(specs)]
-    R, V = logits.shape
+        idx = range(len(specs)) if rows is None else rows
+        return [_ref_row(logits[r], s) for r, s in zip(idx, specs)]
+    R, V = len(specs), logits.shape[1]
+    row_ids = None if rows is None else np.array(rows, dtype=np.int64)
     rows = [_param_rows(s, V) for s in specs]
     # numpy buffers: a torch.tensor from lists costs ~50 us, a sizeable part of a small model's step
     fp = np.array([r[0] for r in rows], dtype=np.float64)
@@ -110,7 +115,8 @@ def sample_rows(logits: torch.Tensor, specs: list[RowSpec]) -> list[Drawn]:
     top_ids = np.empty((R, max_top), dtype=np.int64)
     top_lp = np.empty((R, max_top), dtype=np.float64)
     _NATIVE.sample_rows(logits.data_ptr(), R, V, logits.stride(0), fp.ctypes.data, ip.ctypes.data,
-                        tokens.ctypes.data, lps.ctypes.data, top_ids.ctypes.data, top_lp.ctypes.data, max_top)
+                        tokens.ctypes.data, lps.ctypes.data, top_ids.ctypes.data, top_lp.ctypes.data, max_top,
+                        0 if row_ids is None else row_ids.ctypes.data)
     out = []
     toks = tokens.tolist()
     want = [s.logprobs is not None for s in specs]
@@ -172,15 +178,20 @@ class Sampler:
         self._drawn: dict[int, Drawn] = {}
         self._specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __call__(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[SampleResult]:
-        self._drawn = self._draw_batch(batch, logits)
+    def __call__(self, batch: ScheduledBatch, logits: torch.Tensor, skip: set[int] | None = None) -> list[SampleResult]:
+        """One result per chunk of the batch; chunks whose index is in `skip` keep their rows but
+        are not sampled (their result is None: the speculative verifier takes them)."""
+        self._drawn = self._draw_batch(batch, logits, skip)
         try:
             results, off = [], 0
             one = len(batch.chunks) == 1  # (a single sequence's step: its rows are all the rows)
-            for c in batch.chunks:
+            for i, c in enumerate(batch.chunks):
                 n = len(c.logit_positions)
                 rows = logits if one else logits[off:off + n]
                 off += n
+                if skip and i in skip:
+                    results.append(None)
+                    continue
                 try:
                     results.append(self.sample_one(c, rows))
                 except Exception as e:  # noqa: BLE001 - isolate the request
@@ -202,15 +213,16 @@ class Sampler:
         spec.position = len(req.tokens)
         return spec
 
-    def _draw_batch(self, batch: ScheduledBatch, logits: torch.Tensor) -> dict[int, Drawn]:
-        """Every sampling chunk's token, natively in one call: chunk id -> Drawn."""
+    def _draw_batch(self, batch: ScheduledBatch, logits: torch.Tensor, skip: set[int] | None = None
+                    ) -> dict[int, Drawn]:
+        """Every sampling chunk's token (those not in skip), natively in one call: chunk id -> Drawn."""
         if not _native_ok(logits):
             return {}
         chunks, rows, specs, off = [], [], [], 0
-        for c in batch.chunks:
+        for i, c in enumerate(batch.chunks):
             n = len(c.logit_positions)
             off += n
-            if c.sample:
+            if c.sample and not (skip and i in skip):
                 spec = self._spec(c.req)
                 if spec is not None:
                     chunks.append(c)
@@ -218,16 +230,15 @@ class Sampler:
                     specs.append(spec)
         if not specs:
             return {}
-        sel = logits if rows == list(range(logits.shape[0])) else logits[rows]
         if any(c.req.constraint is not None for c in chunks):   # structured output: the grammar's mask
             # in place, in numpy: the rows drawn here are read again only by the draw, and a torch
             # op this size wakes the intra-op pool, whose spinning threads then slow the next step
-            arr = sel.numpy()
+            arr = logits.numpy()
             for i, c in enumerate(chunks):
                 if c.req.constraint is not None:
-                    c.req.constraint.mask_(arr[i])
-        try:
-            drawn = sample_rows(sel, specs)
+                    c.req.constraint.mask_(arr[rows[i]])
+        try:   # the rows drawn in place (a copy of a step's rows cost ~1 ms at 16 streams)
+            drawn = sample_rows(logits, specs, None if rows == list(range(logits.shape[0])) else rows)
         except Exception:  # noqa: BLE001 - each request is drawn (or fails) on its own
             log.error("batched sampling failed: %s", traceback.format_exc())
             return {}

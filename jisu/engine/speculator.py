@@ -142,10 +142,12 @@ class Speculator:
         return self._cost
 
     # --- before the step ----------------------------------------------------------------------
-    def _choose(self, alpha: float, kmax: int, tokens: float, base: int, busy: float, per_tok: float) -> int:
+    def _choose(self, alpha: float, kmax: int, tokens: float, base: int, busy: float, per_tok: float,
+                margin: float | None = None) -> int:
         """The draft length that maximises expected tokens per second of the whole step."""
         cost = self.cost
-        best_k, best = 0, tokens / (cost.t(base) + busy) * (1 + self.margin)
+        margin = self.margin if margin is None else margin
+        best_k, best = 0, tokens / (cost.t(base) + busy) * (1 + margin)
         for k in range(1, kmax + 1):
             gain = alpha * (1 - alpha ** k) / (1 - alpha)
             v = (tokens + gain) / (cost.t(base + k) + busy + k * per_tok)
@@ -171,6 +173,10 @@ class Speculator:
         tokens = float(sum(1 for c in batch.chunks if c.sample))
         busy = 0.0
         plans = []
+        # With several requests decoding and none waiting, a request's accepted drafts end it sooner
+        # but shorten the batch only if it is the last to finish, while its draft rows slow every
+        # step: auto then asks a margin that grows with the requests sharing the step.
+        margin = self.margin * (len(decs) if len(decs) > 1 and not sched.waiting else 1)
         for c in decs:
             req, st = c.req, c.req.spec
             probe = False
@@ -192,7 +198,8 @@ class Speculator:
                 if not cand:
                     continue
                 limit = len(cand)
-            k = self._choose(st.alpha(), limit, tokens, base, busy, drafter.cost_per_token_s)
+            k = self._choose(st.alpha(), limit, tokens, base, busy, drafter.cost_per_token_s,
+                             margin if st.mode == "auto" else None)
             if k == 0:
                 if st.mode != "auto":
                     k = 1
@@ -235,13 +242,9 @@ class Speculator:
             n = len(c.logit_positions)
             spans.append((off, off + n))
             off += n
-        plain = [i for i, r in enumerate(routed) if not r]
-        results: list = [None] * len(batch.chunks)
-        if plain:
-            idx = [j for i in plain for j in range(*spans[i])]
-            sub = sampler(ScheduledBatch([batch.chunks[i] for i in plain]), logits[idx])
-            for i, r in zip(plain, sub):
-                results[i] = r
+        # the plain chunks sampled in place (no copy of their rows), the routed ones verified here
+        skip = {i for i, r in enumerate(routed) if r}
+        results: list = sampler(batch, logits, skip=skip) if len(skip) < len(batch.chunks) else [None] * len(skip)
         for i, r in enumerate(routed):
             if r:
                 c = batch.chunks[i]

@@ -130,6 +130,13 @@ def test_seeded_draws_same_alone_or_batched():
     assert batched == alone == [d.token for d in reordered]
     again = [d.token for d in sample_rows(logits, specs)]
     assert again == batched
+    # draws from chosen rows in place equal draws from a copy of those rows (both paths)
+    rows = [13, 2, 7, 7, 0]
+    picked = [specs[i] for i in (1, 3, 5, 8, 11)]
+    want = [d.token for d in sample_rows(logits[rows].contiguous(), picked)]
+    assert [d.token for d in sample_rows(logits, picked, rows)] == want
+    with pytest.raises(ValueError):
+        sample_rows(logits, picked[:1], [16])
 
 
 def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor, n: int) -> bool:

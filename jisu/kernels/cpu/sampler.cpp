@@ -610,10 +610,12 @@ void check_shape(int64_t rows, int64_t V, int64_t stride) {
 }
 
 void sample_rows(uintptr_t logits, int64_t rows, int64_t V, int64_t stride, uintptr_t fparams, uintptr_t iparams,
-                 uintptr_t tokens, uintptr_t logprobs, uintptr_t top_ids, uintptr_t top_lp, int64_t max_top) {
+                 uintptr_t tokens, uintptr_t logprobs, uintptr_t top_ids, uintptr_t top_lp, int64_t max_top,
+                 uintptr_t row_ids) {
   check_shape(rows, V, stride);
   const double* f = (const double*)fparams;
   const int64_t* ip = (const int64_t*)iparams;
+  const int64_t* ids = (const int64_t*)row_ids;  // the logits row of each draw, or null: row r
   for (int64_t r = 0; r < rows; r++) {
     const RowParams P = unpack(f + r * kF, ip + r * kI);
     if (!(P.temperature >= 0.0) || !(P.top_p > 0.0 && P.top_p <= 1.0) || P.top_k < 0 || P.n_top > max_top)
@@ -622,7 +624,7 @@ void sample_rows(uintptr_t logits, int64_t rows, int64_t V, int64_t stride, uint
   const int nth = (int)std::min<int64_t>(rows, pool_max_threads());
   parallel_for(rows, nth, [&](int64_t a, int64_t b, int) {
     for (int64_t r = a; r < b; r++)
-      sample_one((const float*)logits + r * stride, V, unpack(f + r * kF, ip + r * kI), (int64_t*)tokens + r,
+      sample_one((const float*)logits + (ids ? ids[r] : r) * stride, V, unpack(f + r * kF, ip + r * kI), (int64_t*)tokens + r,
                  (double*)logprobs + r, (int64_t*)top_ids + r * max_top, (double*)top_lp + r * max_top);
   }, 1);
 }
@@ -729,7 +731,8 @@ void register_sampler(py::module_& m) {
         "A uniform in [0, 1) keyed by (seed as uint64, position, stream).");
   m.def("sample_rows", unlocked(&sample_rows),
         "sample_rows(logits_f32, rows, V, stride, fparams_f64[rows,6], iparams_i64[rows,6], tokens_i64[rows], "
-        "logprobs_f64[rows], top_ids_i64[rows,max_top], top_lp_f64[rows,max_top], max_top): one token per row. "
+        "logprobs_f64[rows], top_ids_i64[rows,max_top], top_lp_f64[rows,max_top], max_top, row_ids_i64[rows] or 0): "
+        "one token per draw r, from logits row row_ids[r] (row r when 0). "
         "fparams: temperature (0 = greedy), top_p, min_p, repetition, presence, frequency penalties; iparams: "
         "top_k, seed, position, counts_f32 addr (or 0), prompt_seen_u8 addr (or 0), n_top (< 0: no log-probs)");
   m.def("filtered_dist", unlocked(&filtered_dist),
