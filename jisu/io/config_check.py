@@ -23,6 +23,11 @@ def _positive(v: Any) -> bool:
 
 
 _INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+def _is_token(v) -> bool:
+    """A token id the tokenizer library can take (it indexes with 32-bit integers)."""
+    return _is_int(v) and 0 <= v < 1 << 31
+
+
 _CHECKS = {
     **{k: (_is_int, "an integer") for k in _INTS},
     "arch": (lambda v: isinstance(v, str), "a name"),
@@ -42,8 +47,9 @@ _CHECKS = {
     "query_pre_attn_scalar": (lambda v: v is None or _positive(v), "a positive number"),
     "rope_local_theta": (lambda v: v is None or _positive(v), "a positive number"),
     "embed_scale": (_is_num, "a finite number"),
-    "bos_token_id": (lambda v: v is None or _is_int(v), "an integer"),
-    "eos_token_ids": (lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)), "a list of integers"),
+    "bos_token_id": (lambda v: v is None or _is_token(v), "a token id (0 to 2^31 - 1)"),
+    "eos_token_ids": (lambda v: isinstance(v, (list, tuple)) and all(map(_is_token, v)),
+                      "a list of token ids (0 to 2^31 - 1)"),
     "intermediate_sizes": (lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)), "a list of integers"),
     "layer_heads": (lambda v: isinstance(v, (list, tuple)) and all(
         isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_is_int, p)) for p in v), "a list of [q, kv] pairs"),
