@@ -202,11 +202,28 @@ def compile_matcher(grammar: Grammar, lltok, timeout_s: float | None = None):
             raise GrammarError(f"{grammar.what}: compiling the schema took longer than {timeout_s:g} s") from None
         if tmpl.is_error():
             raise GrammarError(describe_error(grammar.what, tmpl.get_error()))
+        _check_first_mask(tmpl, lltok, grammar.what)
         with _LOCK:
             _COMPILED[key] = tmpl
             while len(_COMPILED) > _CACHE_SIZE:
                 _COMPILED.popitem(last=False)
     return tmpl.deep_copy()
+
+
+def _check_first_mask(tmpl, lltok, what: str) -> None:
+    """A grammar that compiles may still admit no document (`{"$ref": "#"}` recurses forever): its
+    first mask, made on a copy, must allow some token."""
+    m = tmpl.deep_copy()
+    words = np.zeros((lltok.vocab_size + 31) // 32, dtype=np.int32)
+    m.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+    if m.is_error() or not words.any():
+        why = _first_line(m.get_error()) if m.is_error() else "no token can begin it"
+        raise GrammarError(f"{what}: the schema admits no document ({why})")
+
+
+def _first_line(message: str) -> str:
+    line = message.strip().splitlines()[0] if message and message.strip() else "invalid grammar"
+    return line[:500]
 
 
 def describe_error(what: str, message: str) -> str:
@@ -215,8 +232,7 @@ def describe_error(what: str, message: str) -> str:
     if m:
         keys = ", ".join(k.strip().strip('"') for k in m.group(1).split(","))
         return f"{what}: unsupported JSON Schema keyword(s): {keys}"
-    line = message.strip().splitlines()[0] if message.strip() else "invalid grammar"
-    return f"{what}: {line[:500]}"
+    return f"{what}: {_first_line(message)}"
 
 
 def check_grammar(grammar: Grammar, tokenizer, vocab_size: int | None = None, eos_ids: Sequence[int] = ()) -> None:
@@ -319,12 +335,12 @@ class Constraint:
         self._pending = False
         if self._failure is not None:
             e, self._failure = self._failure, None
-            raise GrammarError(f"grammar matcher failed: {type(e).__name__}: {e}")
+            raise GrammarError(f"grammar matcher failed: {type(e).__name__}: {_first_line(str(e))}")
 
     def _check(self) -> None:
         self._wait()
         if self.matcher.is_error():
-            raise GrammarError(f"grammar matcher failed: {self.matcher.get_error()}")
+            raise GrammarError(f"grammar matcher failed: {_first_line(self.matcher.get_error())}")
 
     def allowed(self) -> np.ndarray:
         """[V] bool: the tokens the grammar allows next."""
@@ -353,7 +369,7 @@ class Constraint:
         """Advance past the sampled token (EOS included) and start the next mask."""
         self._wait()
         if not self.matcher.consume_token(int(token_id)):
-            raise GrammarError(f"grammar matcher rejected token {token_id}: {self.matcher.get_error()}")
+            raise GrammarError(f"grammar matcher rejected token {token_id}: {_first_line(self.matcher.get_error())}")
         self.prepare()   # (once the grammar is complete, the mask allows EOS only)
 
     @property

@@ -7,9 +7,10 @@ from .core import Harness
 from .harness_artifact import HARNESSES as _ARTIFACT
 from .harness_http import HARNESSES as _HTTP
 from .harness_models import HARNESSES as _MODELS
+from .harness_schema import HARNESSES as _SCHEMA
 from .harness_text import HARNESSES as _TEXT
 
-HARNESSES: dict[str, Harness] = {h.name: h for h in [*_MODELS, *_ARTIFACT, *_TEXT, *_HTTP]}
+HARNESSES: dict[str, Harness] = {h.name: h for h in [*_MODELS, *_ARTIFACT, *_TEXT, *_SCHEMA, *_HTTP]}
 _contexts: dict[str, object] = {}
 _workdir: list[str] = []
 

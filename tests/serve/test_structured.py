@@ -219,6 +219,9 @@ def test_schema_errors_are_400(server, monkeypatch):
         ({"tools": [WEATHER, WEATHER]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                                                                                "dependentRequired": {}}}}]}, "tools"),
+        # compiles, but admits no document (it recurses forever): found by the json_schema fuzz harness
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "loop", "schema": {"$ref": "#"}}}},
+         "response_format"),
     ]:
         r = _post(server, {"messages": ASK, "max_tokens": 5, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
