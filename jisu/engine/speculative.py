@@ -173,7 +173,9 @@ class DraftModelProposer:
     @classmethod
     def from_llm(cls, draft_llm, target_tokenizer, target_cfg, **kw) -> "DraftModelProposer":
         check_same_vocab(target_tokenizer, target_cfg, draft_llm.tokenizer, draft_llm.config)
-        return cls(draft_llm.step_runner, **kw)
+        # the plain runner: a draft's numbers decide only how many of its tokens are accepted (the
+        # target verifies every one), so it runs the fast int8 activations, not the faithful steps
+        return cls(draft_llm.runner, **kw)
 
     def release(self, req) -> None:
         self.release_id(req.id)
