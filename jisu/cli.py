@@ -64,7 +64,9 @@ def _speculative(args, llm) -> str:
         from .engine.speculative import DraftModelProposer
 
         draft = load(spec[len("draft:"):], fast=not llm.faithful)
-        llm.draft = DraftModelProposer.from_llm(draft, llm.tokenizer, llm.config)
+        path = lambda m: os.path.realpath(m.source.path) if getattr(m, "source", None) else None  # noqa: E731
+        same = path(draft) is not None and path(draft) == path(llm)
+        llm.draft = DraftModelProposer.from_llm(draft, llm.tokenizer, llm.config, same_as_target=same)
         return "draft"
     return spec
 

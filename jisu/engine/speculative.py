@@ -171,11 +171,14 @@ class DraftModelProposer:
         self.cost_per_token_s = 0.0          # set by the engine's profile
 
     @classmethod
-    def from_llm(cls, draft_llm, target_tokenizer, target_cfg, **kw) -> "DraftModelProposer":
+    def from_llm(cls, draft_llm, target_tokenizer, target_cfg, *, same_as_target: bool = False,
+                 **kw) -> "DraftModelProposer":
+        """A draft from a loaded model. Another model drafts with its plain runner: a draft's numbers
+        decide only how many of its tokens are accepted (the target verifies every one), so it runs
+        the fast int8 activations, not the faithful steps. The target's own file drafting for it
+        (`same_as_target`) runs the target's steps, so that every draft is accepted."""
         check_same_vocab(target_tokenizer, target_cfg, draft_llm.tokenizer, draft_llm.config)
-        # the plain runner: a draft's numbers decide only how many of its tokens are accepted (the
-        # target verifies every one), so it runs the fast int8 activations, not the faithful steps
-        return cls(draft_llm.runner, **kw)
+        return cls(draft_llm.step_runner if same_as_target else draft_llm.runner, **kw)
 
     def release(self, req) -> None:
         self.release_id(req.id)
