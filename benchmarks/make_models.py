@@ -28,7 +28,8 @@ QUANT_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K
 
 # real shapes, random weights (HF config.json fields; vocab padded past the tokenizer's 49152 tokens)
 ARCHS = {
-    "qwen2.5-1.5b": dict(name="Qwen2.5-1.5B", types=("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K"),
+    "qwen2.5-1.5b": dict(name="Qwen2.5-1.5B", types=("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K",
+                                                     "Q5_0", "Q5_1", "IQ4_NL", "F16"),  # BF16: --keep-intermediates
                          config=dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=1536,
                                      intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                                      num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
