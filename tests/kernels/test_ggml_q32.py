@@ -162,3 +162,19 @@ def test_cpp_check_x86(tmp_path):
 def test_cpp_check_neon_under_qemu(tmp_path):
     out = run_check("ggml_q32_check", AARCH64, tmp_path)
     assert "testing neon" in out and "0 failures in all" in out, out
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", sorted(set(TYPES) - set(QUANT)), ids=lambda t: t.name)
+def test_half_types_in_chunks_of_activation_rows(qtype):
+    """16-bit weights with long rows: the activation rows go in chunks that fit the cache (12 rows at
+    K = 8960); every row equals the same row alone, bit for bit, on one and on two threads."""
+    N, K, M = 10, 8960, 31
+    w = packed(qtype, N, K, seed=9)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(4))
+    alone = torch.cat([ops.linear(x[m:m + 1], w) for m in range(M)])
+    assert torch.equal(ops.linear(x, w), alone)
+    with threads(2):
+        assert torch.equal(ops.linear(x, w), alone)
+    exact = x.double() @ w.dequantize().double().T
+    assert (ops.linear(x, w).double() - exact).norm() <= 1e-5 * exact.norm()
