@@ -21,7 +21,8 @@ from ..errors import JisuError
 
 MAX_GRAMMAR_BYTES = 256 << 10      # a schema / grammar's text
 COMPILE_TIMEOUT_S = 1.0            # wall-clock cap on building a grammar's matcher
-_CACHE_SIZE = 256                  # compiled grammars kept (by text and tokenizer)
+_CACHE_SIZE = 64                   # compiled grammars kept (by text and tokenizer): a hostile schema's
+#                                    matcher can hold megabytes (256 of them held ~500 MB under fuzzing)
 
 # JSON output is compact and single-line: a small model given free whitespace can emit it forever
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
