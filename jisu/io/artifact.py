@@ -208,6 +208,8 @@ def read_manifest(folder: str) -> dict:
                                f"up to {FORMAT_VERSION})")
     if not isinstance(m.get("tensors"), dict) or not isinstance(m.get("files"), dict):
         raise ModelFormatError(f"{folder}: manifest.json lacks tensors/files")
+    if not isinstance(m.get("sizes", {}), dict):
+        raise ModelFormatError(f"{folder}: manifest.json sizes is not an object of file sizes")
     return m
 
 
@@ -221,6 +223,8 @@ def verify_artifact(folder: str, manifest: Optional[dict] = None) -> dict:
         if not os.path.isfile(path):
             raise ModelFormatError(f"{folder}: file {name} listed in manifest.json is missing")
         size = m.get("sizes", {}).get(name)
+        if size is not None and not (isinstance(size, int) and not isinstance(size, bool)):
+            raise ModelFormatError(f"{folder}: manifest.json sizes[{name!r}] = {size!r:.40} is not a byte count")
         if size is not None and os.path.getsize(path) != size:
             raise ModelFormatError(f"{path}: size {os.path.getsize(path)} differs from the manifest's {size} (truncated?)")
         if sha256_file(path) != digest:

@@ -134,6 +134,8 @@ def _parse_header(path: str, head) -> _Header:
         if n_dims == 0 or n_dims > MAX_DIMS:
             raise fail(f"tensor with {n_dims} dimensions")
         dims = [read_u64() for _ in range(n_dims)]
+        if max(dims) > MAX_ELEMENTS:   # (one dimension of 0 makes the product small, not the others)
+            raise fail(f"tensor dimension of {max(dims)}")
         if int(np.prod(dims, dtype=object)) > MAX_ELEMENTS:
             raise fail(f"tensor of {int(np.prod(dims, dtype=object))} elements")
         tensors.append((name, dims, read_u32(), read_u64()))
