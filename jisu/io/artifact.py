@@ -221,14 +221,14 @@ def verify_artifact(folder: str, manifest: Optional[dict] = None) -> dict:
     for name, digest in m["files"].items():
         path = _checked_child(folder, name, "manifest.json files")
         if not os.path.isfile(path):
-            raise ModelFormatError(f"{folder}: file {name} listed in manifest.json is missing")
+            raise ModelFormatError(f"{folder}: file {name!r} listed in manifest.json is missing")
         size = m.get("sizes", {}).get(name)
         if size is not None and not (isinstance(size, int) and not isinstance(size, bool)):
             raise ModelFormatError(f"{folder}: manifest.json sizes[{name!r}] = {size!r:.40} is not a byte count")
         if size is not None and os.path.getsize(path) != size:
-            raise ModelFormatError(f"{path}: size {os.path.getsize(path)} differs from the manifest's {size} (truncated?)")
+            raise ModelFormatError(f"{path!r}: size {os.path.getsize(path)} differs from the manifest's {size} (truncated?)")
         if sha256_file(path) != digest:
-            raise ModelFormatError(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+            raise ModelFormatError(f"{path!r}: sha256 differs from the manifest (file changed or corrupt)")
     return m
 
 
