@@ -86,7 +86,7 @@ def _param_rows(spec: RowSpec, V: int) -> tuple[list[float], list[int], list[tor
 
 
 def _native_ok(logits: torch.Tensor) -> bool:
-    return (native_sampler_available() and logits.dtype == torch.float32 and not logits.is_cuda
+    return (native_sampler_available() and logits.dtype == torch.float32 and logits.device.type == "cpu"
             and logits.dim() == 2 and logits.stride(1) == 1 and logits.shape[1] > 0)
 
 
