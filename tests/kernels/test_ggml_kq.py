@@ -127,6 +127,28 @@ def test_rows_independent_of_batch_and_split(name, refine):
 @needs_native
 @needs_kq
 @pytest.mark.parametrize("refine", [0.0, 2.0, ops.PRECISE])
+def test_batches_quantized_by_several_threads_equal_rows_alone(name, refine):
+    """A batch big enough that several threads quantize its activations (and, where the CPU has AMX-INT8,
+    lay them out as tile operands, 16 rows a unit; 45 rows end in a partial unit) gives every row bitwise
+    what it gives alone."""
+    N, K, M = 35, 2048, 45
+    w = packed(name, N, K, seed=6)
+    x = _x(M, K, seed=7)
+    old = ops.get_act_refine()
+    try:
+        ops.set_act_refine(refine)
+        alone = torch.cat([ops.linear(x[m:m + 1], w) for m in range(M)])
+        for nt in (1, 2, 3):
+            with threads(nt):
+                assert torch.equal(ops.linear(x, w), alone), nt
+                assert torch.equal(ops.linear(x[3:17], w), alone[3:17]), nt
+    finally:
+        ops.set_act_refine(old)
+
+
+@needs_native
+@needs_kq
+@pytest.mark.parametrize("refine", [0.0, 2.0, ops.PRECISE])
 def test_every_isa_equals_scalar(name, refine):
     """Each ISA follows the reference's integer sums and float steps, so it equals scalar bit for bit
     (tolerance 0), for M = 1 and M > 1, with a bias."""

@@ -130,6 +130,8 @@ struct ActQ {
   // integers come out of one int16 dot product). Filled by quantize_act when not null: for INT
   // weights under dense refinement on a table that sets qv_gemm (M > 1).
   int16_t* qv = nullptr;
+  // KernelTable::gg_prep's operands for gg_gemm, laid out once per linear call (null: gg_gemm makes its own).
+  uint8_t* gp = nullptr;
 };
 
 // Fields of a panel block, for a row whose block integer sum with the codes is p and with the
@@ -251,6 +253,12 @@ struct KernelTable {
   // equals the same row alone, bit for bit).
   void (*gg_gemm)(const PackedDesc& W, const float* x, const ActQ& A, int64_t M, int64_t n0,
                   int64_t n1, float* out, int64_t ldo, const float* bias);
+  // Optional (null where the ISA has none): activation operands gg_gemm would otherwise lay out in every call
+  // (the AVX-512 build's tile multiplies: K-quants, M >= 12, a CPU with AMX-INT8). gg_prep_bytes(W, M) is their
+  // size (0: none for this call); gg_prep fills the units of 16 rows [u0, u1) of A.gp after quantize_act
+  // filled those rows, so the threads that quantize the activations lay them out too.
+  size_t (*gg_prep_bytes)(const PackedDesc& W, int64_t M);
+  void (*gg_prep)(const PackedDesc& W, ActQ& A, int64_t M, int64_t u0, int64_t u1);
 };
 
 // Refinement thresholds below the mean block maximum refine nearly every block (ops.PRECISE):

@@ -4,6 +4,7 @@
 // a microsecond of binding overhead.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -87,6 +88,7 @@ struct AlignedBuf {
   }
 };
 AlignedBuf g_act;                  // quantized activations
+AlignedBuf g_prep;                 // KernelTable::gg_prep's operands
 std::vector<AlignedBuf> g_thread;  // per-thread scratch
 
 // Outlier-block refinement threshold of the activations (ActQ::refine; 0 = off).
@@ -182,6 +184,15 @@ struct LinearJob {
 void quant_task(void* ctx, int64_t c, int64_t nc, int) {
   LinearJob& j = *(LinearJob*)ctx;
   int64_t m0, m1;
+  if (j.A.gp) {  // whole units of 16 rows (gg_prep's)
+    int64_t u0, u1;
+    chunk_range(c, nc, (j.M + 15) / 16, u0, u1);
+    if (u0 >= u1) return;
+    m0 = 16 * u0, m1 = std::min<int64_t>(16 * u1, j.M);
+    j.kt->quantize_act(j.x, m0, m1, j.A, j.q16);
+    j.kt->gg_prep(*j.W, j.A, j.M, u0, u1);
+    return;
+  }
   chunk_range(c, nc, j.M, m0, m1);
   if (m0 < m1) {
     j.kt->quantize_act(j.x, m0, m1, j.A, j.q16);
@@ -199,10 +210,11 @@ void linear_task(void* ctx, int64_t c, int64_t nc, int tid) {
     if (n0 < n1) j.kt->f32_gemm(W.f32, W.N, W.K, j.x, j.M, n0, n1, j.out, W.N, j.bias);
     return;
   }
-  if (W.kind == KIND_GGML) {  // in units of NR rows
+  if (W.kind == KIND_GGML) {  // in units of NR rows (16 under gg_prep: its GEMM's panels)
+    const int64_t u = j.A.gp ? 16 : NR;
     int64_t a, b;
-    chunk_range(c, nc, (W.N + NR - 1) / NR, a, b);
-    const int64_t n0 = a * NR, n1 = b * NR < W.N ? b * NR : W.N;
+    chunk_range(c, nc, (W.N + u - 1) / u, a, b);
+    const int64_t n0 = a * u, n1 = b * u < W.N ? b * u : W.N;
     if (n0 < n1) j.kt->gg_gemm(W, j.x, j.A, j.M, n0, n1, j.out, W.N, j.bias);
     return;
   }
@@ -251,8 +263,14 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
     j.q16 = false;
     if (gg_quantized(W.gtype)) {
       j.A = act_buffers(M, W.K, false, 0, false);
+      const size_t prep = g_kt->gg_prep_bytes ? g_kt->gg_prep_bytes(W, M) : 0;
+      if (prep) {
+        j.A.gp = g_prep.get(prep);
+        nc = std::min<int64_t>(nc, (W.N + 15) / 16);
+      }
+      const int64_t units = prep ? (M + 15) / 16 : M;
       if (M * W.K >= 65536 && nth > 1)
-        pool_run(quant_task, &j, M < 4 * nth ? M : 4 * nth, nth);
+        pool_run(quant_task, &j, units < 4 * nth ? units : 4 * nth, nth);
       else
         quant_task(&j, 0, 1, 0);
     }
