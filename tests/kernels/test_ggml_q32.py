@@ -130,22 +130,45 @@ def test_batch_invariance(qtype, refine):
 
 
 @needs_native
+@pytest.mark.parametrize("qtype", sorted(QUANT, key=lambda t: t.name), ids=lambda t: t.name)
+@pytest.mark.parametrize("refine", [0.0, 1.5, ops.PRECISE])
+def test_batches_quantized_by_several_threads_equal_rows_alone(qtype, refine):
+    """A batch big enough that several threads quantize its activations (and, on CPUs with AMX-INT8, lay
+    them out as tile operands, 16 rows a unit; 45 rows end in a partial unit) gives every row bitwise what
+    it gives alone."""
+    N, K, M = 35, 2048, 45
+    w = packed(qtype, N, K, seed=6)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(7))
+    x[:, 97] *= 30
+    old = ops.get_act_refine()
+    ops.set_act_refine(refine)
+    try:
+        alone = torch.cat([ops.linear(x[m:m + 1], w) for m in range(M)])
+        for nt in (1, 2, 3):
+            with threads(nt):
+                assert torch.equal(ops.linear(x, w), alone), nt
+                assert torch.equal(ops.linear(x[3:17], w), alone[3:17]), nt
+    finally:
+        ops.set_act_refine(old)
+
+
+@needs_native
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_every_isa_matches_scalar(qtype):
     """Bitwise: each ISA repeats the scalar reference's float operations in its order."""
     N, K = 21, 1024 + (3 if qtype not in QUANT else 0)
     w = packed(qtype, N, K, seed=9)
-    x = torch.randn(9, K, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(19, K, generator=torch.Generator().manual_seed(4))
     x[:, 64] *= 40
     old = ops.get_act_refine()
     try:
         for refine in (0.0, 1.5, ops.PRECISE):
             ops.set_act_refine(refine)
             with isa("scalar"):
-                ref = [ops.linear(x[:M], w) for M in (1, 9)]
+                ref = [ops.linear(x[:M], w) for M in (1, 9, 19)]
             for name in ISAS:
                 with isa(name):
-                    got = [ops.linear(x[:M], w) for M in (1, 9)]
+                    got = [ops.linear(x[:M], w) for M in (1, 9, 19)]  # 19: tile multiplies on CPUs with AMX
                 for r, g in zip(ref, got):
                     assert torch.equal(r, g), f"{name} refine={refine}"
     finally:

@@ -254,10 +254,10 @@ struct KernelTable {
   void (*gg_gemm)(const PackedDesc& W, const float* x, const ActQ& A, int64_t M, int64_t n0,
                   int64_t n1, float* out, int64_t ldo, const float* bias);
   // Optional (null where the ISA has none): activation operands gg_gemm would otherwise lay out in every call
-  // (the AVX-512 build's tile multiplies: K-quants, M >= 12, a CPU with AMX-INT8). gg_prep_bytes(W, M) is their
+  // (the AVX-512 build's tile multiplies on a CPU with AMX-INT8, for large enough M). gg_prep_bytes(W, A, M) is their
   // size (0: none for this call); gg_prep fills the units of 16 rows [u0, u1) of A.gp after quantize_act
   // filled those rows, so the threads that quantize the activations lay them out too.
-  size_t (*gg_prep_bytes)(const PackedDesc& W, int64_t M);
+  size_t (*gg_prep_bytes)(const PackedDesc& W, const ActQ& A, int64_t M);
   void (*gg_prep)(const PackedDesc& W, ActQ& A, int64_t M, int64_t u0, int64_t u1);
 };
 

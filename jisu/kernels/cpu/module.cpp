@@ -263,7 +263,7 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
     j.q16 = false;
     if (gg_quantized(W.gtype)) {
       j.A = act_buffers(M, W.K, false, 0, false);
-      const size_t prep = g_kt->gg_prep_bytes ? g_kt->gg_prep_bytes(W, M) : 0;
+      const size_t prep = g_kt->gg_prep_bytes ? g_kt->gg_prep_bytes(W, j.A, M) : 0;
       if (prep) {
         j.A.gp = g_prep.get(prep);
         nc = std::min<int64_t>(nc, (W.N + 15) / 16);
