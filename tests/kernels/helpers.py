@@ -100,3 +100,20 @@ def paged_step(runner, kv, seqs, chunks, rows=None):
                      list(range(len(flat))) if rows is None else list(rows), [0] * len(seqs))
     with torch.inference_mode():
         return runner.run(step, kv)
+
+
+def assert_batch_equals_rows_alone(x: torch.Tensor, w, refine: float) -> None:
+    """Under activation setting `refine`, linear(x, w) and a slice of it split across 1, 2 and 3
+    threads equal each row of x alone, bit for bit."""
+    from jisu.kernels import ops
+
+    old = ops.get_act_refine()
+    ops.set_act_refine(refine)
+    try:
+        alone = torch.cat([ops.linear(x[m:m + 1], w) for m in range(x.shape[0])])
+        for nt in (1, 2, 3):
+            with threads(nt):
+                assert torch.equal(ops.linear(x, w), alone), nt
+                assert torch.equal(ops.linear(x[3:17], w), alone[3:17]), nt
+    finally:
+        ops.set_act_refine(old)

@@ -12,7 +12,7 @@ import torch
 
 from jisu.kernels import ops
 
-from .helpers import ISAS, isa, needs_native, quantize_act_ref, threads
+from .helpers import ISAS, assert_batch_equals_rows_alone, isa, needs_native, quantize_act_ref, threads
 from .cpp_check import AARCH64, X86, needs_qemu, needs_x86, run_check
 
 # ggml type id -> (bytes per 256 values, byte offsets of its fp16 scale fields)
@@ -133,18 +133,7 @@ def test_batches_quantized_by_several_threads_equal_rows_alone(name, refine):
     lay them out as tile operands, 16 rows a unit; 45 rows end in a partial unit) gives every row bitwise
     what it gives alone."""
     N, K, M = 35, 2048, 45
-    w = packed(name, N, K, seed=6)
-    x = _x(M, K, seed=7)
-    old = ops.get_act_refine()
-    try:
-        ops.set_act_refine(refine)
-        alone = torch.cat([ops.linear(x[m:m + 1], w) for m in range(M)])
-        for nt in (1, 2, 3):
-            with threads(nt):
-                assert torch.equal(ops.linear(x, w), alone), nt
-                assert torch.equal(ops.linear(x[3:17], w), alone[3:17]), nt
-    finally:
-        ops.set_act_refine(old)
+    assert_batch_equals_rows_alone(_x(M, K, seed=7), packed(name, N, K, seed=6), refine)
 
 
 @needs_native

@@ -11,7 +11,7 @@ import torch
 from jisu.kernels import ops
 from jisu.kernels.packed_ggml import PackedGGML, as_bytes, native_types
 
-from .helpers import ISAS, check_close, isa, needs_native, quantize_act_ref, threads
+from .helpers import ISAS, assert_batch_equals_rows_alone, check_close, isa, needs_native, quantize_act_ref, threads
 from .cpp_check import AARCH64, X86, needs_qemu, needs_x86, run_check
 
 gguf = pytest.importorskip("gguf")
@@ -137,19 +137,9 @@ def test_batches_quantized_by_several_threads_equal_rows_alone(qtype, refine):
     them out as tile operands, 16 rows a unit; 45 rows end in a partial unit) gives every row bitwise what
     it gives alone."""
     N, K, M = 35, 2048, 45
-    w = packed(qtype, N, K, seed=6)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(7))
     x[:, 97] *= 30
-    old = ops.get_act_refine()
-    ops.set_act_refine(refine)
-    try:
-        alone = torch.cat([ops.linear(x[m:m + 1], w) for m in range(M)])
-        for nt in (1, 2, 3):
-            with threads(nt):
-                assert torch.equal(ops.linear(x, w), alone), nt
-                assert torch.equal(ops.linear(x[3:17], w), alone[3:17]), nt
-    finally:
-        ops.set_act_refine(old)
+    assert_batch_equals_rows_alone(x, packed(qtype, N, K, seed=6), refine)
 
 
 @needs_native
