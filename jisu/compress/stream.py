@@ -3,9 +3,7 @@ safetensors) as SourceWeight handles that decode to float32 when used, one at a 
 float32 copy of the whole model is ever held; 1-D tensors (norms, biases) are read at once."""
 from __future__ import annotations
 
-import json
 import os
-import struct
 from typing import Callable, Optional
 
 import torch
@@ -113,21 +111,13 @@ def _gguf_weights(path: str, cfg, g, arch) -> dict:
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _safetensors_header(path: str) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
-
-
 def _hf_weights(cfg, files: list[str], arch) -> dict:
-    from safetensors import safe_open
-
-    from ..io.hf import check_safetensors
+    from ..io.hf import SafetensorsFile
 
     weights = {}
     for path in files:
-        check_safetensors(path)
-        header, base = _safetensors_header(path)
+        f = SafetensorsFile(path)
+        header, base = f.header, f.base
         small = []
         for name, info in header.items():
             if name == "__metadata__" or not (name.startswith("model.") or name in ("lm_head.weight", "rope_freqs")):
@@ -150,12 +140,10 @@ def _hf_weights(cfg, files: list[str], arch) -> dict:
                 return torch.frombuffer(buf, dtype=dtype).view(r1 - r0, K).to(torch.float32)
 
             weights[name] = SourceWeight((N, K), read, arch.load_transform(cfg, "hf", name))
-        if small:
-            with safe_open(path, framework="pt") as f:
-                for name in small:
-                    t = f.get_tensor(name).float()
-                    fn = arch.load_transform(cfg, "hf", name)
-                    weights[name] = fn(t) if fn is not None else t
+        for name in small:
+            t = f.get_tensor(name).float()
+            fn = arch.load_transform(cfg, "hf", name)
+            weights[name] = fn(t) if fn is not None else t
     return weights
 
 

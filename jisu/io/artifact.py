@@ -251,52 +251,49 @@ def iter_formats(folder: str, manifest: Optional[dict] = None, packed: bool = Fa
     stored once under another name, "same_as", are skipped: see _same_as). packed: a large
     integer matrix comes already packed for the kernels, decoded and packed a slice of rows at a
     time with each slice's file pages released (its codes are never whole in memory)."""
-    from safetensors import safe_open
-
-    from .hf import check_safetensors
+    from .hf import SafetensorsFile
 
     m = manifest or read_manifest(folder)
     path = os.path.join(folder, MODEL_FILE)
     if not os.path.isfile(path):
         raise ModelFormatError(f"{folder}: artifact has no {MODEL_FILE}")
-    check_safetensors(path)
+    f = SafetensorsFile(path)
     from ..memory import file_mapping, release_mapped
 
     try:
-        with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-            read: list[torch.Tensor] = []
-            mapping = []  # the file's mapping, found once (after the first tensor is read)
+        keys = set(f.keys())
+        read: list[torch.Tensor] = []
+        mapping = []  # the file's mapping, found once (after the first tensor is read)
 
-            def release(t: torch.Tensor) -> None:
-                """The file pages under t leave this process's RSS (the caller has converted it)."""
-                if not mapping:
-                    mapping.append(file_mapping(path))
-                if mapping[0] is not None:
-                    release_mapped(t.data_ptr(), t.numel() * t.element_size(), mapping[0])
+        def release(t: torch.Tensor) -> None:
+            """The file pages under t leave this process's RSS (the caller has converted it)."""
+            if not mapping:
+                mapping.append(file_mapping(path))
+            if mapping[0] is not None:
+                release_mapped(t.data_ptr(), t.numel() * t.element_size(), mapping[0])
 
-            def get(key):
-                if key not in keys:
-                    raise ModelFormatError(f"{path}: tensor {key!r} named in the manifest is missing")
-                t = f.get_tensor(key)
-                read.append(t)
-                return t
+        def get(key):
+            if key not in keys:
+                raise ModelFormatError(f"{path}: tensor {key!r} named in the manifest is missing")
+            t = f.get_tensor(key)
+            read.append(t)
+            return t
 
-            for name, entry in m["tensors"].items():
-                if not isinstance(entry, dict):
-                    raise ModelFormatError(f"{folder}: manifest entry for {name} is malformed")
-                if "same_as" not in entry:
-                    obj = (_sliced(name, entry, get, release) if packed and _sliceable(entry)
-                           else decode(name, entry, get))
-                    # a plain tensor is kept as it is: its own memory, not a view that would keep
-                    # the file's whole mapping (and every page read from it) resident
-                    yield name, (obj.clone() if isinstance(obj, torch.Tensor) else obj)
-                    for t in read:
-                        release(t)
-                    read.clear()
+        for name, entry in m["tensors"].items():
+            if not isinstance(entry, dict):
+                raise ModelFormatError(f"{folder}: manifest entry for {name} is malformed")
+            if "same_as" not in entry:
+                obj = (_sliced(name, entry, get, release) if packed and _sliceable(entry)
+                       else decode(name, entry, get))
+                # a plain tensor is kept as it is: its own memory, not a view that would keep
+                # the file's whole mapping (and every page read from it) resident
+                yield name, (obj.clone() if isinstance(obj, torch.Tensor) else obj)
+                for t in read:
+                    release(t)
+                read.clear()
     except (ModelFormatError, UnsupportedError):
         raise
-    except Exception as e:  # safetensors errors
+    except Exception as e:  # a mapping that fails, a view torch refuses
         raise ModelFormatError(f"{path}: corrupt artifact tensors ({e})") from None
 
 

@@ -16,8 +16,10 @@ from ..models import archs, hf_types
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 << 20
-_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
-                       "F8_E4M3", "F8_E5M2"}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_SAFETENSORS_DTYPES = set(_TORCH_DTYPES)
 
 
 @contextmanager
@@ -82,6 +84,45 @@ def check_safetensors(path: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
+class SafetensorsFile:
+    """The tensors of one safetensors file through the header `check_safetensors` validated: each a
+    view of one private memory map of the file (torch's `UntypedStorage.from_file`, the mapping the
+    safetensors library itself makes for PyTorch), so reading a tensor copies nothing. Not the
+    library's `get_tensor`: with framework "pt" it keeps ~64 bytes per call for good (safetensors
+    0.8.0), and a process that loads file after file (a server swapping models, a fuzzer) grew
+    without bound."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.header, self.base = check_safetensors(path)
+        self._storage = None
+
+    def keys(self) -> list[str]:
+        return [k for k in self.header if k != "__metadata__"]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header.get(name) if name != "__metadata__" else None
+        if info is None:
+            raise ModelFormatError(f"{self.path}: no tensor {name!r}")
+        dtype, shape = _TORCH_DTYPES[info["dtype"]], info["shape"]
+        start, end = info["data_offsets"]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - start != numel * dtype.itemsize:
+            raise ModelFormatError(f"{self.path}: tensor {name!r} holds {end - start} bytes, its shape "
+                                   f"{shape} and dtype {info['dtype']} need {numel * dtype.itemsize}")
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        if self._storage is None:
+            self._storage = torch.UntypedStorage.from_file(self.path, shared=False,
+                                                           nbytes=os.path.getsize(self.path))
+        raw = torch.asarray(self._storage[self.base + start:self.base + end], dtype=torch.uint8)
+        if (self.base + start) % dtype.itemsize:   # a misaligned tensor (legal, rare): copied
+            raw = raw.clone()
+        return raw.view(dtype).reshape(shape)
+
+
 def safetensors_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -106,28 +147,25 @@ def iter_safetensors(files: list[str], packed: bool = False) -> Iterator[tuple[s
     """(name, tensor) for every tensor of the files. packed=True: a 2-D F16 / BF16 tensor becomes a
     PackedGGML whose bytes view a read-only memory map of the file (no copy; the kernels read the
     16-bit values in place); other tensors are read as they are stored."""
-    from safetensors import safe_open
-
     ggml = frozenset()
     if packed:
         from ..kernels.packed_ggml import native_types
 
         ggml = native_types()
     for path in files:
-        header, base = check_safetensors(path)
+        f = SafetensorsFile(path)
         mm = None
         try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    info = header.get(name)
-                    gtype = _GGML_DTYPES.get(info["dtype"]) if info else None
-                    if gtype in ggml and len(info["shape"]) == 2 and min(info["shape"]) > 0:
-                        if mm is None:
-                            mm = np.memmap(path, dtype=np.uint8, mode="r")
-                        yield name, _in_place(mm, base, info, gtype)
-                    else:
-                        yield name, f.get_tensor(name)
-        except Exception as e:  # SafetensorError and friends
+            for name in f.keys():
+                info = f.header[name]
+                gtype = _GGML_DTYPES.get(info["dtype"])
+                if gtype in ggml and len(info["shape"]) == 2 and min(info["shape"]) > 0:
+                    if mm is None:
+                        mm = np.memmap(path, dtype=np.uint8, mode="r")
+                    yield name, _in_place(mm, f.base, info, gtype)
+                else:
+                    yield name, f.get_tensor(name)
+        except Exception as e:  # a mapping that fails, a view torch refuses
             if isinstance(e, (ModelFormatError, UnsupportedError)):
                 raise
             raise ModelFormatError(f"{path}: corrupt safetensors file ({e})") from None

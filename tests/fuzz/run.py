@@ -9,7 +9,7 @@ import time
 
 from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
 
-from jisu.memory import _proc_kib, peak_rss_bytes
+from jisu.memory import _proc_kib, peak_rss_bytes, trim_heap
 
 from .core import Escape, Stats, _label, check, save_seed
 from .harnesses import HARNESSES, context
@@ -23,7 +23,7 @@ def fuzz(name: str, seconds: float, batch: int = 20, start_seed: int = 0, save: 
     deadline = started + seconds
     i = start_seed
     seen: set[str] = set()
-    rss = []  # resident set after each batch: flat memory means the last is near the first
+    rss = []  # resident set after each batch (heap trimmed): flat memory means the last is near the first
     while time.monotonic() < deadline:
         found: list[Escape] = []
 
@@ -58,6 +58,7 @@ def fuzz(name: str, seconds: float, batch: int = 20, start_seed: int = 0, save: 
         i += 1
         rate = stats.cases / max(time.monotonic() - started, 1e-3)
         batch = max(10, min(500, int(rate * 15)))  # a batch of about 15 s: the deadline is not overrun much
+        trim_heap(collect=True)   # what is held, not glibc's free lists
         rss.append(_proc_kib("/proc/self/status", "VmRSS:") or 0)
     stats.rss = rss
     return stats
