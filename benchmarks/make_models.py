@@ -3,7 +3,7 @@ quant type of the default model (requantized from its shipped Q4_1), and random-
 real shapes (Qwen2.5-1.5B, Llama-3.2-3B, Llama-3.1-8B) made with llama.cpp's converter and quantizer.
 
   python benchmarks/make_models.py [--out DIR] [--only quants,qwen2.5-1.5b,llama-3.2-3b,llama-3.1-8b]
-      [--llama-cpp DIR] [--keep-intermediates]
+      [--types Q4_K_M,Q6_K] [--llama-cpp DIR] [--keep-intermediates]
 
 Idempotent: a file that exists is skipped. Progress goes to stdout; DIR/models.json lists every file
 with its size, its tensor-type mix and how it was made (or why it could not be).
@@ -282,7 +282,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep-intermediates", action="store_true",
                     help="keep the 8B bf16 HF folder and BF16 GGUF after its Q4_K_M is written")
+    ap.add_argument("--types", help="comma-separated subset of the types to write (default: every type of each part)")
     args = ap.parse_args()
+    if args.types:
+        want = set(args.types.split(","))
+        global QUANT_TYPES
+        QUANT_TYPES = tuple(t for t in QUANT_TYPES if t in want)
+        for a in ARCHS.values():
+            a["types"] = tuple(t for t in a["types"] if t in want)
     args.src = args.src or default_gguf()
     os.makedirs(args.out, exist_ok=True)
     manifest = os.path.join(args.out, "models.json")
