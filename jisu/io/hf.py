@@ -114,13 +114,17 @@ class SafetensorsFile:
                                    f"{shape} and dtype {info['dtype']} need {numel * dtype.itemsize}")
         if numel == 0:
             return torch.empty(shape, dtype=dtype)
-        if self._storage is None:
-            self._storage = torch.UntypedStorage.from_file(self.path, shared=False,
-                                                           nbytes=os.path.getsize(self.path))
-        raw = torch.asarray(self._storage[self.base + start:self.base + end], dtype=torch.uint8)
-        if (self.base + start) % dtype.itemsize:   # a misaligned tensor (legal, rare): copied
-            raw = raw.clone()
-        return raw.view(dtype).reshape(shape)
+        try:
+            if self._storage is None:
+                self._storage = torch.UntypedStorage.from_file(self.path, shared=False,
+                                                               nbytes=os.path.getsize(self.path))
+            raw = torch.asarray(self._storage[self.base + start:self.base + end], dtype=torch.uint8)
+            if (self.base + start) % dtype.itemsize:   # a misaligned tensor (legal, rare): copied
+                raw = raw.clone()
+            return raw.view(dtype).reshape([int(d) for d in shape])
+        except (OSError, RuntimeError, TypeError, ValueError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelFormatError(f"{self.path}: tensor {name!r} cannot be read ({msg})") from None
 
 
 def safetensors_files(folder: str) -> list[str]:
