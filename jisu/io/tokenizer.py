@@ -234,11 +234,15 @@ def gguf_tokenizer(meta: dict[str, Any], source: str) -> Tokenizer:
     try:
         if kind == "gpt2":
             merges = [tuple(m.split(" ", 1)) for m in _checked_list(meta, "merges", source, str)]
-            bad = next((i for i, m in enumerate(merges) if len(m) != 2 or m[0] not in vocab or m[1] not in vocab),
-                       None)
+            # both halves and what they merge into must be tokens (the tokenizers library panics, after
+            # printing a Rust backtrace, on a merged string longer than every token of the vocabulary)
+            bad = next((i for i, m in enumerate(merges)
+                        if len(m) != 2 or m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab), None)
             if bad is not None:
-                raise ModelFormatError(f"{source}: tokenizer.ggml.merges[{bad}] = {' '.join(merges[bad])!r} is not "
-                                       f"two tokens of the vocabulary")
+                m = merges[bad]
+                what = ("is not two tokens of the vocabulary" if len(m) != 2 or m[0] not in vocab or m[1] not in vocab
+                        else f"makes {m[0] + m[1]!r}, which is not a token of the vocabulary")
+                raise ModelFormatError(f"{source}: tokenizer.ggml.merges[{bad}] = {' '.join(m)!r} {what}")
             tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
             pre = meta.get("tokenizer.ggml.pre", "default")
             if not isinstance(pre, str):

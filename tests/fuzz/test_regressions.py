@@ -51,6 +51,16 @@ def test_merge_outside_the_vocabulary_is_a_format_error():
         gguf_tokenizer(meta, "m.gguf")
 
 
+def test_merge_into_a_string_longer_than_every_token_is_a_format_error(capfd):
+    """Found by the tokenizer harness: the tokenizers library panicked (a Rust backtrace on stderr) on a
+    merge whose two halves join into a string longer than the longest token."""
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["ab", "cd", "abc"],
+            "tokenizer.ggml.merges": ["ab cd"]}
+    with pytest.raises(ModelFormatError, match=r"merges\[0\] = 'ab cd' makes 'abcd', which is not a token"):
+        gguf_tokenizer(meta, "m.gguf")
+    assert "panicked" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("meta, needle", [
     ({"tokenizer.ggml.tokens": 1}, "tokenizer.ggml.tokens is a int, not an array"),
     ({"tokenizer.ggml.tokens": ["\ud800"]}, "not valid Unicode"),
