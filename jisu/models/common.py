@@ -38,8 +38,15 @@ def _per_layer(value: Any, n_layers: int, what: str, where: str) -> tuple[int, t
     return max(values), (values if len(set(values)) > 1 else ())
 
 
+MAX_LAYERS = 1 << 12  # the deepest released decoders have ~130 layers
+
+
 def _sizes(n_layers: int, heads: Any, kv_heads: Any, inter: Any, where: str) -> dict[str, Any]:
-    """The head counts and MLP widths, each one number or one per layer (layers of their own widths)."""
+    """The head counts and MLP widths, each one number or one per layer (layers of their own widths).
+    The layer count is bounded first: per-layer lists are built from it (a config claiming 10^12
+    layers filled memory building them)."""
+    if not 1 <= n_layers <= MAX_LAYERS:
+        raise ModelFormatError(f"{where}: {n_layers} layers is not a layer count in [1, {MAX_LAYERS}]")
     kv_heads, layer_kv = _per_layer(kv_heads or heads, n_layers, "the KV head count", where)  # default: no GQA
     heads, layer_q = _per_layer(heads, n_layers, "the head count", where)
     inter, inters = _per_layer(inter, n_layers, "the MLP width", where)

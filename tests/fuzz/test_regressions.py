@@ -160,3 +160,21 @@ def test_template_that_would_exhaust_memory_or_not_compile(chat_tokenizer, templ
 def test_bounded_template_still_renders_ordinary_uses():
     assert compile_template("{{ 'ab' * 3 }}{{ 2 ** 10 }}{{ '%5d' % 3 }}{{ '{:>4}'.format(7) }}", "t").render() \
         == "ababab1024    3   7"
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma2", "llama"])
+def test_config_claiming_a_trillion_layers_is_refused_at_once(tmp_path, model_type):
+    """Found by the hf_config harness: a Gemma config.json with num_hidden_layers = 10^12 and no
+    layer_types built a list per layer before any check (memory grew without bound)."""
+    import json
+    import time
+
+    from jisu.io.hf import hf_config
+
+    cfg = {"model_type": model_type, "num_hidden_layers": 10 ** 12, "hidden_size": 64, "intermediate_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    t = time.process_time()
+    with pytest.raises(ModelFormatError, match=r"1000000000000 layers is not a layer count"):
+        hf_config(str(tmp_path))
+    assert time.process_time() - t < 1.0
