@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,6 +16,34 @@ from jisu.errors import JisuError
 
 CASE_SECONDS = 2.0   # CPU seconds of this process per case (a shared machine stretches wall time)
 HANG_SECONDS = 120.0  # wall seconds: a case waiting on something that never comes
+STOP_SECONDS = 10 * CASE_SECONDS  # CPU seconds after which a runaway case is stopped (not waited out)
+
+
+class _Runaway(BaseException):
+    """Raised into a case's Python code by the CPU watchdog (SIGPROF)."""
+
+
+def _stop(signum, frame):
+    raise _Runaway()
+
+
+class _Watchdog:
+    """Interrupts a case that has used STOP_SECONDS of this process's CPU (ITIMER_PROF: all threads),
+    at its next Python instruction: a loop over a fuzzed count would otherwise run, and fill
+    memory, until the machine gave out. Main thread only (signals); elsewhere it does nothing."""
+
+    def __enter__(self):
+        self.on = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+        if self.on:
+            self.old = signal.signal(signal.SIGPROF, _stop)
+            signal.setitimer(signal.ITIMER_PROF, STOP_SECONDS)
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            signal.signal(signal.SIGPROF, self.old)
+        return False
 SEEDS_DIR = os.path.join(os.path.dirname(__file__), "seeds")
 
 
@@ -61,7 +91,10 @@ def check(h: Harness, ctx: Any, case: Any, stats: Stats | None = None) -> str:
     """Run one case under the property; returns its outcome label, raises Escape if broken."""
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        outcome = "ok: " + (h.run(ctx, case) or "")
+        with _Watchdog():
+            outcome = "ok: " + (h.run(ctx, case) or "")
+    except _Runaway:
+        raise Escape(h.name, case, f"ran away: stopped after {STOP_SECONDS:.0f} s of CPU") from None
     except JisuError as e:
         msg = str(e)
         if not msg or "\n" in msg.strip():

