@@ -73,8 +73,9 @@ def test_bytes_that_do_not_match_the_shape_are_one_line(tmp_path):
 
 
 def test_reads_keep_no_memory(tmp_path):
-    """The library's get_tensor (framework "pt") kept ~64 bytes per call: 400 opens of 16 tensors
-    grew the heap by ~400 KiB for good. Ours keeps none (the bound leaves room for page noise)."""
+    """The library's get_tensor (framework "pt") kept ~64 bytes per call: 2000 opens of 16 tensors
+    would keep ~2 MiB for good. Ours keeps none (the bound leaves room for one 1 MiB pymalloc arena
+    left partly used)."""
     path = str(tmp_path / "m.safetensors")
     save_file({f"t{i}": torch.full((4, 4), float(i)) for i in range(16)}, path)
 
@@ -87,9 +88,9 @@ def test_reads_keep_no_memory(tmp_path):
     opens(100)
     trim_heap(collect=True)
     before = _proc_kib("/proc/self/status", "VmRSS:")
-    opens(400)
+    opens(2000)
     trim_heap(collect=True)
     after = _proc_kib("/proc/self/status", "VmRSS:")
     if before is None or after is None:
         pytest.skip("no /proc here")
-    assert after - before < 160, f"{after - before} KiB kept by 400 x 16 reads"
+    assert after - before < 1 << 20, f"{(after - before) >> 10} KiB kept by 2000 x 16 reads"
