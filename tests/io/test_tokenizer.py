@@ -79,3 +79,41 @@ def test_chat_template_renders(tmp_path):
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
     assert ids[0] == 1 and ids.count(1) == 2  # <|im_start|> as one special token, no extra BOS
+
+
+def test_reloading_a_tokenizer_reuses_it_and_keeps_no_memory(tmp_path, spm_model):
+    """The same tokenizer file or GGUF vocabulary loaded again shares the built `tokenizers` object
+    (the library keeps ~0.5 KB of each BPE model that has encoded text after it is dropped); a
+    changed file or vocabulary is built afresh, never a stale one."""
+    import json
+
+    from jisu.memory import _proc_kib, trim_heap
+
+    folder = write_hf_llama(str(tmp_path / "hf"))
+    a, b = load_hf_tokenizer(folder), load_hf_tokenizer(folder)
+    assert a._tok is b._tok
+    path = tmp_path / "hf" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["added_tokens"].append({"id": max(data["model"]["vocab"].values()) + 1, "content": "<extra>", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    path.write_text(json.dumps(data))
+    c = load_hf_tokenizer(folder)
+    assert c._tok is not a._tok and c.encode("<extra>", add_bos=False) != a.encode("<extra>", add_bos=False)
+    meta = spm_gguf_metadata(spm_model)
+    g1, g2 = gguf_tokenizer(meta, "a.gguf"), gguf_tokenizer(dict(meta), "b.gguf")
+    assert g1._tok is g2._tok and g2.source == "b.gguf"
+    changed = dict(meta, **{"tokenizer.ggml.add_space_prefix": False})
+    assert gguf_tokenizer(changed, "c.gguf")._tok is not g1._tok
+
+    def load_and_encode():
+        load_hf_tokenizer(folder).encode("the cat sat", add_bos=False)
+
+    for _ in range(200):
+        load_and_encode()
+    trim_heap(collect=True)
+    before = _proc_kib("/proc/self/status", "VmRSS:")
+    for _ in range(3000):
+        load_and_encode()
+    trim_heap(collect=True)
+    grown = _proc_kib("/proc/self/status", "VmRSS:") - before
+    assert grown < 600 * 1024, f"3000 loads kept {grown} bytes"  # a fresh BPE object each time kept ~3 MB
