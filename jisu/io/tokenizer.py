@@ -308,9 +308,9 @@ def gguf_tokenizer(meta: dict[str, Any], source: str) -> Tokenizer:
 
 # The most recently built `tokenizers` object, by a hash of what it was built from. Loading the same
 # model again (a server reloading it, tests, a fuzzer) reuses it: jisu never changes a built one, and
-# the library keeps ~0.5 KB of every BPE model that has encoded text after the model is dropped
+# the library keeps ~1 KB of every BPE model that has encoded text after the model is dropped
 # (tokenizers 0.23: its word cache; `cache_capacity=0` avoids it at the cost of the cache), so
-# 400,000 loads of one model grew a process by ~130 MiB. One entry: a dropped model's tokenizer is
+# 430,000 loads of one small model grew a process by ~130 MiB. One entry: a dropped model's tokenizer is
 # held until another is built, never more than one.
 _LAST: list = [None, None]
 _LAST_LOCK = threading.Lock()
