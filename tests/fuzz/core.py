@@ -44,6 +44,8 @@ class _Watchdog:
             signal.setitimer(signal.ITIMER_PROF, 0)
             signal.signal(signal.SIGPROF, self.old)
         return False
+
+
 SEEDS_DIR = os.path.join(os.path.dirname(__file__), "seeds")
 
 
