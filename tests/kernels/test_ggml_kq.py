@@ -106,8 +106,8 @@ def test_linear_matches_dequantized(name, N, K):
 @needs_kq
 @pytest.mark.parametrize("refine", [0.0, 2.0, ops.PRECISE])
 def test_rows_independent_of_batch_and_split(name, refine):
-    """A row's result is bitwise the same alone, at any position of a batch of 7 or 33, and under any
-    split of the output rows across threads."""
+    """A row's result is bitwise the same alone, at any position of a batch of 2-4 (rows sharing each decoded
+    super-block), 7 or 33, and under any split of the output rows across threads."""
     N, K = 43, 1024
     w = packed(name, N, K, seed=3)
     x = _x(33, K, seed=4)
@@ -115,8 +115,9 @@ def test_rows_independent_of_batch_and_split(name, refine):
     try:
         ops.set_act_refine(refine)
         alone = torch.cat([ops.linear(x[m:m + 1], w) for m in range(33)])
-        for M in (7, 33):
+        for M in (2, 3, 4, 7, 33):
             assert torch.equal(ops.linear(x[:M], w), alone[:M])
+            assert torch.equal(ops.linear(x[M:2 * M], w), alone[M:2 * M])
         for nt in (2, 3):
             with threads(nt):
                 assert torch.equal(ops.linear(x, w), alone)
@@ -141,7 +142,7 @@ def test_batches_quantized_by_several_threads_equal_rows_alone(name, refine):
 @pytest.mark.parametrize("refine", [0.0, 2.0, ops.PRECISE])
 def test_every_isa_equals_scalar(name, refine):
     """Each ISA follows the reference's integer sums and float steps, so it equals scalar bit for bit
-    (tolerance 0), for M = 1 and M > 1, with a bias."""
+    (tolerance 0), for M = 1, the few rows that share a decoded super-block (2-4) and the panels, with a bias."""
     N, K = 29, 768
     w = packed(name, N, K, seed=5)
     bias = torch.randn(N)
@@ -151,7 +152,7 @@ def test_every_isa_equals_scalar(name, refine):
         outs = {}
         for name_isa in ISAS:
             with isa(name_isa):
-                outs[name_isa] = [ops.linear(_x(M, K, seed=M), w, bias) for M in (1, 6, 19)]
+                outs[name_isa] = [ops.linear(_x(M, K, seed=M), w, bias) for M in (1, 2, 3, 4, 6, 19)]
         for name_isa, o in outs.items():
             for a, b in zip(o, outs["scalar"]):
                 assert torch.equal(a, b), name_isa
@@ -164,17 +165,21 @@ def test_every_isa_equals_scalar(name, refine):
 def test_decode_rows_with_whole_refined_super_blocks_equal_scalar(name):
     """Sparse refinement can refine all 8 blocks of one super-block (the M = 1 kernels' second pass on the
     residual codes), some of another (their per-super-block step) and none of a third: each ISA equals
-    scalar bit for bit, and the row equals its rows in a batch."""
+    scalar bit for bit, alone and in batches of 2-4 rows (which share each decoded super-block; here the rows'
+    refinement differs per super-block), and the row equals its rows in a batch."""
     N, K = 37, 1024
     w = packed(name, N, K, seed=11)
     g = torch.Generator().manual_seed(12)
     x = torch.randn(7, K, generator=g)
     x[:, 256:512] *= 40.0  # super-block 1: every block far above the row's mean block maximum
     x[:, 512:640] *= 40.0  # super-block 2: half its blocks
+    x[5, 768:1024] *= 40.0  # row 5's super-block 3 refined, the others' not: rows of a batch differ per super-block
     amax = x.reshape(7, K // 32, 32).abs().amax(-1)
     refined = amax > 1.0 * amax.mean(-1, keepdim=True)  # the kernels' rule at threshold 1.0
     per_sb = refined.reshape(7, K // 256, 8).sum(-1)
-    assert (per_sb[:, 1] == 8).all() and (per_sb[:, 2] == 4).all() and (per_sb[:, [0, 3]] == 0).all()
+    others = [0, 1, 2, 3, 4, 6]
+    assert (per_sb[:, 1] == 8).all() and (per_sb[others, 2] == 4).all() and (per_sb[:, 0] == 0).all()
+    assert 0 < per_sb[5, 2] < 8 and per_sb[5, 3] > 0 and (per_sb[others, 3] == 0).all()
     old = ops.get_act_refine()
     try:
         ops.set_act_refine(1.0)
@@ -182,6 +187,8 @@ def test_decode_rows_with_whole_refined_super_blocks_equal_scalar(name):
         for name_isa in ISAS:
             with isa(name_isa):
                 outs[name_isa] = torch.cat([ops.linear(x[m:m + 1], w) for m in range(7)])
+                for a, b in ((0, 2), (1, 4), (3, 7), (4, 6)):
+                    assert torch.equal(ops.linear(x[a:b], w), outs[name_isa][a:b]), (name_isa, a, b)
         for name_isa, o in outs.items():
             assert torch.equal(o, outs["scalar"]), name_isa
         assert torch.equal(ops.linear(x, w), outs["scalar"])
