@@ -79,7 +79,7 @@ static int check(const KernelTable* S, const KernelTable* V) {
       for (auto& v : bias) v = frand();
       for (float refine : {0.f, 1.5f, 0.5f}) {
         if (!quant && refine > 0.f) continue;
-        for (int64_t M : {1, 2, 5, 7, 9}) {
+        for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 9}) {
           std::vector<float> x(M * KK);
           for (auto& v : x) v = frand() - 0.5f;
           for (int64_t i = 0; i < M * KK; i += 37) x[i] *= 40.f;  // outlier channels

@@ -112,7 +112,8 @@ def test_precise_activations(qtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("refine", [0.0, 1.5, ops.PRECISE])
 def test_batch_invariance(qtype, refine):
-    """A row of M = 7 or 33 equals the same row alone, bit for bit, also split across threads."""
+    """A row of M = 2-9 (16-bit weights: activation rows streamed together) or 33 equals the same row alone,
+    bit for bit, also split across threads."""
     N, K = 45, 768
     w = packed(qtype, N, K, seed=5)
     x = torch.randn(33, K, generator=torch.Generator().manual_seed(2))
@@ -121,9 +122,10 @@ def test_batch_invariance(qtype, refine):
     ops.set_act_refine(refine)
     try:
         alone = torch.cat([ops.linear(x[m:m + 1], w) for m in range(33)])
-        for M in (7, 33):
+        for M in (2, 3, 4, 7, 8, 9, 33):
             assert torch.equal(ops.linear(x[:M], w), alone[:M])
         with threads(2):
+            assert torch.equal(ops.linear(x[:3], w), alone[:3])
             assert torch.equal(ops.linear(x, w), alone)
     finally:
         ops.set_act_refine(old)
@@ -155,10 +157,10 @@ def test_every_isa_matches_scalar(qtype):
         for refine in (0.0, 1.5, ops.PRECISE):
             ops.set_act_refine(refine)
             with isa("scalar"):
-                ref = [ops.linear(x[:M], w) for M in (1, 9, 19)]
+                ref = [ops.linear(x[:M], w) for M in (1, 2, 4, 8, 9, 19)]
             for name in ISAS:
                 with isa(name):
-                    got = [ops.linear(x[:M], w) for M in (1, 9, 19)]  # 19: tile multiplies on CPUs with AMX
+                    got = [ops.linear(x[:M], w) for M in (1, 2, 4, 8, 9, 19)]  # 19: tile multiplies with AMX
                 for r, g in zip(ref, got):
                     assert torch.equal(r, g), f"{name} refine={refine}"
     finally:
