@@ -175,16 +175,17 @@ def quantize_act_refined_ref(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "int8_pc", "int3_g64_asym", "int2_g32_asym"])
-def test_refined_activations_all_isas(fmt, act_refine):
+@pytest.mark.parametrize("threshold", [1.5, ops.PRECISE])
+def test_refined_activations_all_isas(fmt, threshold, act_refine):
     """With refinement on, every INT kernel computes dot(w, d (q + q2/128)) on the refined blocks:
     bitwise equal across ISAs and batch sizes, and equal to the torch reference of that math."""
     N, K = 67, 256
     p = pack(FORMATS[fmt](_weight(N, K, 11)))
     wd = p.dequantize().double()
-    act_refine(1.5)
-    for M in (1, 2, 7, 33):
+    act_refine(threshold)
+    for M in (1, 2, 3, 4, 7, 33):
         x = _x_outliers(M, K, M)
-        xr = quantize_act_refined_ref(x, 1.5).double()
+        xr = quantize_act_refined_ref(x, threshold).double()
         ref = xr @ wd.T
         outs = {}
         for name in ISAS:

@@ -245,6 +245,9 @@ struct KernelTable {
   // one int16 dot product of the codes with 128 q + q2 replaces the two int8 passes (8-bit codes:
   // half the multiplies; 4-bit: 6 rows per pass instead of 4, +10-20 % measured).
   int qv_gemm;
+  // Optional (null: one row): for INT weights W, int_gemm runs its M = 1 kernel for up to int_gemv_rows(W)
+  // activation rows (each weight block unpacked once for all of them), which need neither the panel nor qv.
+  int (*int_gemv_rows)(const PackedDesc& W);
   // GGML weights (KIND_GGML): out rows [n0, n1) of W for activation rows [0, M). Quantized types
   // read A (quantize_act of x: per block b of 32 values, x ~ dr[b] * v with v = q, or, when
   // A.refine > 0 and A.rf[b] = 1 (a refined block), v = 128 q + q2; sum(v) = sr[b] and

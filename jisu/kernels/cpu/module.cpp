@@ -279,7 +279,7 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
     nth = pick_threads(bytes, parts);
     nc = pick_chunks(nth, bytes, parts);
     j.q16 = W.kind == KIND_CODEBOOK;
-    const bool gemm_int = M > 1 && W.kind == KIND_INT;
+    const bool gemm_int = W.kind == KIND_INT && M > (g_kt->int_gemv_rows ? g_kt->int_gemv_rows(W) : 1);
     j.A = act_buffers(M, W.K, j.q16, gemm_int && g_kt->panel ? g_kt->panel_mr : 0, gemm_int && g_kt->qv_gemm);
     if (M * W.K >= 65536 && nth > 1)
       pool_run(quant_task, &j, M < 4 * nth ? M : 4 * nth, nth);
