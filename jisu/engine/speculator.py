@@ -206,6 +206,11 @@ class Speculator:
                 elif not probe:
                     st.off, st.off_steps = True, 0
                     continue
+                elif not self._choose(1.0 - 1e-6, limit, tokens, base, busy, drafter.cost_per_token_s, margin):
+                    # not even drafts that are all accepted would pay here (many requests sharing the step,
+                    # none waiting): a probe could only cost; probed again on the schedule
+                    st.off, st.off_steps = True, 0
+                    continue
                 else:
                     k = min(2, limit)
             st.off = False
