@@ -43,7 +43,7 @@ static int check(const KernelTable* S, const KernelTable* V) {
           }
         W.data = data.data();
         for (int mode = 0; mode < 4; mode++)  // refine off, some blocks, every block, extreme codes
-          for (int64_t M : {1, 2, 3, 4, 7, 19}) {
+          for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 19}) {
             const float refine = mode == 0 ? 0.f : mode == 1 ? 1.5f : 1e-6f;
             std::vector<float> x(M * K);
             for (auto& v : x) v = rand() / (float)RAND_MAX - 0.5f;
