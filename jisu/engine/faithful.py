@@ -56,6 +56,7 @@ class _PreciseSteps:
                 self._switched = ops.native_available() and ops.get_act_refine() == 0.0
                 if self._switched:
                     ops.set_act_refine(ops.PRECISE)
+                    ops.set_head_rescore(True)
             self._active += 1
 
     def __exit__(self, *exc):
@@ -63,6 +64,7 @@ class _PreciseSteps:
             self._active -= 1
             if self._active == 0 and self._switched:
                 ops.set_act_refine(0.0)
+                ops.set_head_rescore(False)
                 self._switched = False
 
 

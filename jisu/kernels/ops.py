@@ -59,6 +59,36 @@ def get_act_refine() -> float:
     return float(_K.get_act_refine()) if _K is not None else 0.0
 
 
+def set_head_rescore(on: bool) -> None:
+    """The native step's LM head under dense refinement (faithful steps): plain int8 blocks for every
+    vocabulary row, then refined only the rows whose refined logit could be the largest (bounded by
+    each row's norm times the activation residual's norm), so the greedy token is the refined head's
+    at about the plain head's cost; the other rows keep their plain values. Off (the default) and
+    under `--precise`: the refined head itself (bit for bit the reference path's logits)."""
+    if _K is not None:
+        _K.set_head_rescore(bool(on))
+
+
+def get_head_rescore() -> bool:
+    return bool(_K.get_head_rescore()) if _K is not None else False
+
+
+def head_row_norms(weight) -> torch.Tensor:
+    """Upper bounds of the decoded rows' Euclidean norms of a packed weight (the head's rescoring)."""
+    out = torch.empty(weight.shape[0], dtype=torch.float32)
+    _K.head_row_norms(weight._addr, out.data_ptr())
+    return out
+
+
+def linear_head(x: torch.Tensor, weight, norms: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The native step's LM head on x [M, K] (see set_head_rescore): (logits [M, N], whether the rows
+    were rescored)."""
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    done = _K.linear_head(weight._addr, x.data_ptr(), out.data_ptr(), x.shape[0], norms.data_ptr())
+    return out, bool(done)
+
+
 def is_precise() -> bool:
     """Whether every activation block is refined (set_act_refine(PRECISE), `--precise`)."""
     return 0.0 < get_act_refine() <= 10 * PRECISE

@@ -19,6 +19,19 @@ const KernelTable* active_kernels();
 // out[M, W.N] = x[M, W.K] @ W^T (+ bias): quantizes x once, splits W's tiles across the pool.
 void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bias);
 
+// The native step's LM head: out[M, W.N] = x @ W^T. Under dense refinement (ops.PRECISE) with
+// set_head_rescore(true) (faithful steps) and a quantized W (head_rescorable), every row first runs
+// plain int8 blocks; the rows whose refined logit could reach the largest lower bound of a refined
+// logit (bounds from wnorm[n] >= |W_n|, see module.cpp) are recomputed refined. The argmax is the
+// refined linear's, bit for bit; other rows keep plain values. Otherwise it is linear. Returns
+// whether it rescored.
+bool linear_head(const PackedDesc& W, const float* x, float* out, int64_t M, const float* wnorm);
+bool head_rescorable(const PackedDesc& W);
+// out[n] >= |row n of W| (Euclidean norm of the decoded row), for linear_head.
+void head_row_norms(const PackedDesc& W, float* out);
+void set_head_rescore(bool on);
+bool get_head_rescore();
+
 // Row n of a packed weight as fp32 (the reference decoding of the layouts in common.h).
 void dequant_row(const PackedDesc& W, int64_t n, float* out);
 

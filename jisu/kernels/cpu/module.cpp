@@ -96,10 +96,9 @@ std::atomic<float> g_act_refine{0.f};
 
 // panel_mr: rows per panel group (0: no panel; see ActQ::pq). want_qv: the kernels read ActQ::qv
 // under dense refinement.
-ActQ act_buffers(int64_t M, int64_t K, bool need_q16, int64_t panel_mr, bool want_qv) {
+ActQ act_buffers(int64_t M, int64_t K, bool need_q16, int64_t panel_mr, bool want_qv, float refine) {
   const int64_t nb = K / QK;
   auto up = [](int64_t b) { return (b + 63) & ~(int64_t)63; };
-  const float refine = g_act_refine.load();
   if (!(refine == 0.f || dense_refine_threshold(refine))) panel_mr = 0;
   const int64_t mp = panel_mr ? (M + panel_mr - 1) / panel_mr * panel_mr : 0;  // panel rows
   const int64_t bq = up(M * K), bf = up(M * nb * 4), bq16 = need_q16 ? up(M * K * 2) : 0, brf = up(M * nb);
@@ -238,15 +237,15 @@ void linear_task(void* ctx, int64_t c, int64_t nc, int tid) {
 
 const KernelTable* active_kernels() { return g_kt; }
 
-void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bias) {
-  const PackedDesc& W = *(const PackedDesc*)desc;
+// linear under the activation setting `refine` (ActQ::refine).
+void linear_at(const PackedDesc& W, const float* x, float* out, int64_t M, const float* bias, float refine) {
   if (M <= 0) return;
   LinearJob j;
   j.kt = g_kt;
   j.W = &W;
-  j.x = (const float*)x;
-  j.out = (float*)out;
-  j.bias = (const float*)bias;
+  j.x = x;
+  j.out = out;
+  j.bias = bias;
   j.M = M;
   // Work estimate: weight bytes for small M (memory-bound), ~M times that when compute-bound.
   const int64_t bytes = desc_bytes(W) * (M < 4 ? M : 4 * M);
@@ -262,7 +261,7 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
     nc = pick_chunks(nth, bytes, parts);
     j.q16 = false;
     if (gg_quantized(W.gtype)) {
-      j.A = act_buffers(M, W.K, false, 0, false);
+      j.A = act_buffers(M, W.K, false, 0, false, refine);
       const size_t prep = g_kt->gg_prep_bytes ? g_kt->gg_prep_bytes(W, j.A, M) : 0;
       if (prep) {
         j.A.gp = g_prep.get(prep);
@@ -280,7 +279,8 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
     nc = pick_chunks(nth, bytes, parts);
     j.q16 = W.kind == KIND_CODEBOOK;
     const bool gemm_int = W.kind == KIND_INT && M > (g_kt->int_gemv_rows ? g_kt->int_gemv_rows(W) : 1);
-    j.A = act_buffers(M, W.K, j.q16, gemm_int && g_kt->panel ? g_kt->panel_mr : 0, gemm_int && g_kt->qv_gemm);
+    j.A = act_buffers(M, W.K, j.q16, gemm_int && g_kt->panel ? g_kt->panel_mr : 0, gemm_int && g_kt->qv_gemm,
+                      refine);
     if (M * W.K >= 65536 && nth > 1)
       pool_run(quant_task, &j, M < 4 * nth ? M : 4 * nth, nth);
     else
@@ -291,6 +291,128 @@ void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bia
     }
   }
   pool_run(linear_task, &j, nc, nth);
+}
+
+void linear(uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t bias) {
+  linear_at(*(const PackedDesc*)desc, (const float*)x, (float*)out, M, (const float*)bias, g_act_refine.load());
+}
+
+// ---------------------------------------------------------------- the LM head's rescoring
+namespace {
+std::atomic<bool> g_head_rescore{false};
+}  // namespace
+
+bool head_rescorable(const PackedDesc& W) {
+  return W.kind == KIND_INT || (W.kind == KIND_GGML && gg_quantized(W.gtype));
+}
+
+void set_head_rescore(bool on) { g_head_rescore.store(on); }
+bool get_head_rescore() { return g_head_rescore.load(); }
+
+void head_row_norms(const PackedDesc& W, float* out) {
+  parallel_for(W.N, pool_max_threads(), [&](int64_t a, int64_t b, int) {
+    std::vector<float> row(W.K);
+    for (int64_t n = a; n < b; n++) {
+      dequant_row(W, n, row.data());
+      double s = 0;
+      for (int64_t k = 0; k < W.K; k++) s += (double)row[k] * row[k];
+      out[n] = (float)(std::sqrt(s) * (1.0 + 1e-6));  // rounded up: an upper bound of the row's norm
+    }
+  }, 16);
+}
+
+namespace {
+// Row m of A (quantize_act's fields only: no panel, qv or gp) as a one-row ActQ.
+ActQ act_row(const ActQ& A, int64_t m) {
+  const int64_t K = A.K, nb = K / QK;
+  ActQ R = A;
+  R.q = A.q + m * K;
+  R.q2 = A.q2 ? A.q2 + m * K : nullptr;
+  R.d = A.d + m * nb;
+  R.s = A.s + m * nb;
+  R.sd = A.sd + m * nb;
+  R.rf = A.rf + m * nb;
+  R.dr = A.dr + m * nb;
+  R.sr = A.sr + m * nb;
+  R.sdr = A.sdr + m * nb;
+  return R;
+}
+
+// Recomputes refined the rows of out (one activation row, refined A) that could hold the refined
+// argmax; nth threads for the recomputation (1 inside a parallel loop).
+void rescore_row(const PackedDesc& W, const float* x, const ActQ& A, const float* wnorm, float* o, int nth) {
+  const int64_t N = W.N, K = W.K, nb = K / QK;
+  // The refined row is x ~ d (q + q2 / 128) per block, the plain row d q: the refined logit of row
+  // n differs from the plain one by W_n . e, e = d q2 / 128 (both up to float rounding), so by at
+  // most |W_n| |e| (Cauchy-Schwarz). Rounding is within ~nb ulps of sum |W_nj x_j| <= |W_n| |x|,
+  // given a wide margin (1e-4 relative) here.
+  double e2 = 0, x2 = 0;
+  for (int64_t b = 0; b < nb; b++) {
+    int64_t qq = 0, rr = 0;
+    for (int i = 0; i < QK; i++) {
+      const int64_t q = A.q[b * QK + i], r = A.rf[b] ? A.q2[b * QK + i] : 0;
+      qq += q * q;
+      rr += r * r;
+    }
+    const double d = A.d[b];
+    x2 += d * d * (double)qq;
+    e2 += d * d * (double)rr / 16384.0;
+  }
+  const double en = std::sqrt(e2), xn = std::sqrt(x2);
+  const float c = (float)(en * (1 + 1e-4) + 1e-4 * (xn + en));
+  float lo = -INFINITY;  // the largest lower bound of a refined logit
+  for (int64_t n = 0; n < N; n++) lo = std::max(lo, o[n] - wnorm[n] * c);
+  // Rows whose refined logit may reach lo, in runs (INT weights by whole tiles). Every other row's
+  // refined logit is below lo, which the best lower bound's row reaches: none of them is the argmax.
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  const int64_t unit = W.kind == KIND_INT ? NR : 1;
+  for (int64_t n = 0; n < N; n++) {
+    if (!(o[n] + wnorm[n] * c >= lo)) continue;
+    const int64_t a = n / unit * unit, b = std::min(N, a + unit);
+    if (!runs.empty() && runs.back().second >= a)
+      runs.back().second = b;
+    else
+      runs.push_back({a, b});
+    n = b - 1;
+  }
+  int64_t rows = 0;
+  for (auto& r : runs) rows += r.second - r.first;
+  auto recompute = [&](int64_t ra, int64_t rb, int) {
+    for (int64_t r = ra; r < rb; r++) {
+      const int64_t a = runs[r].first, b = runs[r].second;
+      if (W.kind == KIND_INT)
+        g_kt->int_gemm(W, A, 1, a / NR, (b + NR - 1) / NR, o, N, nullptr, nullptr);
+      else
+        g_kt->gg_gemm(W, x, A, 1, a, b, o, N, nullptr);
+    }
+  };
+  if (nth > 1 && rows * K >= (1 << 20))
+    parallel_for((int64_t)runs.size(), nth, [&](int64_t a, int64_t b, int t) { recompute(a, b, t); });
+  else
+    recompute(0, (int64_t)runs.size(), 0);
+}
+}  // namespace
+
+bool linear_head(const PackedDesc& W, const float* x, float* out, int64_t M, const float* wnorm) {
+  const float refine = g_act_refine.load();
+  if (!wnorm || !g_head_rescore.load() || !dense_refine_threshold(refine) || !head_rescorable(W)) {
+    linear_at(W, x, out, M, nullptr, refine);
+    return false;
+  }
+  linear_at(W, x, out, M, nullptr, 0.f);  // plain int8 blocks
+  if (M <= 0) return true;
+  const int64_t K = W.K;
+  ActQ A = act_buffers(M, K, false, 0, false, refine);
+  g_kt->quantize_act(x, 0, M, A, false);
+  const int nth = pool_max_threads();
+  if (M == 1) {
+    rescore_row(W, x, A, wnorm, out, nth);
+  } else {
+    parallel_for(M, std::min<int64_t>(M, nth), [&](int64_t a, int64_t b, int) {
+      for (int64_t m = a; m < b; m++) rescore_row(W, x + m * K, act_row(A, m), wnorm, out + m * W.N, 1);
+    }, 1);
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------- packed rows
@@ -548,6 +670,16 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("ggml_row_bytes", &gg_row_bytes, "Bytes per row of K values of a ggml type (0: not whole blocks).");
 
   m.def("linear", unlocked(&linear), "linear(desc_addr, x_ptr, out_ptr, M, bias_ptr_or_0)");
+  m.def("set_head_rescore", &set_head_rescore,
+        "set_head_rescore(on): the native step's LM head under dense refinement runs plain int8 blocks and "
+        "recomputes refined only the rows that could be the refined argmax (see linear_head)");
+  m.def("get_head_rescore", &get_head_rescore);
+  m.def("head_row_norms", unlocked(+[](uintptr_t desc, uintptr_t out) {
+          head_row_norms(*(const PackedDesc*)desc, (float*)out);
+        }), "head_row_norms(desc_addr, out_f32_addr): upper bounds of the rows' norms");
+  m.def("linear_head", unlocked(+[](uintptr_t desc, uintptr_t x, uintptr_t out, int64_t M, uintptr_t norms) {
+          return linear_head(*(const PackedDesc*)desc, (const float*)x, (float*)out, M, (const float*)norms);
+        }), "linear_head(desc_addr, x_ptr, out_ptr, M, norms_addr): the native step's LM head (see driver.h)");
   m.def("linear_f32", unlocked(&linear_f32), "linear_f32(w_ptr, N, K, x_ptr, out_ptr, M, bias_ptr_or_0)");
   m.def("rms_norm", unlocked(&rms_norm), "rms_norm(x, w, out, M, D, eps)");
   m.def("rope", unlocked(&rope), "rope(x, out, cos, sin, T, H, D): neox rotate-half, x [T,H,D], cos/sin [T,D/2]");
