@@ -94,22 +94,26 @@ def part_quant(args) -> dict:
                                                  "wall_minutes": (time.perf_counter() - w0) / 60, "tune": info}
     print(json.dumps(rows), file=sys.stderr)
     del q1
-    # (b) distill after quantizing, the same CPU-minutes
+    # (b) distill after quantizing, the same CPU-minutes; (c) with --gen, also on windows of the
+    # teacher's own text added to the calibration windows (generated and their targets computed once,
+    # outside the budget, as the calibration windows' targets are)
     minutes = args.minutes or round(tune_min, 3)
-    text = f"distill:minutes={minutes}"
-    step = Distill()
-    params = step.parse(text.split(":", 1)[1], lambda m: ValueError(m))
-    q2 = copy.deepcopy(qz)
-    with tempfile.TemporaryDirectory() as work:
-        ctx = StepContext(cfg, None, Teacher(cfg, teacher_w), calib, tok, workdir=work, progress=True,
-                          threads=threads, quantized=q2)
-        c0, w0 = time.process_time(), time.perf_counter()
-        dinfo = step.apply(params, ctx)
-    rows[f"gptq:w4g32,{text}"] = {**kld(q2), "cpu_minutes": cpu_minutes(c0, threads),
-                                  "wall_minutes": (time.perf_counter() - w0) / 60, "distill": dinfo}
-    return {"rows": rows, "teacher_targets_cpu_minutes": targets_min,
-            "curve_kl_vs_minutes": [{"cpu_minutes": c["cpu_minutes"], "tokens": c["tokens"], "heldout_binned_kl": c["value"]}
-                                    for c in dinfo["curve"]]}
+    curves = {}
+    for text in [f"distill:minutes={minutes}"] + ([f"distill:minutes={minutes}:gen={args.gen}"] if args.gen else []):
+        step = Distill()
+        params = step.parse(text.split(":", 1)[1], lambda m: ValueError(m))
+        q2 = copy.deepcopy(qz)
+        with tempfile.TemporaryDirectory() as work:
+            ctx = StepContext(cfg, None, Teacher(cfg, teacher_w), calib, tok, workdir=work, progress=True,
+                              threads=threads, quantized=q2)
+            c0, w0 = time.process_time(), time.perf_counter()
+            dinfo = step.apply(params, ctx)
+        rows[f"gptq:w4g32,{text}"] = {**kld(q2), "cpu_minutes": cpu_minutes(c0, threads),
+                                      "wall_minutes": (time.perf_counter() - w0) / 60, "distill": dinfo}
+        print(json.dumps({k: {a: b for a, b in v.items() if a != "distill"} for k, v in rows.items()}), file=sys.stderr)
+        curves[text] = [{"cpu_minutes": c["cpu_minutes"], "tokens": c["tokens"], "heldout_binned_kl": c["value"]}
+                        for c in dinfo["curve"]]
+    return {"rows": rows, "teacher_targets_cpu_minutes": targets_min, "curve_kl_vs_minutes": curves}
 
 
 def _layers(model, ids, ctx):
@@ -181,10 +185,13 @@ def plot_quant(path: str, png: str) -> None:
 
     with open(path) as f:
         d = json.load(f)["results"]
-    curve = d["curve_kl_vs_minutes"]
+    curves = d["curve_kl_vs_minutes"]
+    if isinstance(curves, list):  # results written before the teacher-text arm
+        curves = {"distill": curves}
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([c["cpu_minutes"] for c in curve], [c["heldout_binned_kl"] for c in curve], marker="o",
-            label="distill after gptq:w4g32 (held-out calibration windows, top-64 + rest KL)")
+    for name, curve in curves.items():
+        ax.plot([c["cpu_minutes"] for c in curve], [c["heldout_binned_kl"] for c in curve], marker="o",
+                label=f"gptq:w4g32,{name} (held-out calibration windows, top-64 + rest KL)")
     ax.set_xlabel("CPU-minutes (process CPU time / threads)")
     ax.set_ylabel("held-out KL")
     ax.legend(fontsize=7)
@@ -203,6 +210,7 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--tune-steps", type=int, default=8)
+    p.add_argument("--gen", type=int, default=0, help="quant: also distill with this many windows of the teacher's own text")
     p.add_argument("--minutes", type=float, default=None, help="quant: default = +tune's CPU-minutes; lstm: per arm")
     p.add_argument("--student", default="lstm:layers=2,hidden=768")
     p.add_argument("--arm", choices=("both", "distilled", "cross-entropy"), default="both")

@@ -1,6 +1,7 @@
-"""The recipe step `distill:minutes=N[:tokens=T][:kl=forward|reverse][:ce=W][:hidden=W][:local][:lr=X]`:
+"""The recipe step `distill:minutes=N[:tokens=T][:kl=forward|reverse][:ce=W][:hidden=W][:local][:lr=X][:gen=W]`:
 before the quantization step it trains the float model (a pruned one, say) against the source; after
-it, the quantized model's scales and norms (as +tune does), with the distillation loop's budget."""
+it, the quantized model's scales and norms (as +tune does), with the distillation loop's budget.
+gen=W adds W windows of text the source writes itself (distill_gen.py) to the calibration windows."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ from .distill_cache import TOP_K, decoder_teacher, teacher_targets, tensor_sha, 
 from .observe import CTX, ReferenceNumerics, compression_model, model_form
 from .steps import transform
 
-FORM = "distill:minutes=N[:tokens=T][:kl=forward|reverse][:ce=W][:hidden=W][:local][:lr=X]"
+FORM = "distill:minutes=N[:tokens=T][:kl=forward|reverse][:ce=W][:hidden=W][:local][:lr=X][:gen=W]"
 BEFORE_LR = 1e-4      # Adam on the float weights
 AFTER_LR = 2e-3       # Adam on the relative corrections of the scales (tune's), norms at half of it
 
@@ -85,6 +86,7 @@ class DistillParams:
     hidden: float = 0.0
     local: bool = False
     lr: Optional[float] = None
+    gen: int = 0          # windows of the teacher's own text added to the training windows
 
     def config(self, lr: float, threads: Optional[int]) -> DistillConfig:
         return DistillConfig(minutes=self.minutes, tokens=self.tokens, kl=self.kl, ce=self.ce, hidden=self.hidden,
@@ -116,10 +118,10 @@ class Distill:
                     kw["local"] = True
                 elif key in ("minutes", "ce", "hidden", "lr") and eq:
                     kw[key] = float(value)
-                elif key == "tokens" and eq:
+                elif key in ("tokens", "gen") and eq:
                     v = float(value)
-                    if not v.is_integer():
-                        raise fail(f"tokens={value!r} must be a whole number")
+                    if not v.is_integer() or (key == "gen" and v < 0):
+                        raise fail(f"{key}={value!r} must be a whole number" + (" >= 0" if key == "gen" else ""))
                     kw[key] = int(v)
                 elif key == "kl" and eq:
                     kw[key] = value
@@ -128,6 +130,8 @@ class Distill:
             except ValueError:
                 raise fail(f"{key}={value!r} is not a number") from None
         p = DistillParams(**kw)
+        if p.local and p.gen:
+            raise fail("gen=W feeds the distillation loop, not :local's layer reconstruction")
         try:
             p.config(BEFORE_LR, None)
         except JisuError as e:
@@ -164,6 +168,15 @@ class Distill:
             info.update(heldout_kl_before=before, heldout_kl_after=heldout_divergence(
                 DecoderStudent(ctx.cfg, weights), held_ids, held))
             return info
+        if p.gen:
+            from .distill_gen import teacher_windows
+
+            if ctx.tokenizer is None:
+                raise JisuError("distill: gen=W needs the source's tokenizer")
+            gen_ids, ginfo = teacher_windows(teacher.cfg, teacher.weights, ctx.tokenizer, tid, p.gen,
+                                             train_ids.shape[1], progress=ctx.progress)
+            train_ids = torch.cat([gen_ids, train_ids])
+            info.update(teacher_text=ginfo)
         targets, cinfo = teacher_targets(tid, train_ids, compute, k=TOP_K, hidden=c.hidden > 0, progress=ctx.progress)
         if after:
             student = QuantizedStudent(ctx.quantized)
@@ -173,7 +186,7 @@ class Distill:
             student = DecoderStudent(ctx.cfg, ctx.weights)
             params = None
             start = weights_fingerprint(ctx.cfg, ctx.weights)
-        sig = f"{start} {tid} {tensor_sha(ctx.calib_ids)} {c} {'after' if after else 'before'}"
+        sig = f"{start} {tid} {tensor_sha(train_ids)} {c} {'after' if after else 'before'}"
         result = distill(student, train_ids, targets, c, params=params, checkpoint_path=ctx.workfile("distill.pt"),
                          signature=sig, progress=ctx.progress,
                          evaluate=lambda: heldout_divergence(student, held_ids, held))

@@ -112,6 +112,9 @@ def test_layer_map_and_width_checks():
     ("distill:minutes=5:kl=sideways,rtn:w8", "kl must be one of"),
     ("distill:minutes=5:colour=red,rtn:w8", "unknown option"),
     ("distill:minutes=5:minutes=6,rtn:w8", "given twice"),
+    ("distill:minutes=5:gen=-1,rtn:w8", "gen='-1' must be a whole number >= 0"),
+    ("distill:minutes=5:gen=2.5,rtn:w8", "must be a whole number"),
+    ("distill:minutes=5:local:gen=4,rtn:w8", "not :local"),
 ])
 def test_bad_step_is_one_line(recipe, msg):
     with pytest.raises(RecipeError, match=msg) as e:
@@ -125,3 +128,47 @@ def test_local_after_quantization_is_refused(tiny_hf, tmp_path):
     with pytest.raises(JisuError, match="before the quantization step"):
         jisu.compress.compress(tiny_hf, str(tmp_path / "out"), r, **FAST)
     assert not (tmp_path / "out").exists()
+
+
+def test_teacher_text_is_reproducible_cached_and_resumes(tiny_hf, tmp_path, monkeypatch):
+    """The teacher's own windows: [n, seq_len] ids starting at visible tokens, the same on a rerun
+    (read from the cache) and after a crash between chunks (resumed from the windows written)."""
+    from jisu.compress import distill_gen
+    from jisu.compress.distill_cache import weights_fingerprint
+    from jisu.compress.steps import dense_float
+    from jisu.compress.stream import load_streamed
+    from jisu.io.sources import resolve
+
+    cfg, weights, tok = load_streamed(resolve(tiny_hf))
+    weights = dense_float(weights)
+    tid = weights_fingerprint(cfg, weights)
+    monkeypatch.setattr(distill_gen, "CHUNK", 2)
+    a, info = distill_gen.teacher_windows(cfg, weights, tok, tid, 5, 12, root=str(tmp_path / "a"))
+    assert a.shape == (5, 12) and not info["cached"] and a.max() < cfg.vocab_size
+    assert all(tok.decode([int(t)]).strip() for t in a[:, 0])
+    assert len({tuple(r) for r in a.tolist()}) == 5
+    again, info = distill_gen.teacher_windows(cfg, weights, tok, tid, 5, 12, root=str(tmp_path / "a"))
+    assert info["cached"] and torch.equal(again, a)
+    real, calls = distill_gen._save, []
+
+    def crash_after_first_chunk(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(obj, path)
+
+    monkeypatch.setattr(distill_gen, "_save", crash_after_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        distill_gen.teacher_windows(cfg, weights, tok, tid, 5, 12, root=str(tmp_path / "b"))
+    monkeypatch.setattr(distill_gen, "_save", real)
+    resumed, info = distill_gen.teacher_windows(cfg, weights, tok, tid, 5, 12, root=str(tmp_path / "b"))
+    assert torch.equal(resumed, a) and not info["cached"]
+
+
+def test_distill_with_teacher_text(tiny_hf, tmp_path):
+    out = tmp_path / "out"
+    r0 = jisu.compress.compress(tiny_hf, str(tmp_path / "plain"), "rtn:w3g32", **FAST)
+    jisu.compress.compress(tiny_hf, str(out), "rtn:w3g32,distill:tokens=2000:gen=6", **FAST)
+    d = _steps(out)[0]
+    assert d["teacher_text"]["windows"] == 6 and d["kept"] and d["heldout_kl_after"] < d["heldout_kl_before"]
+    assert r0.artifact_bytes > 0
