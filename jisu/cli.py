@@ -253,7 +253,7 @@ def cmd_distill(args) -> int:
 
     r = distill_student(args.teacher, args.output, args.student, minutes=args.minutes, tokens=args.tokens,
                         text=args.text, samples=args.samples, seq_len=args.seq_len, no_teacher=args.no_teacher,
-                        force=args.force, threads=args.threads, progress=sys.stderr.isatty(),
+                        force=args.force, threads=args.threads, progress=sys.stderr.isatty(), gen=args.gen,
                         **({} if args.lr is None else {"lr": args.lr}))
     if args.json:
         print(json.dumps(r))
@@ -274,6 +274,7 @@ def _distill_parser(sub) -> None:
     d.add_argument("--samples", type=int, default=64, help="windows cut from the text (default 64; the last eighth held out)")
     d.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     d.add_argument("--no-teacher", action="store_true", help="plain cross-entropy training on the same tokens (the baseline)")
+    d.add_argument("--gen", type=int, default=0, help="add N windows of text the teacher writes itself (sampled, cached)")
     d.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     d.add_argument("--force", action="store_true", help="replace an existing OUTPUT artifact")
     d.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")

@@ -40,11 +40,13 @@ def _student_spec(student: str, teacher_cfg, teacher_path: str):
 def distill_student(teacher: Optional[str], out: str, student: str, *, minutes: Optional[float] = None,
                     tokens: Optional[int] = None, text: Optional[str] = None, samples: int = 64, seq_len: int = 256,
                     no_teacher: bool = False, force: bool = False, lr: float = STUDENT_LR, seed: int = 0,
-                    threads: Optional[int] = None, progress: Optional[bool] = None, evaluate_every: Optional[float] = None) -> dict:
+                    threads: Optional[int] = None, progress: Optional[bool] = None, evaluate_every: Optional[float] = None,
+                    gen: int = 0) -> dict:
     """Train a student on `text` (default: the built-in calibration text) cut into `samples` windows of
     `seq_len` tokens (the last eighth held out for the perplexity curve) for the budget (CPU-minutes
     and / or tokens), against the teacher's top-k + rest distributions (cached on disk), or with
-    cross-entropy alone when `no_teacher`; write it to `out`. Every input problem is one JisuError
+    cross-entropy alone when `no_teacher`; write it to `out`. `gen` windows of text the teacher writes
+    itself (distill_gen.py) join the training windows (both modes: the baseline sees the same tokens). Every input problem is one JisuError
     before any work, and nothing is written then. Returns the figures (also in the manifest)."""
     from ..io.sources import resolve
     from ..io.student import save_student, source_config
@@ -58,6 +60,8 @@ def distill_student(teacher: Optional[str], out: str, student: str, *, minutes: 
     check_counts(samples, seq_len)
     if samples < 2:
         raise JisuError(f"--samples must be >= 2 (one window is held out; got {samples})")
+    if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
+        raise JisuError(f"--gen must be a whole number >= 0 (got {gen!r})")
     body = read_text(text, "text") if text is not None else read_calibration(None)
     source = resolve(teacher)
     out_abs = check_output(out, source.path, force)
@@ -87,18 +91,24 @@ def distill_student(teacher: Optional[str], out: str, student: str, *, minutes: 
     model = (LSTMModel(*existing) if existing is not None else
              student_from_teacher(spec, cfg, weights[EMBED] if isinstance(weights[EMBED], torch.Tensor)
                                   else weights[EMBED].dequantize()))
-    targets, cinfo = None, {"cached": None}
-    if not no_teacher:
+    targets, cinfo, ginfo = None, {"cached": None}, None
+    if not no_teacher or gen:
         teacher_w = dense_float(weights)
         del weights
-        targets, cinfo = teacher_targets(weights_fingerprint(cfg, teacher_w), train_ids, decoder_teacher(cfg, teacher_w),
-                                         k=TOP_K, progress=progress)
+        tid = weights_fingerprint(cfg, teacher_w)
+        if gen:
+            from .distill_gen import teacher_windows
+
+            gen_ids, ginfo = teacher_windows(cfg, teacher_w, tokenizer, tid, gen, seq_len, progress=progress)
+            train_ids = torch.cat([gen_ids, train_ids])
+        if not no_teacher:
+            targets, cinfo = teacher_targets(tid, train_ids, decoder_teacher(cfg, teacher_w), k=TOP_K, progress=progress)
         del teacher_w
     else:
         del weights
     work = work_path(out_abs)
     os.makedirs(work, exist_ok=True)
-    sig = f"{model.spec.text} {seed} {config} {samples}x{seq_len} {body.sha256} {source.path}"
+    sig = f"{model.spec.text} {seed} {config} {samples}x{seq_len} {body.sha256} {source.path} gen={gen}"
     info = distill(model, train_ids, targets, config, checkpoint_path=os.path.join(work, "distill.pt"), signature=sig,
                    progress=progress, evaluate=lambda: heldout_perplexity(model, held_ids))
     ppl = info["curve"][-1]["value"]
@@ -106,7 +116,7 @@ def distill_student(teacher: Optional[str], out: str, student: str, *, minutes: 
             else "distilled", "student": model.spec.text, "text": body.name, "text_sha256": body.sha256,
             "windows": int(train_ids.shape[0]), "heldout_windows": int(held_ids.shape[0]), "seq_len": seq_len,
             "budget": {"minutes": minutes, "tokens": tokens}, "lr": lr, "top_k": None if no_teacher else TOP_K,
-            "targets_cached": cinfo["cached"], "heldout_perplexity": ppl, **info,
+            "targets_cached": cinfo["cached"], "teacher_text": ginfo, "heldout_perplexity": ppl, **info,
             "total_wall_minutes": (time.perf_counter() - t0) / 60.0}
     save_student(model, out_abs, tokenizer_from=source.path, meta=meta)
     shutil.rmtree(work, ignore_errors=True)

@@ -47,6 +47,18 @@ def _err(capsys, argv) -> str:
     return err
 
 
+@pytest.mark.parametrize("no_teacher", [False, True])
+def test_teacher_text_joins_the_windows(tiny_hf, tmp_path, no_teacher):
+    """--gen N: N windows the teacher writes itself join the training windows, in both modes (the
+    cross-entropy baseline sees the same tokens)."""
+    plain = distill_student(tiny_hf, str(tmp_path / "a"), "lstm:layers=1,hidden=32", tokens=200, no_teacher=no_teacher,
+                            **SMALL)
+    r = distill_student(tiny_hf, str(tmp_path / "b"), "lstm:layers=1,hidden=32", tokens=200, no_teacher=no_teacher,
+                        gen=5, **SMALL)
+    assert r["windows"] == plain["windows"] + 5 and r["teacher_text"]["windows"] == 5 and plain["teacher_text"] is None
+    assert jisu.load(str(tmp_path / "b")).model.cfg.arch == "lstm"
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tiny_hf, tmp_path, capsys):
     out = str(tmp_path / "out")
     base = ["distill", tiny_hf, "-o", out, "--student", "lstm:layers=1,hidden=32"]
@@ -59,6 +71,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_hf, tmp_path, capsys):
     assert "text file is empty" in _err(capsys, base + ["--tokens", "10", "--text", str(empty)])
     assert "expected lstm:layers=N" in _err(capsys, ["distill", tiny_hf, "-o", out, "--student", "gru:2", "--tokens", "9"])
     os.mkdir(out)
+    assert "--gen must be a whole number >= 0" in _err(capsys, base + ["--tokens", "10", "--gen", "-2"])
     assert "already exists; use --force" in _err(capsys, base + ["--tokens", "10"])
     os.rmdir(out)
     assert sorted(os.listdir(tmp_path)) == ["empty.txt"]
