@@ -54,9 +54,9 @@ def teacher_windows(cfg, weights: dict, tokenizer, fingerprint: str, n: int, seq
     done = torch.load(part) if os.path.exists(part) else torch.empty(0, seq_len, dtype=torch.long)
     firsts = first_tokens(tokenizer, cfg.vocab_size, n, seed)
     runner = make_runner(build_model(cfg, dict(weights)))
-    engine = Engine(runner, tokenizer, EngineConfig(eos_ids=(), speculative="off", max_num_seqs=CHUNK,
-                                                    kv_memory_mb=max(64, 4 * CHUNK * seq_len * cfg.num_layers
-                                                                     * cfg.num_kv_heads * cfg.head_dim * 2 / 2**20)))
+    bs = 16  # every window of a chunk fits at once
+    engine = Engine(runner, tokenizer, EngineConfig(eos_ids=(), speculative="off", max_num_seqs=CHUNK, block_size=bs,
+                                                    num_blocks=CHUNK * -(-seq_len // bs)))
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=done.shape[0], desc="distill: teacher text", unit="window", disable=not progress)
     while done.shape[0] < n:

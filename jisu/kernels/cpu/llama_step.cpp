@@ -202,10 +202,6 @@ class NativeModel {
     head_ = (const PackedDesc*)head_desc;
     final_norm_ = (const float*)final_norm;
     head_norms_.clear();
-    if (head_rescorable(*head_)) {
-      head_norms_.resize(vocab_);
-      head_row_norms(*head_, head_norms_.data());
-    }
   }
 
   void forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t qlens_p, uintptr_t starts_p,
@@ -289,7 +285,7 @@ class NativeModel {
   const float* emb_f32_ = nullptr;
   const PackedDesc* emb_ = nullptr;
   const PackedDesc* head_ = nullptr;
-  std::vector<float> head_norms_;  // upper bounds of the head's row norms (linear_head), when it is quantized
+  std::vector<float> head_norms_;  // upper bounds of the head's row norms (linear_head), from the first faithful step
   const float* final_norm_ = nullptr;
   std::vector<RopeTable> ropes_;
   FBuf x_, h_, qkv_, q_, k_, v_, att_, tmp_, gu_, g_, u_, act_, xr_;
@@ -482,6 +478,10 @@ void NativeModel::forward(uintptr_t tokens_p, int64_t T, int64_t S, uintptr_t ql
     float* xr = xr_.get(R * E);
     for (int64_t r = 0; r < R; r++) kt->rms_norm(x + (int64_t)rows[r] * E, final_norm_, xr + r * E, 0, 1, E, eps_);
     const double t0 = prof ? now_s() : 0;
+    if (head_norms_.empty() && get_head_rescore() && head_rescorable(*head_)) {  // first faithful step
+      head_norms_.resize(vocab_);
+      head_row_norms(*head_, head_norms_.data());
+    }
     linear_head(*head_, xr, logits, R, head_norms_.empty() ? nullptr : head_norms_.data());
     if (prof) t_lin += now_s() - t0;
     if (final_softcap_ > 0.f) {  // as the reference: tanh(l / cap) * cap
